@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` (the service, embedded mode) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench-data bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/squeeze serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench-data: $(STAMP)
+	$(BIN)/python -m bench.data
+
+clean:
+	rm -rf $(VENV) .squeeze .pytest_cache

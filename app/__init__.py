@@ -1,0 +1,1 @@
+"""Squeeze HTTP service. Never imports torch: the heavy lifting lives in worker/."""

@@ -1,0 +1,69 @@
+"""`squeeze compress` flags -> the same JobSpec the API takes (a --spec file, overridden by flags)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from app.jobs.spec import JobSpec
+
+# flag -> (section, field, type)
+FLAGS: dict[str, tuple[str, str, Any]] = {
+    "revision": ("model", "revision", str),
+    "quant_method": ("quantization", "method", str),
+    "bits": ("quantization", "bits", int),
+    "group_size": ("quantization", "group_size", int),
+    "symmetric": ("quantization", "symmetric", bool),
+    "act_order": ("quantization", "act_order", bool),
+    "sparsity_method": ("sparsity", "method", str),
+    "sparsity_ratio": ("sparsity", "ratio", float),
+    "sparsity_pattern": ("sparsity", "pattern", str),
+    "compensation_method": ("compensation", "method", str),
+    "rank": ("compensation", "rank", int),
+    "adapter_bits": ("compensation", "adapter_bits", int),
+    "calibration": ("calibration", "dataset", str),
+    "split": ("calibration", "split", str),
+    "text_field": ("calibration", "text_field", str),
+    "num_samples": ("calibration", "num_samples", int),
+    "seq_len": ("calibration", "seq_len", int),
+    "seed": ("calibration", "seed", int),
+    "eval_dataset": ("evaluation", "dataset", str),
+    "eval_windows": ("evaluation", "num_windows", int),
+}
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="local model folder or Hub id (overrides the spec's model.id)")
+    parser.add_argument("--spec", type=Path, help="a job spec JSON file, as POST /v1/jobs takes")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the compressed model")
+    for flag, (_, _, kind) in FLAGS.items():
+        name = "--" + flag.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(name, type=kind, default=None)
+    parser.add_argument("--rank-budget-params", type=int, default=None)
+    parser.add_argument("--rank-budget-fraction", type=float, default=None)
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """Raises pydantic.ValidationError (with field names) on an invalid combination."""
+    data: dict[str, Any] = json.loads(args.spec.read_text()) if args.spec else {}
+    if args.model:
+        data.setdefault("model", {})["id"] = args.model
+    for flag, (section, field, _) in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            data.setdefault(section, {})
+            if data[section] is None:
+                data[section] = {}
+            data[section][field] = value
+    if args.rank_budget_params is not None or args.rank_budget_fraction is not None:
+        budget = {"params": args.rank_budget_params} if args.rank_budget_params is not None \
+            else {"fraction": args.rank_budget_fraction}
+        data.setdefault("compensation", {})["rank_budget"] = budget
+        data["compensation"].pop("rank", None)
+    data.setdefault("destination", {})["uri"] = str(args.out.resolve())
+    return JobSpec.model_validate(data)

@@ -1,0 +1,84 @@
+"""One error hierarchy, one handler: every error renders as {"error": code, "detail": message}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class SqueezeError(Exception):
+    code = "error"
+    status_code = 500
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidSpec(SqueezeError):
+    code = "invalid_spec"
+    status_code = 422
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+
+
+class NotSupportedYet(InvalidSpec):
+    code = "not_supported_yet"
+
+
+class JobNotFound(SqueezeError):
+    code = "not_found"
+    status_code = 404
+
+
+class JobStateConflict(SqueezeError):
+    code = "conflict"
+    status_code = 409
+
+
+class BadCursor(SqueezeError):
+    code = "bad_cursor"
+    status_code = 400
+
+
+class ServiceUnavailable(SqueezeError):
+    code = "unavailable"
+    status_code = 503
+
+
+def _location(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SqueezeError)
+    async def _domain(_: Request, exc: SqueezeError) -> JSONResponse:
+        body = {"error": exc.code, "detail": exc.detail}
+        if isinstance(exc, InvalidSpec):
+            body["fields"] = [exc.field]
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        fields = []
+        for err in exc.errors():
+            loc = _location(tuple(err.get("loc", ())))
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown field"
+            fields.append(loc)
+            problems.append(f"{loc}: {msg}")
+        return JSONResponse(
+            {"error": "invalid_request", "detail": "; ".join(problems), "fields": fields}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)

@@ -1,0 +1,185 @@
+"""Every query and state transition of jobs, in one place.
+
+Transitions are conditional UPDATEs on (status, attempt[, lease owner]): when zero rows change,
+someone else owns the job and the caller must stop writing. Functions only add and flush; the
+caller's unit of work commits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.db.models import Job, JobEvent, JobStatus
+
+
+def add_job(session: Session, spec: dict[str, Any], max_attempts: int) -> Job:
+    now = utcnow()
+    job = Job(
+        id=uuid.uuid4(), status=JobStatus.queued, spec=spec, attempt=0, max_attempts=max_attempts,
+        stage="queued", percent=0.0, created_at=now, updated_at=now,
+    )
+    session.add(job)
+    session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message="job queued"))
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def list_jobs(
+    session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None
+) -> list[Job]:
+    """Newest first; `before` is the (created_at, id) of the last job of the previous page."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if before is not None:
+        created_at, job_id = before
+        query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
+    return list(session.scalars(query))
+
+
+def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:
+    query = (
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def add_event(
+    session: Session, job_id: uuid.UUID, attempt: int, stage: str, message: str,
+    level: str = "info", data: dict[str, Any] | None = None,
+) -> None:
+    session.add(JobEvent(job_id=job_id, attempt=attempt, created_at=utcnow(), stage=stage, level=level,
+                         message=message, data=data))
+    session.flush()
+
+
+def _transition(session: Session, job_id: uuid.UUID, where: list, **values: Any) -> bool:
+    values.setdefault("updated_at", utcnow())
+    result = session.execute(update(Job).where(Job.id == job_id, *where).values(**values))
+    return result.rowcount == 1
+
+
+def mark_dispatched(session: Session, job_id: uuid.UUID) -> bool:
+    return _transition(session, job_id, [Job.status == JobStatus.queued], dispatched_at=utcnow())
+
+
+def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> int | None:
+    """queued -> running for the next attempt. Returns that attempt, or None when not ours to run."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.queued or job.cancel_requested_at is not None:
+        return None
+    attempt = job.attempt + 1
+    now = utcnow()
+    ok = _transition(
+        session, job_id, [Job.status == JobStatus.queued, Job.attempt == job.attempt],
+        status=JobStatus.running, attempt=attempt, lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, stage="starting",
+        layer=None, layers=None, percent=0.0, error=None,
+    )
+    if not ok:
+        return None
+    add_event(session, job_id, attempt, "starting", f"attempt {attempt} claimed by {owner}")
+    return attempt
+
+
+def _owned(attempt: int, owner: str) -> list:
+    return [Job.status == JobStatus.running, Job.attempt == attempt, Job.lease_owner == owner]
+
+
+def renew_lease(session: Session, job_id: uuid.UUID, attempt: int, owner: str, lease_seconds: float) -> bool:
+    return _transition(session, job_id, _owned(attempt, owner),
+                       lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+
+
+def report_progress(
+    session: Session, job_id: uuid.UUID, attempt: int, owner: str, *, stage: str,
+    layer: int | None, layers: int | None, percent: float,
+) -> bool:
+    return _transition(session, job_id, _owned(attempt, owner), stage=stage, layer=layer, layers=layers,
+                       percent=percent)
+
+
+def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
+    return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
+
+
+def succeed(session: Session, job_id: uuid.UUID, attempt: int, owner: str,
+            metrics: dict[str, Any], artifacts: dict[str, Any]) -> bool:
+    return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.succeeded, stage="done",
+                       percent=100.0, metrics=metrics, artifacts=artifacts, finished_at=utcnow(),
+                       lease_expires_at=None)
+
+
+def fail(session: Session, job_id: uuid.UUID, attempt: int, owner: str, reason: str,
+         metrics: dict[str, Any] | None = None) -> bool:
+    return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.failed, error=reason,
+                       metrics=metrics, finished_at=utcnow(), lease_expires_at=None)
+
+
+def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int, owner: str) -> bool:
+    return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.cancelled, stage="cancelled",
+                       finished_at=utcnow(), lease_expires_at=None)
+
+
+def request_cancel(session: Session, job: Job) -> JobStatus:
+    """Queued jobs are cancelled at once; running ones get a flag their worker checks between layers."""
+    now = utcnow()
+    if job.status == JobStatus.queued:
+        if _transition(session, job.id, [Job.status == JobStatus.queued, Job.attempt == job.attempt],
+                       status=JobStatus.cancelled, stage="cancelled", cancel_requested_at=now, finished_at=now):
+            add_event(session, job.id, job.attempt, "cancelled", "cancelled before it started")
+            return JobStatus.cancelled
+    elif job.status == JobStatus.running:
+        if _transition(session, job.id, [Job.status == JobStatus.running, Job.attempt == job.attempt,
+                                         Job.cancel_requested_at.is_(None)], cancel_requested_at=now):
+            add_event(session, job.id, job.attempt, "cancelling", "cancel requested; the worker stops at the next layer")
+    session.refresh(job)
+    return job.status
+
+
+def jobs_to_dispatch(session: Session, older_than: datetime) -> list[uuid.UUID]:
+    """Queued jobs whose message was never sent, or was sent long ago without a worker taking it."""
+    query = select(Job.id).where(
+        Job.status == JobStatus.queued,
+        Job.cancel_requested_at.is_(None),
+        or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than),
+    )
+    return list(session.scalars(query))
+
+
+def expired_leases(session: Session, now: datetime) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
+
+
+def release_expired(session: Session, job: Job) -> JobStatus | None:
+    """A dead worker's job: back to queued for another attempt, or failed when attempts are spent."""
+    where = [Job.status == JobStatus.running, Job.attempt == job.attempt, Job.lease_expires_at < utcnow()]
+    if job.cancel_requested_at is not None:
+        if _transition(session, job.id, where, status=JobStatus.cancelled, stage="cancelled",
+                       finished_at=utcnow(), lease_expires_at=None):
+            add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled")
+            return JobStatus.cancelled
+        return None
+    if job.attempt >= job.max_attempts:
+        reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
+        if _transition(session, job.id, where, status=JobStatus.failed, error=reason, finished_at=utcnow(),
+                       lease_expires_at=None):
+            add_event(session, job.id, job.attempt, "failed", reason, level="error")
+            return JobStatus.failed
+        return None
+    if _transition(session, job.id, where, status=JobStatus.queued, stage="queued", lease_owner=None,
+                   lease_expires_at=None, dispatched_at=None, layer=None, layers=None, percent=0.0):
+        add_event(session, job.id, job.attempt, "queued",
+                  f"worker lost (lease expired) on attempt {job.attempt}; requeued", level="warning")
+        return JobStatus.queued
+    return None

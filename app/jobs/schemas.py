@@ -1,0 +1,77 @@
+"""What the API returns."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from app.db.models import Job, JobEvent, JobStatus
+
+
+class Progress(BaseModel):
+    stage: str
+    layer: int | None
+    layers: int | None
+    percent: float
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    status: JobStatus
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: Progress
+    spec: dict[str, Any]
+    error: str | None
+    metrics: dict[str, Any] | None
+    artifacts: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
+            cancel_requested=job.cancel_requested_at is not None,
+            progress=Progress(stage=job.stage, layer=job.layer, layers=job.layers, percent=job.percent),
+            spec=job.spec, error=job.error, metrics=job.metrics, artifacts=job.artifacts,
+            created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    attempt: int
+    created_at: datetime
+    stage: str
+    level: str
+    message: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventOut:
+        return cls(id=event.id, attempt=event.attempt, created_at=event.created_at, stage=event.stage,
+                   level=event.level, message=event.message, data=event.data)
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next_after: int
+
+
+class UploadOut(BaseModel):
+    id: str
+    dataset: str
+    bytes: int

@@ -1,0 +1,147 @@
+"""The job spec: what a client asks for, validated once at the boundary.
+
+Each section maps one-to-one onto a typed config of the compression math
+(worker/compression/specs.py). Unknown fields are errors; so are impossible combinations.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(Strict):
+    id: Annotated[str, Field(min_length=1, max_length=512)] = Field(
+        description="Hugging Face Hub model id, or a local directory when the server allows local paths."
+    )
+    revision: Annotated[str, Field(min_length=1, max_length=255)] = "main"
+
+
+class Quantization(Strict):
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, description="Input columns per scale/zero point; -1 = per output channel.")
+    symmetric: bool = False
+    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, as a fraction of mean(diag(H)).")
+    act_order: bool = False
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and not (value >= 8 and value & (value - 1) == 0):
+            raise ValueError("group_size must be -1 (per channel) or a power of two >= 8")
+        return value
+
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class Sparsity(Strict):
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    ratio: float | None = Field(None, gt=0, lt=1, description="Unstructured: fraction of weights set to zero.")
+    pattern: str | None = Field(None, description='Semi-structured N:M, e.g. "2:4" or "4:8".')
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = _PATTERN.match(value)
+        if not match:
+            raise ValueError('pattern must look like "N:M", e.g. "2:4"')
+        n, m = int(match[1]), int(match[2])
+        if not (0 < n < m <= 32):
+            raise ValueError("pattern N:M needs 0 < N < M <= 32")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Sparsity:
+        if (self.ratio is None) == (self.pattern is None):
+            raise ValueError("give exactly one of ratio (unstructured) or pattern (N:M)")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
+class RankBudget(Strict):
+    params: int | None = Field(None, gt=0, description="Total adapter parameters across all Linears.")
+    fraction: float | None = Field(None, gt=0, le=1, description="Budget as a fraction of the Linear parameters.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RankBudget:
+        if (self.params is None) == (self.fraction is None):
+            raise ValueError("give exactly one of params or fraction")
+        return self
+
+
+class Compensation(Strict):
+    method: Literal["eora", "svd", "none"] = "eora"
+    rank: int | None = Field(None, ge=1, le=512, description="Fixed rank for every Linear.")
+    rank_budget: RankBudget | None = None
+    adapter_bits: Literal[4, 8] | None = Field(None, description="Quantize the adapters themselves (group-wise).")
+
+    @model_validator(mode="after")
+    def _rank(self) -> Compensation:
+        if self.method == "none":
+            if self.rank is not None or self.rank_budget is not None or self.adapter_bits is not None:
+                raise ValueError("method 'none' takes no rank, rank_budget or adapter_bits")
+        elif (self.rank is None) == (self.rank_budget is None):
+            raise ValueError(f"method '{self.method}' needs exactly one of rank or rank_budget")
+        return self
+
+
+class Calibration(Strict):
+    dataset: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
+        description="Hub dataset id, a local .txt/.jsonl/.parquet file, or upload:<id> from POST /v1/uploads."
+    )
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = Field(128, ge=1)
+    seq_len: int = Field(512, ge=16)
+    seed: int = 0
+
+
+class Evaluation(Strict):
+    dataset: str | None = Field(
+        None, description="Held-out text for perplexity; default: a slice held back from the calibration source."
+    )
+    split: str = "validation"
+    text_field: str = "text"
+    num_windows: int = Field(32, ge=1, le=4096)
+    seq_len: int | None = Field(None, ge=16, description="Default: calibration.seq_len.")
+
+
+class Destination(Strict):
+    uri: str | None = Field(
+        None, description="Local folder (inside the artifact root), s3://bucket/prefix or hf://org/repo. "
+        "Default: <artifact root>/<job id>."
+    )
+
+
+class JobSpec(Strict):
+    model: ModelRef
+    quantization: Quantization | None = None
+    sparsity: Sparsity | None = None
+    compensation: Compensation | None = None
+    calibration: Calibration
+    evaluation: Evaluation = Evaluation()
+    destination: Destination = Destination()
+
+    @model_validator(mode="after")
+    def _combination(self) -> JobSpec:
+        if self.quantization is None and self.sparsity is None:
+            if self.compensation is not None and self.compensation.method != "none":
+                raise ValueError("compensation: a rank needs compression to compensate (give quantization or sparsity)")
+            raise ValueError("nothing to do: give quantization and/or sparsity")
+        return self

@@ -1,0 +1,95 @@
+"""All configuration, one class: shared by the API and the worker, validated at start.
+
+Every field reads an environment variable with the ``SQUEEZE_`` prefix (``data_dir`` ->
+``SQUEEZE_DATA_DIR``). Tests build their own ``Settings(...)`` instead of poking the environment.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SQUEEZE_", env_file=None, extra="ignore")
+
+    # Where embedded mode keeps its database file, broker files, uploads and artifacts.
+    data_dir: Path = Path(".squeeze")
+    # Empty = embedded defaults under data_dir (SQLite file, filesystem broker).
+    database_url: str = ""
+    broker_url: str = ""
+    # Empty = <data_dir>/artifacts. Local destinations must resolve inside it.
+    artifact_root: Path | None = None
+    queue_name: str = "squeeze"
+
+    # Local models and calibration files: allowed everywhere in embedded mode by default,
+    # otherwise only below these roots.
+    allow_local_paths: bool | None = None
+    local_roots: list[Path] = Field(default_factory=list)
+    hf_token: SecretStr | None = None
+
+    # Limits checked at submit.
+    max_num_samples: int = 4096
+    max_seq_len: int = 8192
+    max_rank: int = 512
+    max_model_bytes: int = 200 * 1024**3
+
+    # Job lifecycle.
+    max_attempts: int = 3
+    lease_seconds: float = 120.0  # a running job's worker renews its lease every lease_seconds/4
+    reaper_interval_seconds: float = 15.0
+    redispatch_after_seconds: float = 300.0  # re-send a queued job's message when none started it
+    cancel_grace_seconds: float = 60.0  # after this a cancelled job's worker process is killed
+    job_soft_time_limit: int = 6 * 3600
+    job_time_limit: int = 6 * 3600 + 300
+
+    # Worker process.
+    worker_concurrency: int = 1
+    torch_threads: int = 0  # 0 = torch's default
+    broker_polling_interval: float = 0.2
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @cached_property
+    def embedded(self) -> bool:
+        return not self.database_url or self.database_url.startswith("sqlite")
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'squeeze.db'}"
+
+    @cached_property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @cached_property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @cached_property
+    def artifacts_dir(self) -> Path:
+        return (self.artifact_root or self.data_dir / "artifacts").expanduser().resolve()
+
+    @cached_property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @cached_property
+    def local_paths_allowed(self) -> bool:
+        return self.embedded if self.allow_local_paths is None else self.allow_local_paths
+
+    def local_path_permitted(self, path: Path) -> bool:
+        """A local model or dataset path may be used when local paths are on, or it lies in a root."""
+        resolved = path.expanduser().resolve()
+        if resolved.is_relative_to(self.uploads_dir.resolve()):
+            return True
+        if self.local_paths_allowed:
+            return True
+        return any(resolved.is_relative_to(root.expanduser().resolve()) for root in self.local_roots)

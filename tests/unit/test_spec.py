@@ -1,0 +1,112 @@
+"""The job spec: defaults, and each invalid spec answered 422 with the offending field named."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.jobs.spec import JobSpec
+from app.main import create_app
+from app.settings import Settings
+
+VALID = {
+    "model": {"id": "HuggingFaceTB/SmolLM2-135M"},
+    "quantization": {"method": "rtn", "bits": 4, "group_size": 64},
+    "calibration": {"dataset": "allenai/c4"},
+}
+
+
+def with_(path: str, value) -> dict:
+    """VALID with one dotted path set (value None deletes the key)."""
+    spec = copy.deepcopy(VALID)
+    *parents, leaf = path.split(".")
+    node = spec
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+    return spec
+
+
+# (case, spec, the field the error must name)
+INVALID = [
+    ("bits 5", with_("quantization.bits", 5), "quantization.bits"),
+    ("bits as text", with_("quantization.bits", "four"), "quantization.bits"),
+    ("unknown quant method", with_("quantization.method", "awq"), "quantization.method"),
+    ("group size 100", with_("quantization.group_size", 100), "quantization.group_size"),
+    ("group size 0", with_("quantization.group_size", 0), "quantization.group_size"),
+    ("unknown top-level field", {**VALID, "priority": 3}, "priority"),
+    ("unknown nested field", with_("quantization.bitz", 4), "quantization.bitz"),
+    ("missing model", with_("model", None), "model"),
+    ("empty model id", with_("model.id", ""), "model.id"),
+    ("missing calibration", with_("calibration", None), "calibration"),
+    ("num_samples 0", with_("calibration.num_samples", 0), "calibration.num_samples"),
+    ("seq_len 8", with_("calibration.seq_len", 8), "calibration.seq_len"),
+    ("2:4 with ratio", {**VALID, "sparsity": {"method": "sparsegpt", "pattern": "2:4", "ratio": 0.5}}, "sparsity"),
+    ("sparsity without ratio or pattern", {**VALID, "sparsity": {"method": "wanda"}}, "sparsity"),
+    ("ratio 1.5", {**VALID, "sparsity": {"method": "wanda", "ratio": 1.5}}, "sparsity.ratio"),
+    ("pattern 4:2", {**VALID, "sparsity": {"method": "wanda", "pattern": "4:2"}}, "sparsity.pattern"),
+    ("pattern garbage", {**VALID, "sparsity": {"method": "wanda", "pattern": "two of four"}}, "sparsity.pattern"),
+    ("unknown pruning method", {**VALID, "sparsity": {"method": "random", "ratio": 0.5}}, "sparsity.method"),
+    ("rank and budget", {**VALID, "compensation": {"method": "eora", "rank": 8, "rank_budget": {"params": 10}}},
+     "compensation"),
+    ("eora without rank", {**VALID, "compensation": {"method": "eora"}}, "compensation"),
+    ("rank 0", {**VALID, "compensation": {"method": "eora", "rank": 0}}, "compensation.rank"),
+    ("rank 1024", {**VALID, "compensation": {"method": "eora", "rank": 1024}}, "compensation.rank"),
+    ("none with rank", {**VALID, "compensation": {"method": "none", "rank": 8}}, "compensation"),
+    ("budget with both", {**VALID, "compensation": {"method": "eora", "rank_budget": {"params": 5, "fraction": 0.1}}},
+     "compensation.rank_budget"),
+    ("budget fraction 2", {**VALID, "compensation": {"method": "eora", "rank_budget": {"fraction": 2}}},
+     "compensation.rank_budget.fraction"),
+    ("adapter bits 3", {**VALID, "compensation": {"method": "eora", "rank": 8, "adapter_bits": 3}},
+     "compensation.adapter_bits"),
+    ("rank without compression", {"model": VALID["model"], "calibration": VALID["calibration"],
+                                  "compensation": {"method": "eora", "rank": 8}}, "compensation"),
+    ("nothing to do", {"model": VALID["model"], "calibration": VALID["calibration"]}, "quantization"),
+    ("eval windows 0", with_("evaluation.num_windows", 0), "evaluation.num_windows"),
+]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = Settings(data_dir=tmp_path_factory.mktemp("api"))
+    with TestClient(create_app(settings, run_reaper=False)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case,spec,field", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_422_naming_the_field(client, case, spec, field):
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert field in body["detail"], body
+    assert client.get("/v1/jobs").json()["items"] == []  # nothing was stored
+
+
+def test_defaults_are_documented_values():
+    spec = JobSpec.model_validate({"model": {"id": "a/b"}, "quantization": {}, "calibration": {"dataset": "c/d"}})
+    assert spec.model.revision == "main"
+    assert (spec.quantization.method, spec.quantization.bits, spec.quantization.group_size) == ("gptq", 4, 128)
+    assert spec.quantization.symmetric is False
+    assert (spec.calibration.split, spec.calibration.text_field) == ("train", "text")
+    assert (spec.calibration.num_samples, spec.calibration.seq_len, spec.calibration.seed) == (128, 512, 0)
+    assert spec.destination.uri is None
+
+
+def test_issue_example_spec_parses():
+    spec = JobSpec.model_validate({
+        "model": {"id": "HuggingFaceTB/SmolLM2-135M", "revision": "main"},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 128, "symmetric": False},
+        "sparsity": {"method": "sparsegpt", "pattern": "2:4"},
+        "compensation": {"method": "eora", "rank": 64},
+        "calibration": {"dataset": "allenai/c4", "split": "train", "text_field": "text",
+                        "num_samples": 128, "seq_len": 512, "seed": 0},
+        "destination": {"uri": "s3://bucket/prefix"},
+    })
+    assert spec.sparsity.nm == (2, 4)
+    assert spec.compensation.rank == 64

@@ -1,0 +1,162 @@
+"""The lifecycle around one job: claim, lease heartbeat, progress, cancellation, outcome.
+
+No Celery here: the task calls `run_job(job_id, settings)`, and so can a test. No database session
+is held while the pipeline computes; every write is its own short unit of work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.base import utcnow
+from app.db.models import Job
+from app.db.session import make_engine, make_sessionmaker, unit_of_work
+from app.jobs import repository
+from app.jobs.spec import JobSpec
+from app.settings import Settings
+from worker.errors import JobCancelled, JobFailure, LostOwnership
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reporter:
+    """What the pipeline sees of the job: progress, events and the cancel flag."""
+
+    sessions: sessionmaker[Session]
+    job_id: uuid.UUID
+    attempt: int
+    owner: str
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    def _write(self, fn, *args, **kwargs) -> None:
+        if self.lost.is_set():
+            raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
+        with unit_of_work(self.sessions) as session:
+            if fn(session, self.job_id, self.attempt, self.owner, *args, **kwargs) is False:
+                self.lost.set()
+                raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
+
+    def event(self, stage: str, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        with unit_of_work(self.sessions) as session:
+            repository.add_event(session, self.job_id, self.attempt, stage, message, level=level, data=data)
+
+    def progress(self, stage: str, percent: float, layer: int | None = None, layers: int | None = None,
+                 message: str | None = None, data: dict[str, Any] | None = None) -> None:
+        self._write(lambda s, j, a, o: repository.report_progress(
+            s, j, a, o, stage=stage, layer=layer, layers=layers, percent=round(percent, 2)))
+        if message:
+            self.event(stage, message, data=data)
+
+    def check_cancelled(self) -> None:
+        if self.lost.is_set():
+            raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
+        with unit_of_work(self.sessions) as session:
+            if repository.cancel_requested(session, self.job_id):
+                raise JobCancelled()
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease; enforces the hard kill when a cancel is ignored past the grace period."""
+
+    def __init__(self, settings: Settings, reporter: Reporter):
+        super().__init__(name="squeeze-heartbeat", daemon=True)
+        self.settings, self.reporter = settings, reporter
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        r = self.reporter
+        while not self.stopped.wait(self.settings.lease_seconds / 4):
+            try:
+                with unit_of_work(r.sessions) as session:
+                    if not repository.renew_lease(session, r.job_id, r.attempt, r.owner, self.settings.lease_seconds):
+                        r.lost.set()
+                        return
+                    job = session.get(Job, r.job_id)
+                    asked = job.cancel_requested_at if job else None
+                if asked and utcnow() - asked > timedelta(seconds=self.settings.cancel_grace_seconds):
+                    with unit_of_work(r.sessions) as session:
+                        repository.finish_cancelled(session, r.job_id, r.attempt, r.owner)
+                        repository.add_event(session, r.job_id, r.attempt, "cancelled",
+                                             "cancel grace period over; worker process killed", level="warning")
+                    log.warning("job %s: cancel ignored for %ss, killing this process", r.job_id,
+                                self.settings.cancel_grace_seconds)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            except Exception:
+                log.exception("heartbeat for job %s failed; will retry", r.job_id)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[Session] | None = None) -> str:
+    """Claim and run one job to its end. Returns the outcome ('succeeded', 'skipped', ...)."""
+    from worker.pipeline import run_pipeline  # torch is imported only once there is work
+
+    job_id = uuid.UUID(str(job_id))
+    engine = None
+    if sessions is None:
+        engine = make_engine(settings)
+        sessions = make_sessionmaker(engine)
+    owner = worker_identity()
+    try:
+        with unit_of_work(sessions) as session:
+            attempt = repository.claim(session, job_id, owner, settings.lease_seconds)
+            spec_data = session.get(Job, job_id).spec if attempt is not None else None
+        if attempt is None:
+            log.info("job %s is not queued (or already claimed); skipping", job_id)
+            return "skipped"
+        reporter = Reporter(sessions, job_id, attempt, owner)
+        heartbeat = Heartbeat(settings, reporter)
+        heartbeat.start()
+        try:
+            return _run_claimed(job_id, JobSpec.model_validate(spec_data), settings, reporter, run_pipeline)
+        finally:
+            heartbeat.stopped.set()
+            heartbeat.join(timeout=5)
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> str:
+    def finish(fn, *args) -> bool:
+        with unit_of_work(reporter.sessions) as session:
+            return fn(session, job_id, reporter.attempt, reporter.owner, *args)
+
+    try:
+        result = run_pipeline(job_id, spec, settings, reporter)
+    except JobCancelled:
+        finish(repository.finish_cancelled)
+        reporter.event("cancelled", "cancelled by request")
+        return "cancelled"
+    except LostOwnership as exc:
+        log.warning("%s", exc)
+        return "lost"
+    except JobFailure as exc:
+        reason = str(exc)
+    except Exception as exc:  # an unexpected error: keep the trace in the log, a readable line on the job
+        log.exception("job %s failed", job_id)
+        reason = f"internal error: {exc.__class__.__name__}: {exc}"
+        reporter.event("failed", "".join(traceback.format_exception_only(exc)).strip(), level="error")
+    else:
+        if finish(repository.succeed, result.metrics, result.artifacts):
+            reporter.event("done", "job succeeded", data={"artifacts": result.artifacts})
+            return "succeeded"
+        return "lost"
+    if finish(repository.fail, reason):
+        reporter.event("failed", reason, level="error")
+        return "failed"
+    return "lost"

@@ -1,0 +1,220 @@
+"""One job, end to end: resolve -> load -> calibration data -> evaluate -> compress -> evaluate -> save.
+
+Called by the Celery task (through worker.jobrunner) and by `squeeze compress`, with a reporter
+that receives progress, events and cancellation checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from app.jobs.service import UPLOAD_PREFIX, looks_local, resolve_upload
+from app.jobs.spec import JobSpec
+from app.settings import Settings
+from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
+from worker.errors import JobFailure
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_FRACTION = 0.1  # of calibration documents, when no evaluation dataset is given
+
+
+class Reporter(Protocol):
+    def progress(self, stage: str, percent: float, layer: int | None = None, layers: int | None = None,
+                 message: str | None = None, data: dict[str, Any] | None = None) -> None: ...
+    def event(self, stage: str, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None: ...
+    def check_cancelled(self) -> None: ...
+
+
+@dataclass
+class PipelineResult:
+    metrics: dict[str, Any]
+    artifacts: dict[str, Any]
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def compression_plan(spec: JobSpec):
+    from worker.sequential import CompressionPlan
+
+    quant = sparsity = compensation = None
+    if spec.quantization is not None:
+        q = spec.quantization
+        quant = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                          damp=q.damp, act_order=q.act_order)
+    if spec.sparsity is not None:
+        s = spec.sparsity
+        n, m = s.nm or (None, None)
+        sparsity = SparsitySpec(method=s.method, ratio=s.ratio, n=n, m=m)
+    if spec.compensation is not None and spec.compensation.method != "none":
+        c = spec.compensation
+        budget = c.rank_budget
+        compensation = CompensationSpec(
+            method=c.method, rank=c.rank, budget_params=budget.params if budget else None,
+            budget_fraction=budget.fraction if budget else None, adapter_bits=c.adapter_bits,
+        )
+    return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
+
+
+def destination_dir(spec: JobSpec, settings: Settings, job_id: uuid.UUID) -> Path:
+    uri = spec.destination.uri
+    if uri is None:
+        return settings.artifacts_dir / str(job_id)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    return (path if path.is_absolute() else settings.artifacts_dir / path).resolve()
+
+
+def _dataset_source(settings: Settings, ref: str, field: str) -> str:
+    if ref.startswith(UPLOAD_PREFIX):
+        return str(resolve_upload(settings, ref))
+    if looks_local(ref) and not settings.local_path_permitted(Path(ref)):
+        raise JobFailure(f"{field} {ref!r}: local paths are not allowed on this server")
+    return ref
+
+
+def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(calibration windows, evaluation windows, a description of both)."""
+    from worker.data import DataError, contiguous_windows, load_texts, make_windows, windows_hash
+
+    cal, ev = spec.calibration, spec.evaluation
+    eval_len = ev.seq_len or cal.seq_len
+    try:
+        texts = load_texts(_dataset_source(settings, cal.dataset, "calibration.dataset"), split=cal.split,
+                           text_field=cal.text_field)
+        if ev.dataset is None:
+            held = max(1, int(len(texts) * HELD_OUT_FRACTION))
+            if len(texts) < 2:
+                raise JobFailure("calibration.dataset has a single document; cannot hold back an evaluation "
+                                 "slice: give evaluation.dataset")
+            texts, eval_texts, eval_source = texts[:-held], texts[-held:], f"last {held} documents of {cal.dataset}"
+        else:
+            eval_texts = load_texts(_dataset_source(settings, ev.dataset, "evaluation.dataset"), split=ev.split,
+                                    text_field=ev.text_field)
+            eval_source = ev.dataset
+        calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
+        evaluation = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len)
+    except DataError as exc:
+        raise JobFailure(f"data: {exc}") from None
+    info = {"calibration_windows": list(calibration.shape), "calibration_hash": windows_hash(calibration),
+            "evaluation_windows": list(evaluation.shape), "evaluation_source": eval_source}
+    return calibration, evaluation, info
+
+
+def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter) -> PipelineResult:
+    from worker.evaluate import perplexity
+    from worker.hub import resolve_model
+    from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
+    from worker.sequential import compress_model
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = pick_device(settings.device)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
+    resolved = resolve_model(spec.model.id, spec.model.revision, settings)
+    try:
+        model, tokenizer = load_model(resolved.path)
+        arch = get_architecture(model)
+    except (ModelLoadError, UnsupportedArchitecture) as exc:
+        raise JobFailure(f"model {spec.model.id!r}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise JobFailure(f"model {spec.model.id!r} could not be loaded: {exc}") from None
+    n_layers = len(arch.decoder_layers(model))
+    timings["load_s"] = time.perf_counter() - started
+    reporter.progress("loading", 3.0, layers=n_layers,
+                      message=f"loaded {arch.family} model with {n_layers} decoder layers on CPU; compute device {device}")
+
+    calibration, evaluation, data_info = load_windows(spec, settings, tokenizer)
+    reporter.progress("calibration", 5.0, layers=n_layers,
+                      message=f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)}")
+    reporter.check_cancelled()
+
+    t0 = time.perf_counter()
+    ppl_before = perplexity(model, evaluation, device)
+    timings["eval_before_s"] = time.perf_counter() - t0
+    reporter.progress("evaluating", 10.0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
+    reporter.check_cancelled()
+
+    plan = compression_plan(spec)
+    passes = 2 if plan.compensation is not None and plan.compensation.rank is None else 1
+
+    def on_layer(report) -> None:
+        done_pass = 1 if getattr(report, "stage", "compress") != "compress" and passes == 2 else 0
+        fraction = (done_pass + (report.index + 1) / report.total) / passes
+        reporter.progress(report.stage if hasattr(report, "stage") else "compressing", 10.0 + 75.0 * fraction,
+                          layer=report.index + 1, layers=report.total,
+                          message=f"layer {report.index + 1}/{report.total} {getattr(report, 'stage', 'compress')}ed "
+                                  f"in {report.seconds:.2f}s", data=_layer_data(report))
+        reporter.check_cancelled()
+
+    t0 = time.perf_counter()
+    result = compress_model(model, calibration, plan, device, on_layer=on_layer)
+    timings["compress_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ppl_after = perplexity(model, evaluation, device)
+    timings["eval_after_s"] = time.perf_counter() - t0
+    reporter.progress("evaluating", 90.0, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
+    reporter.check_cancelled()
+
+    out = destination_dir(spec, settings, job_id)
+    reporter.progress("exporting", 95.0, layers=n_layers, message=f"saving to {out}")
+    save_model(model, tokenizer, out)
+    timings["total_s"] = time.perf_counter() - started
+
+    metrics = {
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "perplexity_ratio": ppl_after / ppl_before,
+        "layers": n_layers,
+        "device": str(device),
+        "model_revision": resolved.revision,
+        "data": data_info,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "compression": result.summary() if hasattr(result, "summary") else {},
+    }
+    return PipelineResult(metrics=metrics, artifacts={"uri": str(out), "files": sorted(p.name for p in out.iterdir())})
+
+
+def _layer_data(report) -> dict[str, Any]:
+    modules = getattr(report, "modules", {}) or {}
+    return {"seconds": round(report.seconds, 4),
+            "modules": {name: _jsonable(stats) for name, stats in modules.items()}}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Write into a sibling staging folder, then swap it in, so a reader never sees half a model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
