@@ -86,7 +86,7 @@ def _dataset_source(settings: Settings, ref: str, field: str) -> str:
 
 def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(calibration windows, evaluation windows, a description of both)."""
-    from worker.data import DataError, contiguous_windows, load_texts, make_windows, windows_hash
+    from worker.data import DataError, contiguous_windows, load_texts, make_windows, token_stream, windows_hash
 
     cal, ev = spec.calibration, spec.evaluation
     eval_len = ev.seq_len or cal.seq_len
@@ -104,7 +104,15 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Te
                                     text_field=ev.text_field)
             eval_source = ev.dataset
         calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
-        evaluation = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len)
+        if ev.dataset is None:  # a held-back slice gives what it has, up to num_windows
+            stream = token_stream(tokenizer, eval_texts)
+            count = min(ev.num_windows, len(stream) // eval_len)
+            if count == 0:
+                raise JobFailure(f"the held-back evaluation slice ({eval_source}) has {len(stream)} tokens, "
+                                 f"less than one window of {eval_len}: give evaluation.dataset")
+            evaluation = stream[: count * eval_len].reshape(count, eval_len)
+        else:
+            evaluation = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len)
     except DataError as exc:
         raise JobFailure(f"data: {exc}") from None
     info = {"calibration_windows": list(calibration.shape), "calibration_hash": windows_hash(calibration),
@@ -150,15 +158,12 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.check_cancelled()
 
     plan = compression_plan(spec)
-    passes = 2 if plan.compensation is not None and plan.compensation.rank is None else 1
 
     def on_layer(report) -> None:
-        done_pass = 1 if getattr(report, "stage", "compress") != "compress" and passes == 2 else 0
-        fraction = (done_pass + (report.index + 1) / report.total) / passes
-        reporter.progress(report.stage if hasattr(report, "stage") else "compressing", 10.0 + 75.0 * fraction,
-                          layer=report.index + 1, layers=report.total,
-                          message=f"layer {report.index + 1}/{report.total} {getattr(report, 'stage', 'compress')}ed "
-                                  f"in {report.seconds:.2f}s", data=_layer_data(report))
+        reporter.progress(report.stage, 10.0 + 75.0 * report.step / report.steps, layer=report.index + 1,
+                          layers=report.total,
+                          message=f"layer {report.index + 1}/{report.total} {report.stage} done in {report.seconds:.2f}s",
+                          data=layer_summary(report))
         reporter.check_cancelled()
 
     t0 = time.perf_counter()
@@ -185,27 +190,41 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "model_revision": resolved.revision,
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "compression": result.summary() if hasattr(result, "summary") else {},
+        "compression": compression_summary(result),
     }
     return PipelineResult(metrics=metrics, artifacts={"uri": str(out), "files": sorted(p.name for p in out.iterdir())})
 
 
-def _layer_data(report) -> dict[str, Any]:
-    modules = getattr(report, "modules", {}) or {}
-    return {"seconds": round(report.seconds, 4),
-            "modules": {name: _jsonable(stats) for name, stats in modules.items()}}
+def layer_summary(report) -> dict[str, Any]:
+    """What one layer report puts in the event log (numbers only, no tensors)."""
+    return {
+        "seconds": round(report.seconds, 4),
+        "modules": {
+            m.name: {"error_before": round(m.error_before, 6),
+                     "error_after": None if m.error_after is None else round(m.error_after, 6),
+                     "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
+            for m in report.modules
+        },
+    }
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, (int, str, bool)) or value is None:
-        return value
-    return str(value)
+def compression_summary(result) -> dict[str, Any]:
+    errors_before = [m.error_before for m in result.modules.values()]
+    errors_after = [m.error_after for m in result.modules.values() if m.error_after is not None]
+    return {
+        "modules": len(result.modules),
+        "mean_relative_error_before": sum(errors_before) / len(errors_before) if errors_before else None,
+        "mean_relative_error_after": sum(errors_after) / len(errors_after) if errors_after else None,
+        "max_rank": result.max_rank,
+        "adapter_params": result.adapter_params,
+        "adapter_bytes": result.adapter_bytes,
+        "seconds": {
+            "calibration": round(result.calibration_seconds, 3),
+            "compression": round(result.compression_seconds, 3),
+            "compensation": round(result.compensation_seconds, 3),
+            "propagation": round(result.propagation_seconds, 3),
+        },
+    }
 
 
 def save_model(model, tokenizer, out: Path) -> None:

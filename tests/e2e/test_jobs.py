@@ -1,0 +1,132 @@
+"""Whole jobs through HTTP with a real Celery worker process, in both modes.
+
+Distributed: PostgreSQL (a fresh database built by the migrations) + Redis broker.
+Embedded: SQLite + the filesystem broker, no server at all.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+from app.main import create_app
+from app.settings import Settings
+from tests.services import REDIS_URL, celery_worker, fresh_postgres_database
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def wait_for(client, job_id, predicate, timeout=240.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if predicate(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; job is {job}")
+
+
+def spec_for(model_dir: Path, calibration: Path, **extra) -> dict:
+    return {
+        "model": {"id": str(model_dir)},
+        "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
+        "calibration": {"dataset": str(calibration), "num_samples": 8, "seq_len": 32, "seed": 0},
+        "evaluation": {"num_windows": 4},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module", params=["distributed", "embedded"])
+def service(request, tmp_path_factory):
+    """(client, settings) with a worker running for the mode."""
+    data_dir = tmp_path_factory.mktemp(request.param)
+    if request.param == "distributed":
+        with fresh_postgres_database() as url:
+            settings = Settings(data_dir=data_dir, database_url=url, broker_url=REDIS_URL,
+                                queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}", lease_seconds=20,
+                                local_roots=[tmp_path_factory.getbasetemp()])
+            from app.db.session import upgrade_database
+
+            upgrade_database(settings)  # distributed mode: migrations are run by the operator
+            yield from _running(settings, data_dir)
+    else:
+        settings = Settings(data_dir=data_dir, lease_seconds=20, broker_polling_interval=0.1)
+        yield from _running(settings, data_dir)
+
+
+def _running(settings, data_dir):
+    with TestClient(create_app(settings)) as client:  # embedded: the app migrates SQLite on start
+        with celery_worker(settings, data_dir / "worker.log"):
+            yield client, settings
+
+
+def test_job_runs_to_success_with_every_layer_reported(service, tiny_llama_dir, calibration_txt):
+    client, settings = service
+    response = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt))
+    assert response.status_code == 201, response.text
+    job = wait_for(client, response.json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["percent"] == 100.0 and job["progress"]["layers"] == 2
+
+    metrics = job["metrics"]
+    assert metrics["perplexity_before"] > 1 and metrics["perplexity_after"] > 1
+    assert metrics["perplexity_after"] != metrics["perplexity_before"]  # 4-bit RTN moved the model
+
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
+    layer_events = [e for e in events if e["message"].startswith("layer ")]
+    assert [e["message"].split()[1] for e in layer_events] == ["1/2", "2/2"]
+    assert events[-1]["stage"] == "done"
+
+    out = Path(job["artifacts"]["uri"])
+    assert out.is_relative_to(settings.artifacts_dir)
+    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    # every row group of 32 inputs holds at most 2^4 distinct values: the weights are on the RTN grid
+    assert max(len(torch.unique(g)) for g in q.reshape(-1, 32)) <= 16
+
+
+def test_missing_model_fails_with_a_readable_reason(service, tmp_path, calibration_txt):
+    client, _ = service
+    response = client.post("/v1/jobs", json=spec_for(tmp_path / "no-such-model", calibration_txt))
+    job = wait_for(client, response.json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed"
+    assert "not found" in job["error"] and "no-such-model" in job["error"]
+
+
+def test_hub_model_that_cannot_be_reached_fails_readably(service, calibration_txt):
+    client, _ = service
+    spec = spec_for(Path("x"), calibration_txt)
+    spec["model"] = {"id": "squeeze-test/definitely-not-a-model"}
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed"
+    assert "squeeze-test/definitely-not-a-model" in job["error"]
+
+
+def test_cancel_queued_job(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    job = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt)).json()
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    if cancelled["status"] == "running":  # the worker was quicker than us; it must still stop
+        cancelled = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL)
+    assert cancelled["status"] == "cancelled"
+
+
+def test_cancel_running_job_stops_between_layers(service, slow_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(slow_llama_dir, calibration_txt)
+    spec["calibration"].update(num_samples=64, seq_len=128)
+    job = client.post("/v1/jobs", json=spec).json()
+    running = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL or (j["progress"]["layer"] or 0) >= 1)
+    assert running["status"] == "running", f"the job ended before it could be cancelled mid-way: {running}"
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    final = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL)
+    assert final["status"] == "cancelled"
+    assert final["progress"]["layer"] < final["progress"]["layers"]  # it stopped before the last layer
+    stages = [e["stage"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["items"]]
+    assert stages[-1] == "cancelled" and "cancelling" in stages
