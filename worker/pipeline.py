@@ -68,6 +68,24 @@ def compression_plan(spec: JobSpec):
     return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
 
 
+def check_plan_fits(model, arch, plan) -> None:
+    """Refuse before any work when a group size or N:M block does not divide a layer's input width."""
+    from worker.models import decoder_linears
+
+    widths = sorted({linear.in_features for linear in decoder_linears(model, arch).values()})
+    if plan.quant is not None and plan.quant.group_size != -1:
+        bad = [w for w in widths if w % plan.quant.group_size]
+        if bad:
+            raise JobFailure(
+                f"quantization.group_size {plan.quant.group_size} does not divide the input width {bad[0]} of "
+                f"this model's Linear layers (widths: {widths}); choose a common divisor or -1 (per channel)")
+    if plan.sparsity is not None and plan.sparsity.m is not None:
+        bad = [w for w in widths if w % plan.sparsity.m]
+        if bad:
+            raise JobFailure(f"sparsity.pattern {plan.sparsity.n}:{plan.sparsity.m} needs input widths divisible "
+                             f"by {plan.sparsity.m}; this model has {bad[0]}")
+
+
 def destination_dir(spec: JobSpec, settings: Settings, job_id: uuid.UUID) -> Path:
     uri = spec.destination.uri
     if uri is None:
@@ -158,6 +176,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.check_cancelled()
 
     plan = compression_plan(spec)
+    check_plan_fits(model, arch, plan)
 
     def on_layer(report) -> None:
         reporter.progress(report.stage, 10.0 + 75.0 * report.step / report.steps, layer=report.index + 1,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from app.errors import NotSupportedYet
 from app.jobs.spec import JobSpec
 
-QUANTIZATION_METHODS = {"rtn"}
-SPARSITY_METHODS: set[str] = set()
+QUANTIZATION_METHODS = {"rtn", "gptq"}
+SPARSITY_METHODS = {"magnitude", "wanda", "sparsegpt"}
 COMPENSATION_METHODS = {"none"}
 DESTINATION_SCHEMES = {"local"}
 

@@ -144,4 +144,8 @@ class JobSpec(Strict):
             if self.compensation is not None and self.compensation.method != "none":
                 raise ValueError("compensation: a rank needs compression to compensate (give quantization or sparsity)")
             raise ValueError("nothing to do: give quantization and/or sparsity")
+        if (self.sparsity is not None and self.sparsity.method == "sparsegpt" and self.quantization is not None
+                and self.quantization.method == "gptq" and self.quantization.act_order):
+            raise ValueError("quantization.act_order: SparseGPT + GPTQ run as one pass in the original column "
+                             "order; act_order is not available with sparsity.method 'sparsegpt'")
         return self

@@ -130,3 +130,24 @@ def test_cancel_running_job_stops_between_layers(service, slow_llama_dir, calibr
     assert final["progress"]["layer"] < final["progress"]["layers"]  # it stopped before the last layer
     stages = [e["stage"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["items"]]
     assert stages[-1] == "cancelled" and "cancelling" in stages
+
+
+def test_gptq_with_sparsegpt_two_four_job(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt, sparsity={"method": "sparsegpt", "pattern": "2:4"})
+    spec["quantization"]["method"] = "gptq"
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    tensors = {k: v for f in Path(job["artifacts"]["uri"]).glob("*.safetensors") for k, v in load_file(f).items()}
+    up = tensors["model.layers.1.mlp.up_proj.weight"]
+    assert ((up.reshape(-1, 4) != 0).sum(dim=1) <= 2).all()  # at most 2 of every 4 inputs survive
+    assert job["metrics"]["compression"]["mean_relative_error_before"] > 0
+
+
+def test_group_size_that_does_not_divide_fails_before_work(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt)
+    spec["quantization"]["group_size"] = 128  # the tiny model's hidden width is 64
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed"
+    assert "group_size 128 does not divide the input width 64" in job["error"]

@@ -67,6 +67,8 @@ INVALID = [
     ("rank without compression", {"model": VALID["model"], "calibration": VALID["calibration"],
                                   "compensation": {"method": "eora", "rank": 8}}, "compensation"),
     ("nothing to do", {"model": VALID["model"], "calibration": VALID["calibration"]}, "quantization"),
+    ("act_order with sparsegpt", {**VALID, "quantization": {"method": "gptq", "act_order": True},
+                                  "sparsity": {"method": "sparsegpt", "pattern": "2:4"}}, "quantization.act_order"),
     ("eval windows 0", with_("evaluation.num_windows", 0), "evaluation.num_windows"),
 ]
 

@@ -1,0 +1,203 @@
+"""Calibration/eval text loading and the window protocols."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import worker.data as data
+from tests.fixtures_models import SAMPLE_DOCS
+from worker.data import (
+    DataError,
+    contiguous_windows,
+    load_texts,
+    make_windows,
+    select_split_files,
+    token_stream,
+    windows_hash,
+)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_parquet(path: Path, columns: dict[str, list]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_txt_paragraphs_and_lines(tmp_path):
+    paragraphs = tmp_path / "paragraphs.txt"
+    paragraphs.write_text("First line\nstill first.\n\n  \nSecond.\n\n\nThird\n")
+    assert load_texts(str(paragraphs)) == ["First line\nstill first.", "Second.", "Third"]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("one\ntwo\n  three\n")
+    assert load_texts(str(lines)) == ["one", "two", "three"]
+
+
+def test_jsonl_field_and_errors(tmp_path):
+    good = write_jsonl(tmp_path / "a.jsonl", [{"content": "alpha"}, {"content": "  "}, {"content": "beta"}])
+    assert load_texts(str(good), text_field="content") == ["alpha", "beta"]
+    with pytest.raises(DataError, match=r"a\.jsonl line 1: no field 'text'"):
+        load_texts(str(good))
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        load_texts(str(bad))
+    numbers = write_jsonl(tmp_path / "c.jsonl", [{"text": 3}])
+    with pytest.raises(DataError, match="not a string"):
+        load_texts(str(numbers))
+
+
+def test_parquet_column_and_missing_column(tmp_path):
+    path = write_parquet(tmp_path / "d.parquet", {"text": ["x y", None, "z"], "id": [1, 2, 3]})
+    assert load_texts(str(path)) == ["x y", "z"]
+    with pytest.raises(DataError, match=r"no column 'body'; columns are \['text', 'id'\]"):
+        load_texts(str(path), text_field="body")
+
+
+def test_unknown_extension_empty_file_and_missing_file(tmp_path):
+    csv = tmp_path / "e.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(DataError, match="unknown file type '.csv'"):
+        load_texts(str(csv))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        load_texts(str(empty))
+    with pytest.raises(DataError, match="does not exist"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+
+
+def test_local_roots_and_allow_local(tmp_path):
+    inside = tmp_path / "allowed" / "calib.txt"
+    inside.parent.mkdir()
+    inside.write_text("hello world")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("do not read")
+    roots = [tmp_path / "allowed"]
+    assert load_texts(str(inside), local_roots=roots) == ["hello world"]
+    with pytest.raises(DataError, match="outside the allowed data folders"):
+        load_texts(str(outside), local_roots=roots)
+    with pytest.raises(DataError, match="outside the allowed data folders"):
+        load_texts(str(tmp_path / "allowed" / ".." / "secret.txt"), local_roots=roots)
+    with pytest.raises(DataError, match="local data sources are not allowed"):
+        load_texts(str(inside), allow_local=False)
+
+
+def make_snapshot(root: Path) -> Path:
+    write_parquet(root / "data" / "train-00000-of-00002.parquet", {"text": ["t1", "t2"]})
+    write_parquet(root / "data" / "train-00001-of-00002.parquet", {"text": ["t3"]})
+    write_parquet(root / "data" / "validation-00000-of-00001.parquet", {"text": ["v1"]})
+    (root / "README.md").write_text("# card")
+    return root
+
+
+def test_local_snapshot_folder_split_selection(tmp_path):
+    root = make_snapshot(tmp_path / "snap")
+    assert load_texts(str(root)) == ["t1", "t2", "t3"]
+    assert load_texts(str(root), split="validation") == ["v1"]
+    with pytest.raises(DataError, match="no .* files for split 'test'"):
+        load_texts(str(root), split="test")
+
+
+def test_select_split_files_layouts():
+    files = ["train.jsonl", "test.jsonl", "pretrain_notes.jsonl", "valid/x.jsonl"]
+    assert select_split_files(files, "train") == ["train.jsonl"]
+    assert select_split_files(["cfg/train/0.parquet", "cfg/test/0.parquet"], "train") == ["cfg/train/0.parquet"]
+    with pytest.raises(DataError, match="several configurations"):
+        select_split_files(["wt2/train-0.parquet", "wt103/train-0.parquet"], "train")
+    with pytest.raises(DataError, match="mixes file types"):
+        select_split_files(["train.jsonl", "data/train-0.parquet"], "train")
+
+
+def test_hub_dataset_download(monkeypatch, tmp_path):
+    snapshot = make_snapshot(tmp_path / "hub")
+    write_parquet(snapshot / "other" / "train-0.parquet", {"text": ["o1"]})
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(data, "snapshot_download", fake_snapshot_download)
+    assert load_texts("owner/corpus/other") == ["o1"]
+    repo_id, kwargs = calls[-1]
+    assert repo_id == "owner/corpus"
+    assert kwargs["repo_type"] == "dataset"
+    assert kwargs["allow_patterns"] == ["other/*train*.txt", "other/*train*.jsonl", "other/*train*.parquet"]
+    # The whole snapshot holds train files in two configurations: ambiguous without a subfolder.
+    with pytest.raises(DataError, match="several configurations"):
+        load_texts("owner/corpus")
+
+
+def test_hub_download_failure_is_a_data_error(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(data, "snapshot_download", offline)
+    with pytest.raises(DataError, match="could not download dataset 'owner/corpus'"):
+        load_texts("owner/corpus")
+    with pytest.raises(DataError, match="neither an existing file nor"):
+        load_texts("bad id with spaces")
+
+
+def test_token_stream_puts_eos_between_documents(tiny_tokenizer):
+    stream = token_stream(tiny_tokenizer, ["ab", "cd"])
+    first = tiny_tokenizer("ab", add_special_tokens=False)["input_ids"]
+    second = tiny_tokenizer("cd", add_special_tokens=False)["input_ids"]
+    assert stream.tolist() == first + [tiny_tokenizer.eos_token_id] + second
+
+
+def test_make_windows_deterministic_and_from_the_stream(tiny_tokenizer):
+    windows = make_windows(tiny_tokenizer, SAMPLE_DOCS, num_samples=6, seq_len=16, seed=0)
+    assert windows.shape == (6, 16) and windows.dtype == torch.long
+    assert torch.equal(windows, make_windows(tiny_tokenizer, SAMPLE_DOCS, 6, 16, seed=0))
+    assert not torch.equal(windows, make_windows(tiny_tokenizer, SAMPLE_DOCS, 6, 16, seed=1))
+    stream = token_stream(tiny_tokenizer, SAMPLE_DOCS).tolist()
+    starts = [s for s in range(len(stream) - 15)]
+    for window in windows.tolist():
+        assert any(stream[s : s + 16] == window for s in starts)
+
+
+def test_make_windows_needs_enough_tokens(tiny_tokenizer):
+    n = len(token_stream(tiny_tokenizer, ["short text"]))
+    assert make_windows(tiny_tokenizer, ["short text"], 2, n - 1, seed=0).shape == (2, n - 1)
+    with pytest.raises(DataError, match=f"has {n} tokens; at least {n + 1}"):
+        make_windows(tiny_tokenizer, ["short text"], 2, n, seed=0)
+
+
+def test_contiguous_windows(tiny_tokenizer):
+    stream = token_stream(tiny_tokenizer, SAMPLE_DOCS)
+    windows = contiguous_windows(tiny_tokenizer, SAMPLE_DOCS, num_windows=3, seq_len=20)
+    assert torch.equal(windows, stream[:60].reshape(3, 20))
+    available = len(stream) // 20
+    with pytest.raises(DataError, match=f"{available} windows of 20, {available + 1} requested"):
+        contiguous_windows(tiny_tokenizer, SAMPLE_DOCS, available + 1, 20)
+
+
+def test_windows_hash_is_stable():
+    windows = torch.arange(12).reshape(3, 4)
+    digest = windows_hash(windows)
+    # Pinned: a change here means every recorded calibration set changes identity.
+    assert digest == windows_hash(windows.clone().to(torch.int32))
+    assert digest == EXPECTED_ARANGE_HASH
+    changed = windows.clone()
+    changed[2, 3] = 99
+    assert windows_hash(changed) != digest
+    assert windows_hash(windows.reshape(4, 3)) != digest
+
+
+# sha256(b"(3, 4)" + the 12 little-endian int64 values 0..11), computed independently with hashlib.
+EXPECTED_ARANGE_HASH = "4d342c941a8823b03e499d028923f2d6792bf9b1664f3a0f4de493ea7d815438"

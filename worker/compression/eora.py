@@ -1,0 +1,113 @@
+"""Low-rank compensation of a compression error dW = W - Wc: EoRA (arXiv 2410.21271) and plain SVD.
+
+EoRA minimises E||(dW - BA) x||^2 over the calibration inputs: with S = E[x x^T] = Q diag(l) Q^T,
+E||E x||^2 = ||E Q diag(sqrt l)||_F^2, so the best rank-r BA is the rank-r SVD of the projected
+error dW' = dW Q diag(sqrt l), mapped back through diag(1/sqrt l) Q^T. Eigen-directions with
+l <= l_max * d_in * eps(fp32) are numerically absent from the calibration data and are dropped
+(never clamped): the adapter then does nothing along them. The SVD baseline (ZeroQuant-V2 / LoRC)
+minimises ||dW - BA||_F instead.
+
+Decompose once (eora_decompose / svd_decompose), read the singular values for rank allocation,
+then cut the factors at any rank with .lowrank(rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from worker.compression.gptq import check_finite
+
+
+@dataclass
+class LowRankFactors:
+    """dW ~ U diag(S) Vh back, all fp64; back is None for plain SVD (identity)."""
+
+    u: Tensor  # (d_out, p)
+    s: Tensor  # (p,), descending
+    vh: Tensor  # (p, k): rows over the kept eigen-directions (k = d_in for plain SVD)
+    back: Tensor | None  # (k, d_in) = diag(1/sqrt l) Q^T, or None
+    d_in: int
+
+    @property
+    def singular_values(self) -> Tensor:
+        """(p,) fp32, descending: sigma_i^2 is the error removed by the i-th rank."""
+        return self.s.to(torch.float32)
+
+    def truncated(self, max_rank: int) -> LowRankFactors:
+        """Drop directions beyond max_rank (frees memory while ranks are being allocated)."""
+        r = min(max_rank, self.s.shape[0])
+        return LowRankFactors(self.u[:, :r], self.s[:r], self.vh[:r], self.back, self.d_in)
+
+    def lowrank(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(B (d_out, rank), A (rank, d_in)) fp32 with B A the best rank-`rank` fit; zero-padded
+        when fewer directions exist, so the shapes are always what was asked for."""
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        r = min(rank, self.s.shape[0])
+        root = self.s[:r].sqrt()  # (r,)
+        b = self.u[:, :r] * root.unsqueeze(0)  # (d_out, r)
+        a = root.unsqueeze(1) * self.vh[:r]  # (r, k)
+        if self.back is not None:
+            a = a @ self.back  # (r, d_in)
+        b_full = b.new_zeros(b.shape[0], rank)
+        a_full = a.new_zeros(rank, self.d_in)
+        b_full[:, :r] = b
+        a_full[:r] = a
+        return b_full.to(torch.float32), a_full.to(torch.float32)
+
+
+def _check(dw: Tensor, gram: Tensor | None, name: str) -> None:
+    if dw.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D weight error, got shape {tuple(dw.shape)}")
+    check_finite(dw, "weight error", name)
+    if gram is not None:
+        if gram.shape != (dw.shape[1], dw.shape[1]):
+            raise ValueError(f"{name}: gram {tuple(gram.shape)} does not match dW {tuple(dw.shape)}")
+        check_finite(gram, "gram", name)
+
+
+def eora_decompose(dw: Tensor, gram: Tensor, name: str = "") -> LowRankFactors:
+    """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in)."""
+    _check(dw, gram, name)
+    d_in = dw.shape[1]
+    s64 = gram.to(torch.float64)
+    s64 = (s64 + s64.T) / 2  # (d_in, d_in); fp32 accumulation leaves tiny asymmetries
+    eigvals, eigvecs = torch.linalg.eigh(s64)  # ascending, (d_in,), (d_in, d_in)
+    cutoff = eigvals.max().clamp(min=0.0) * d_in * torch.finfo(torch.float32).eps
+    kept = eigvals > cutoff
+    root = eigvals[kept].sqrt()  # (k,)
+    q = eigvecs[:, kept]  # (d_in, k)
+    projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k) = dW Q diag(sqrt l)
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)  # (d_out, p), (p,), (p, k)
+    back = (q / root.unsqueeze(0)).T  # (k, d_in) = diag(1/sqrt l) Q^T
+    factors = LowRankFactors(u, s, vh, back.contiguous(), d_in)
+    check_finite(s, "projected singular values", name)
+    return factors
+
+
+def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
+    """Plain SVD of dw (d_out, d_in) in fp64."""
+    _check(dw, None, name)
+    u, s, vh = torch.linalg.svd(dw.to(torch.float64), full_matrices=False)
+    return LowRankFactors(u, s, vh, None, dw.shape[1])
+
+
+def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "") -> tuple[Tensor, Tensor]:
+    """(B (d_out, rank), A (rank, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram."""
+    b, a = eora_decompose(dw, gram, name).lowrank(rank)
+    check_finite(b, "EoRA B", name)
+    check_finite(a, "EoRA A", name)
+    return b, a
+
+
+def svd_baseline(dw: Tensor, gram: Tensor | None, rank: int, name: str = "") -> tuple[Tensor, Tensor]:
+    """(B, A) from the rank-`rank` SVD of dw; gram is accepted for a common signature and unused."""
+    return svd_decompose(dw, name).lowrank(rank)
+
+
+def projected_singular_values(dw: Tensor, gram: Tensor, name: str = "") -> Tensor:
+    """Singular values (fp32, descending) of dW Q diag(sqrt l), for rank allocation."""
+    return eora_decompose(dw, gram, name).singular_values

@@ -1,0 +1,55 @@
+"""Global rank allocation: spend a parameter budget on the adapter ranks that remove the most error.
+
+Rank unit i of module m costs d_out + d_in parameters (one column of B, one row of A) and removes
+sigma_i^2 of m's (projected) error, where sigma are the singular values of its decomposition. For
+EoRA that is exactly the drop in calibration-weighted output error. Per module the sigma are
+descending, so gains per parameter fall monotonically and a greedy pass in global order of
+gain per parameter gives each module a contiguous prefix of ranks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def budget_from_fraction(fraction: float, shapes: dict[str, tuple[int, int]]) -> int:
+    """Parameter budget as a fraction of the compensated Linears' own parameter count (floor)."""
+    if fraction < 0:
+        raise ValueError(f"budget fraction must be >= 0, got {fraction}")
+    return int(fraction * sum(d_out * d_in for d_out, d_in in shapes.values()))
+
+
+def allocate_ranks(
+    singular_values: dict[str, Tensor],
+    shapes: dict[str, tuple[int, int]],
+    budget_params: int,
+    max_rank: int = 512,
+) -> dict[str, int]:
+    """Rank per module (every module in shapes, 0 when it gets none) within budget_params.
+
+    Candidates are sorted by (gain per parameter descending, module name, index), so the result
+    is deterministic; a unit that no longer fits is skipped and cheaper units may still be taken.
+    Units with zero gain are never bought. Ranks never exceed max_rank, min(d_out, d_in) or the
+    number of singular values given.
+    """
+    if budget_params < 0:
+        raise ValueError(f"budget must be >= 0 parameters, got {budget_params}")
+    missing = set(singular_values) - set(shapes)
+    if missing:
+        raise ValueError(f"singular values given for modules without a shape: {sorted(missing)}")
+    candidates: list[tuple[float, str, int]] = []
+    for name, sigmas in singular_values.items():
+        d_out, d_in = shapes[name]
+        cost = d_out + d_in
+        limit = min(max_rank, d_out, d_in, sigmas.numel())
+        values = sorted((float(s) for s in sigmas.flatten()), reverse=True)[:limit]
+        candidates.extend((-(s * s) / cost, name, i) for i, s in enumerate(values) if s > 0)
+    candidates.sort()
+    ranks = dict.fromkeys(shapes, 0)
+    left = budget_params
+    for _, name, _ in candidates:
+        cost = sum(shapes[name])
+        if cost <= left:
+            ranks[name] += 1
+            left -= cost
+    return ranks

@@ -1,0 +1,49 @@
+"""Held-out perplexity, computed layer by layer like compression (one decoder layer on the device)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worker.models import get_architecture
+from worker.sequential import walk_layers
+
+
+@torch.no_grad()
+def iter_logits(
+    model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(window batch (b, L), logits (b, L, vocab) fp32 on device) per batch of windows.
+
+    The decoder layers run one at a time on the device; the final norm and lm_head (with a tied
+    embedding, that weight too) visit the device only while logits are computed.
+    """
+    arch = get_architecture(model)
+    final_hidden = walk_layers(model, windows, device, batch_size)  # per batch (b, L, hidden), CPU
+    head = [arch.module(model, "final_norm"), arch.module(model, "lm_head")]
+    for module in head:
+        module.to(device)
+    try:
+        for batch, hidden in zip(windows.split(batch_size), final_hidden, strict=True):
+            yield batch, arch.logits(model, hidden.to(device)).float()
+    finally:
+        for module in head:
+            module.to("cpu")
+
+
+def perplexity(model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8) -> float:
+    """exp(mean token NLL): every window predicts its tokens 1..L-1 from the tokens before them."""
+    nll = 0.0
+    predicted = 0
+    for batch, logits in iter_logits(model, windows, device, batch_size):
+        targets = batch[:, 1:].to(device)  # (b, L-1)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        nll += float(loss.double())
+        predicted += targets.numel()
+    if not math.isfinite(nll):
+        raise FloatingPointError("perplexity: the negative log-likelihood is not finite")
+    return math.exp(nll / predicted)

@@ -1,0 +1,94 @@
+"""What a compression run is asked to do (CompressionPlan) and what it reports, per module and layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.compression.quantize import QuantizedWeight
+from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    quant: QuantSpec | None = None
+    sparsity: SparsitySpec | None = None
+    compensation: CompensationSpec | None = None
+
+    def __post_init__(self) -> None:
+        spec = self.compensation
+        if spec is None or spec.method == "none":
+            return
+        if not self.compresses:
+            raise ValueError("compensation needs quantization or sparsity: there is no error to compensate")
+        given = [spec.rank is not None, spec.budget_params is not None, spec.budget_fraction is not None]
+        if sum(given) != 1:
+            raise ValueError("compensation needs exactly one of rank, budget_params, budget_fraction")
+        if spec.rank is not None and not 1 <= spec.rank <= spec.max_rank:
+            raise ValueError(f"rank must be in 1..{spec.max_rank}, got {spec.rank}")
+
+    @property
+    def compresses(self) -> bool:
+        return self.quant is not None or self.sparsity is not None
+
+    @property
+    def compensates(self) -> bool:
+        return self.compensation is not None and self.compensation.method != "none"
+
+    @property
+    def uses_budget(self) -> bool:
+        return self.compensates and self.compensation.rank is None
+
+
+@dataclass
+class ModuleReport:
+    name: str  # full dotted name, e.g. "model.layers.0.self_attn.q_proj"
+    shape: tuple[int, int]  # (d_out, d_in)
+    quantized: QuantizedWeight | None  # codes/scales/zeros for export; .weight is the model's weight
+    sparsity: str | None  # "2:4" style pattern, "unstructured", or None
+    zero_fraction: float  # measured share of exactly-zero weights after compression
+    error_before: float  # ||(W - Wc) X|| / ||W X|| on the calibration Gram
+    compress_seconds: float
+    rank: int = 0
+    error_after: float | None = None  # with the adapter, on the same Gram; None without compensation
+    compensate_seconds: float = 0.0
+    adapter_params: int = 0
+    adapter_bytes: int = 0
+
+
+@dataclass
+class LayerReport:
+    stage: str  # "compress" or "compensate" (the second walk of a rank-budget plan)
+    index: int  # decoder layer, 0-based
+    total: int  # decoder layers
+    step: int  # 1-based count of layer reports so far in this run
+    steps: int  # layer reports this run will make (layers x walks)
+    seconds: float
+    modules: list[ModuleReport]
+
+
+@dataclass
+class CompressionResult:
+    modules: dict[str, ModuleReport]
+    calibration_seconds: float = 0.0  # capturing layer inputs and the Gram forwards
+    compression_seconds: float = 0.0  # pruning and quantization
+    compensation_seconds: float = 0.0  # decompositions and rank allocation
+    statistics_seconds: float = 0.0  # relative output errors
+    propagation_seconds: float = 0.0  # forwards making the next layer's inputs
+    transfer_seconds: float = 0.0  # moving layers between CPU and the device
+    budget_params: int | None = None  # the resolved global budget, if the plan had one
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.rank for name, m in self.modules.items()}
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(m.adapter_params for m in self.modules.values())
+
+    @property
+    def adapter_bytes(self) -> int:
+        return sum(m.adapter_bytes for m in self.modules.values())

@@ -1,0 +1,360 @@
+"""The sequential pipeline: the one owner of the decoder-layer loop and of the statistics hooks.
+
+Only one decoder layer sits on the compute device at a time; the activations between layers stay on
+CPU in the model's dtype, one tensor (batch, seq_len, hidden) per batch of windows.
+
+How a decoder layer is called directly: the inputs of every layer are recorded from the base
+model's own forward (each layer temporarily replaced by an identity recorder), so a layer later
+runs as `layer(hidden_states, **recorded_kwargs)` with exactly what the model would pass it:
+position_embeddings (cos, sin), attention_mask (None, a 4-D mask, or per layer type for sliding
+window families), position_ids, cache=None. Nothing family-specific is re-implemented here.
+
+Pass structure of compress_model:
+- no compensation or a fixed rank: one walk. Per layer: a forward with Gram hooks (the original
+  layer), compress every Linear, attach its adapter (fixed rank), a forward of the compressed and
+  compensated layer to make the next layer's inputs.
+- a global rank budget: allocating ranks needs every module's projected singular values first, so
+  walk 1 compresses (as above, without adapters) and keeps each module's residual dW on CPU in the
+  model dtype (one extra copy of the decoder Linear weights in host memory) and its singular values;
+  ranks are allocated; walk 2 re-captures the inputs and, per layer, recomputes the Grams with inputs
+  from the compressed *and compensated* previous layers and attaches EoRA with the allocated rank (no
+  re-compression). Walk 2 costs one more Gram forward, one more propagation forward and one more
+  decomposition per Linear; on_layer is called twice per layer (stage "compress", then "compensate").
+In both, a layer's Grams come from one forward of its original weights (llm-compressor's
+"sequential" pipeline): o_proj and down_proj see their inputs from the uncompressed q/k/v and
+gate/up of the same layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from time import perf_counter
+
+import torch
+from torch import Tensor, nn
+
+from worker.compression.eora import projected_singular_values
+from worker.compression.gram import accumulate_gram
+from worker.compression.ranks import allocate_ranks, budget_from_fraction
+from worker.compression.specs import SparsitySpec
+from worker.linear_compress import (
+    adapter_size,
+    attach_compensation,
+    compensation_factors,
+    compress_weight,
+    relative_output_error,
+)
+from worker.models import Architecture, get_architecture
+from worker.plan import CompressionPlan, CompressionResult, LayerReport, ModuleReport
+
+
+@dataclass
+class LayerInputs:
+    """The current decoder layer's inputs, per batch of windows, on CPU."""
+
+    hidden: list[Tensor]  # per batch (b, seq_len, hidden) in the model dtype
+    layer_kwargs: list[list[dict]]  # [batch][layer] keyword arguments the base model passes the layer
+
+
+class _InputRecorder(nn.Module):
+    """Stands in for a decoder layer while inputs are captured: records its call, returns its input."""
+
+    def __init__(self, calls: list[dict]):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if args:
+            raise TypeError("decoder layers are expected to take everything but hidden_states by keyword")
+        self.calls.append({"hidden_states": hidden_states, **kwargs})
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, arch: Architecture, windows: Tensor, batch_size: int) -> LayerInputs:
+    """Layer 0's inputs and every layer's keyword arguments, from the base model's forward on CPU.
+
+    The decoder layers are swapped for identity recorders, so this costs the embeddings, masks,
+    rotary embeddings and final norm only (no lm_head).
+    """
+    layers = arch.decoder_layers(model)
+    base_model = arch.module(model, "base_model")
+    calls: list[list[dict]] = [[] for _ in layers]
+    originals = list(layers)
+    try:
+        for i in range(len(layers)):
+            layers[i] = _InputRecorder(calls[i])
+        for batch in windows.split(batch_size):
+            base_model(input_ids=batch, use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    hidden = [call.pop("hidden_states") for call in calls[0]]
+    for per_layer in calls[1:]:
+        for call in per_layer:
+            call.pop("hidden_states")
+    layer_kwargs = [[calls[layer][b] for layer in range(len(layers))] for b in range(len(hidden))]
+    return LayerInputs(hidden=hidden, layer_kwargs=layer_kwargs)
+
+
+@torch.no_grad()
+def forward_layer(layer: nn.Module, inputs: LayerInputs, index: int, device: torch.device, keep_outputs: bool) -> None:
+    """Run every batch through decoder layer `index` (already on device).
+
+    keep_outputs: replace inputs.hidden by the layer's outputs (propagation); otherwise the forward
+    only feeds whatever hooks are registered.
+    """
+    for b, hidden in enumerate(inputs.hidden):
+        kwargs = _to_device(inputs.layer_kwargs[b][index], device, {})
+        out = layer(hidden.to(device), **kwargs)
+        if isinstance(out, tuple):
+            out = out[0]
+        if keep_outputs:
+            if not torch.isfinite(out).all():
+                raise FloatingPointError(f"decoder layer {index} produced non-finite activations")
+            inputs.hidden[b] = out.to("cpu")
+
+
+class _GramAccumulator:
+    def __init__(self) -> None:
+        self.gram: Tensor | None = None  # (d_in, d_in) fp32 running mean of x^T x
+        self.tokens = 0
+
+    def hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.gram, self.tokens = accumulate_gram(args[0].detach(), self.gram, self.tokens)
+
+
+@contextmanager
+def gram_hooks(layer: nn.Module, arch: Architecture) -> Iterator[dict[tuple[str, ...], _GramAccumulator]]:
+    """One Gram per input group (q/k/v share one, gate/up share one), hooked on the group's first
+    Linear; the hooks are always removed on exit."""
+    accumulators = {group: _GramAccumulator() for group in arch.linear_groups}
+    handles = []
+    try:
+        for group, acc in accumulators.items():
+            handles.append(layer.get_submodule(group[0]).register_forward_hook(acc.hook))
+        yield accumulators
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def walk_layers(model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8) -> list[Tensor]:
+    """The last decoder layer's outputs per batch (on CPU), one layer on the device at a time."""
+    arch = get_architecture(model)
+    model.eval()
+    inputs = capture_layer_inputs(model, arch, windows, batch_size)
+    for index, layer in enumerate(arch.decoder_layers(model)):
+        with _on_device(layer, device):
+            forward_layer(layer, inputs, index, device, keep_outputs=True)
+    return inputs.hidden
+
+
+def compress_model(
+    model: nn.Module,
+    windows: Tensor,
+    plan: CompressionPlan,
+    device: torch.device,
+    on_layer: Callable[[LayerReport], None] | None = None,
+    batch_size: int = 8,
+) -> CompressionResult:
+    """Compress (and compensate) every decoder Linear in place, layer by layer; see the module doc.
+
+    windows: (num_windows, seq_len) token ids. on_layer may raise to cancel; the exception
+    propagates and the model is left partly compressed.
+    """
+    return _Run(model, windows, plan, device, on_layer, batch_size).execute()
+
+
+class _Run:
+    """State of one compress_model call."""
+
+    def __init__(self, model, windows, plan, device, on_layer, batch_size):
+        self.model = model
+        self.arch = get_architecture(model)
+        self.layers = self.arch.decoder_layers(model)
+        self.windows = windows
+        self.plan = plan
+        self.device = device
+        self.on_layer = on_layer
+        self.batch_size = batch_size
+        self.result = CompressionResult(modules={})
+        self.steps = len(self.layers) * (2 if plan.uses_budget else 1)
+        self.step = 0
+        self.residuals: dict[str, Tensor] = {}  # budget plans: W - Wc on CPU until walk 2
+        self.spectra: dict[str, Tensor] = {}  # budget plans: projected singular values, CPU
+
+    @torch.no_grad()
+    def execute(self) -> CompressionResult:
+        self.model.eval()
+        self._walk("compress", self._compress_layer)
+        if self.plan.uses_budget:
+            ranks = self._allocate_ranks()
+            self._walk("compensate", lambda index, layer, grams: self._compensate_layer(index, layer, grams, ranks))
+        return self.result
+
+    def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]]) -> None:
+        start = perf_counter()
+        inputs = capture_layer_inputs(self.model, self.arch, self.windows, self.batch_size)
+        self.result.calibration_seconds += perf_counter() - start
+        for index, layer in enumerate(self.layers):
+            layer_start = perf_counter()
+            self._timed("transfer_seconds", layer.to, self.device)
+            try:
+                grams = self._grams(layer, inputs, index) if self.plan.compresses else {}
+                reports = process(index, layer, grams)
+                del grams
+                self._timed("propagation_seconds", forward_layer, layer, inputs, index, self.device, True)
+            finally:
+                self._timed("transfer_seconds", layer.to, "cpu")
+            self._park_quantized_weights(layer, index)
+            self.step += 1
+            if self.on_layer is not None:
+                self.on_layer(
+                    LayerReport(
+                        stage, index, len(self.layers), self.step, self.steps, perf_counter() - layer_start, reports
+                    )
+                )
+
+    def _grams(self, layer: nn.Module, inputs: LayerInputs, index: int) -> dict[tuple[str, ...], Tensor]:
+        start = perf_counter()
+        with gram_hooks(layer, self.arch) as accumulators:
+            forward_layer(layer, inputs, index, self.device, keep_outputs=False)
+        self.result.calibration_seconds += perf_counter() - start
+        grams = {}
+        for group, acc in accumulators.items():
+            if acc.gram is None or not torch.isfinite(acc.gram).all():
+                name = f"{self.arch.layers}.{index}.{group[0]}"
+                raise FloatingPointError(f"{name}: non-finite inputs (Gram matrix); an earlier module is broken")
+            grams[group] = acc.gram
+        return grams
+
+    def _compress_layer(self, index: int, layer: nn.Module, grams: dict) -> list[ModuleReport]:
+        plan = self.plan
+        reports = []
+        for group, gram in grams.items():
+            for relative in group:
+                name = f"{self.arch.layers}.{index}.{relative}"
+                linear = layer.get_submodule(relative)
+                original = linear.weight.detach()  # (d_out, d_in)
+                compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
+                residual = original.float() - compressed.weight.float()  # (d_out, d_in) fp32
+                stats_start = perf_counter()
+                report = ModuleReport(
+                    name=name,
+                    shape=tuple(original.shape),
+                    quantized=compressed.quantized,
+                    sparsity=_sparsity_pattern(plan.sparsity),
+                    zero_fraction=float((compressed.weight == 0).float().mean()),
+                    error_before=relative_output_error(residual, original, gram),
+                    compress_seconds=compressed.seconds,
+                )
+                self.result.statistics_seconds += perf_counter() - stats_start
+                self.result.compression_seconds += compressed.seconds
+                linear.weight.data.copy_(compressed.weight)
+                if plan.compensates and plan.compensation.rank is not None:
+                    self._compensate(layer, relative, report, residual, original, gram, plan.compensation.rank)
+                elif plan.uses_budget:
+                    start = perf_counter()
+                    self.spectra[name] = projected_singular_values(residual, gram).cpu()
+                    self.result.compensation_seconds += perf_counter() - start
+                    self.residuals[name] = residual.to(original.dtype).cpu()
+                self.result.modules[name] = report
+                reports.append(report)
+        return reports
+
+    def _compensate_layer(self, index: int, layer: nn.Module, grams: dict, ranks: dict[str, int]) -> list[ModuleReport]:
+        reports = []
+        for group, gram in grams.items():
+            for relative in group:
+                name = f"{self.arch.layers}.{index}.{relative}"
+                report = self.result.modules[name]
+                residual = self.residuals.pop(name).to(self.device).float()  # (d_out, d_in)
+                compressed = layer.get_submodule(relative).weight.detach()
+                original = compressed.float() + residual
+                # Before/after on the same (walk 2) Gram, so the two errors compare.
+                start = perf_counter()
+                report.error_before = relative_output_error(residual, original, gram)
+                self.result.statistics_seconds += perf_counter() - start
+                self._compensate(layer, relative, report, residual, original, gram, ranks[name])
+                reports.append(report)
+        return reports
+
+    def _compensate(self, layer, relative, report, residual, original, gram, rank: int) -> None:
+        spec = self.plan.compensation
+        rank = min(rank, *report.shape)  # beyond min(d_out, d_in) a rank adds only zeros
+        if rank == 0:
+            report.error_after = report.error_before
+            return
+        start = perf_counter()
+        lora_b, lora_a = compensation_factors(residual, gram, spec, rank, report.name)
+        attach_compensation(layer, relative, lora_b, lora_a)
+        report.compensate_seconds = perf_counter() - start
+        self.result.compensation_seconds += report.compensate_seconds
+        start = perf_counter()
+        report.error_after = relative_output_error(residual - lora_b @ lora_a, original, gram)
+        self.result.statistics_seconds += perf_counter() - start
+        report.rank = lora_a.shape[0]
+        report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
+
+    def _allocate_ranks(self) -> dict[str, int]:
+        spec = self.plan.compensation
+        start = perf_counter()
+        shapes = {name: m.shape for name, m in self.result.modules.items()}
+        budget = spec.budget_params
+        if budget is None:
+            budget = budget_from_fraction(spec.budget_fraction, shapes)
+        self.result.budget_params = budget
+        ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank)
+        self.spectra.clear()
+        self.result.compensation_seconds += perf_counter() - start
+        return ranks
+
+    def _park_quantized_weights(self, layer: nn.Module, index: int) -> None:
+        """Keep this layer's codes/scales/zeros on CPU, and point each QuantizedWeight.weight at the
+        (CPU) model weight instead of holding a second copy."""
+        prefix = f"{self.arch.layers}.{index}."
+        for name, report in self.result.modules.items():
+            quantized = report.quantized
+            if quantized is not None and name.startswith(prefix):
+                module = layer.get_submodule(name[len(prefix) :])
+                quantized.weight = getattr(module, "base", module).weight.detach()
+                quantized.codes = quantized.codes.cpu()
+                quantized.scales = quantized.scales.cpu()
+                quantized.zeros = quantized.zeros.cpu()
+
+    def _timed(self, total: str, fn, *args) -> None:
+        start = perf_counter()
+        fn(*args)
+        setattr(self.result, total, getattr(self.result, total) + perf_counter() - start)
+
+
+def _sparsity_pattern(spec: SparsitySpec | None) -> str | None:
+    if spec is None:
+        return None
+    return f"{spec.n}:{spec.m}" if spec.is_nm else "unstructured"
+
+
+@contextmanager
+def _on_device(module: nn.Module, device: torch.device):
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+
+
+def _to_device(obj, device: torch.device, memo: dict):
+    """Tensors inside (nested) kwargs moved to device; a tensor shared between entries moves once."""
+    if isinstance(obj, Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = obj.to(device)
+        return memo[key]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_device(v, device, memo) for v in obj)
+    return obj
