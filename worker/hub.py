@@ -12,10 +12,10 @@ from pathlib import Path
 from app.jobs.service import looks_local
 from app.settings import Settings
 from worker.errors import JobFailure
+from worker.models import PICKLE_SUFFIXES
 
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 SIDE_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)

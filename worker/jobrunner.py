@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -147,6 +148,8 @@ def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> st
         return "lost"
     except JobFailure as exc:
         reason = str(exc)
+    except SoftTimeLimitExceeded:
+        reason = f"time limit: the job ran longer than {settings.job_soft_time_limit} s and was stopped"
     except Exception as exc:  # an unexpected error: keep the trace in the log, a readable line on the job
         log.exception("job %s failed", job_id)
         reason = f"internal error: {exc.__class__.__name__}: {exc}"

@@ -218,13 +218,15 @@ def layer_summary(report) -> dict[str, Any]:
     """What one layer report puts in the event log (numbers only, no tensors)."""
     return {
         "seconds": round(report.seconds, 4),
-        "modules": {
-            m.name: {"error_before": round(m.error_before, 6),
-                     "error_after": None if m.error_after is None else round(m.error_after, 6),
-                     "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
-            for m in report.modules
-        },
+        "modules": {m.name: module_summary(m) for m in report.modules},
     }
+
+
+def module_summary(m) -> dict[str, Any]:
+    """Relative output errors ||(W - W')X|| / ||WX|| without and with compensation, rank, sparsity."""
+    return {"error_before": round(m.error_before, 6),
+            "error_after": None if m.error_after is None else round(m.error_after, 6),
+            "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
 
 
 def compression_summary(result) -> dict[str, Any]:
@@ -235,6 +237,7 @@ def compression_summary(result) -> dict[str, Any]:
         "mean_relative_error_before": sum(errors_before) / len(errors_before) if errors_before else None,
         "mean_relative_error_after": sum(errors_after) / len(errors_after) if errors_after else None,
         "max_rank": result.max_rank,
+        "per_module": {name: module_summary(m) for name, m in result.modules.items()},
         "adapter_params": result.adapter_params,
         "adapter_bytes": result.adapter_bytes,
         "seconds": {

@@ -1,0 +1,95 @@
+"""The job lifecycle around the pipeline, without Celery: outcomes, readable reasons, lease renewal."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.db.models import Job, JobStatus
+from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.jobs import repository
+from app.jobs.spec import JobSpec
+from app.settings import Settings
+from worker.errors import JobCancelled, JobFailure
+from worker.jobrunner import Heartbeat, Reporter, _run_claimed
+from worker.pipeline import PipelineResult
+
+SPEC = {"model": {"id": "a/b"}, "quantization": {"method": "rtn"}, "calibration": {"dataset": "c/d"}}
+
+
+@pytest.fixture
+def env(tmp_path):
+    settings = Settings(data_dir=tmp_path, lease_seconds=0.4)
+    upgrade_database(settings)
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    with unit_of_work(sessions) as s:
+        job_id = repository.add_job(s, SPEC, 3).id
+    with unit_of_work(sessions) as s:
+        attempt = repository.claim(s, job_id, "me", settings.lease_seconds)
+    yield settings, sessions, Reporter(sessions, job_id, attempt, "me")
+    engine.dispose()
+
+
+def job(sessions, job_id) -> Job:
+    with unit_of_work(sessions) as s:
+        return s.get(Job, job_id)
+
+
+def run_with(env, pipeline):
+    settings, sessions, reporter = env
+    outcome = _run_claimed(reporter.job_id, JobSpec.model_validate(SPEC), settings, reporter, pipeline)
+    return outcome, job(sessions, reporter.job_id)
+
+
+def raising(exc):
+    def pipeline(*_):
+        raise exc
+    return pipeline
+
+
+def test_success_records_metrics_and_artifacts(env):
+    outcome, row = run_with(env, lambda *_: PipelineResult(metrics={"perplexity_after": 3.0}, artifacts={"uri": "/x"}))
+    assert outcome == "succeeded"
+    assert row.status == JobStatus.succeeded and row.metrics == {"perplexity_after": 3.0}
+    assert row.artifacts == {"uri": "/x"} and row.percent == 100.0 and row.finished_at is not None
+
+
+@pytest.mark.parametrize("exc,reason", [
+    (JobFailure("model 'x' not found"), "model 'x' not found"),
+    (RuntimeError("boom"), "internal error: RuntimeError: boom"),
+    (SoftTimeLimitExceeded(), "time limit: the job ran longer than"),
+])
+def test_failures_carry_a_readable_reason(env, exc, reason):
+    outcome, row = run_with(env, raising(exc))
+    assert outcome == "failed" and row.status == JobStatus.failed
+    assert row.error.startswith(reason)
+
+
+def test_cancel_between_layers_ends_cancelled(env):
+    outcome, row = run_with(env, raising(JobCancelled()))
+    assert outcome == "cancelled" and row.status == JobStatus.cancelled
+
+
+def test_reporter_raises_cancelled_once_requested(env):
+    _, sessions, reporter = env
+    reporter.check_cancelled()  # nothing requested yet
+    with unit_of_work(sessions) as s:
+        repository.request_cancel(s, s.get(Job, reporter.job_id))
+    with pytest.raises(JobCancelled):
+        reporter.check_cancelled()
+
+
+def test_heartbeat_keeps_the_lease_alive(env):
+    settings, sessions, reporter = env
+    first = job(sessions, reporter.job_id).lease_expires_at
+    beat = Heartbeat(settings, reporter)
+    beat.start()
+    time.sleep(0.6)  # longer than the lease: without renewal it would have expired
+    beat.stopped.set()
+    beat.join()
+    row = job(sessions, reporter.job_id)
+    assert row.lease_expires_at > first
+    assert not reporter.lost.is_set()
