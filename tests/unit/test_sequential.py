@@ -242,7 +242,7 @@ def test_plan_validation(compensation, message):
         CompressionPlan(compensation=CompensationSpec(rank=4))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # deselected by default; run on a CUDA machine with `pytest -m gpu`
 def test_cuda_run_matches_cpu_and_returns_layers_to_cpu(tiny_tokenizer, calibration_windows):
     plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(rank=4))
     on_cpu = build_tiny_model("llama_tied", len(tiny_tokenizer))
