@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+from pathlib import Path
+
 from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
 from sqlalchemy import text
 
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
@@ -13,6 +16,9 @@ from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
 from app.settings import Settings
+
+
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
 
 def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> FastAPI:
@@ -46,6 +52,10 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     )
     install_error_handlers(app)
     app.include_router(jobs_router)
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:

@@ -134,3 +134,9 @@ def test_readiness_fails_when_the_broker_is_down(tmp_path):
         # submitting still works: the job is stored, and stays unsent for the reaper
         job = client.post("/v1/jobs", json=SPEC)
         assert job.status_code == 201 and job.json()["status"] == "queued"
+
+
+def test_dashboard_page_is_served_and_polls_the_jobs_api(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "fetch(`/v1/jobs?limit=50" in response.text and "setInterval(refresh" in response.text
