@@ -18,13 +18,14 @@ def celery_config(settings: Settings) -> dict:
     transport_options: dict = {}
     url = settings.celery_broker_url
     if url.startswith("filesystem://"):
-        for folder in ("in", "processed"):
+        for folder in ("in", "processed", "control"):
             (settings.broker_dir / folder).mkdir(parents=True, exist_ok=True)
         # One folder for in and out: producers and consumers meet there. Consumed files are deleted.
         transport_options = {
             "data_folder_in": str(settings.broker_dir / "in"),
             "data_folder_out": str(settings.broker_dir / "in"),
             "processed_folder": str(settings.broker_dir / "processed"),
+            "control_folder": str(settings.broker_dir / "control"),
             "store_processed": False,
             "polling_interval": settings.broker_polling_interval,
         }

@@ -1,0 +1,85 @@
+"""A job's artifact: compressed checkpoint + PEFT adapter + squeeze.json + model card, and its check.
+
+Folder written by export_model:
+    config.json, generation_config.json   transformers config (+ quantization_config when quantized)
+    model.safetensors (or shards + index)  compressed-tensors pack-quantized, or dense with zeros
+    tokenizer.json, tokenizer_config.json, ...
+    adapter/adapter_config.json            PEFT LoRA config (only when compensation kept a rank > 0)
+    adapter/adapter_model.safetensors
+    README.md                              model card: loading with transformers, PEFT, vLLM
+    squeeze.json                           manifest, written last, with every other file's sha256
+
+export_model consumes the model (adapters unwrapped, Linears replaced by compressed-tensors'
+packed form): compute reference logits first (reference_logits), then export, then verify_export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from worker.export.adapter import AdapterInfo, save_adapter
+from worker.export.checkpoint import CheckpointInfo, ExportError, save_checkpoint
+from worker.export.manifest import (
+    CARD_NAME,
+    MANIFEST_NAME,
+    build_manifest,
+    check_manifest_extra,
+    model_card,
+    write_manifest,
+)
+from worker.export.verify import VerifyInfo, reference_logits, verify_export
+from worker.linear_compress import unwrap_adapters
+from worker.plan import CompressionPlan, CompressionResult
+
+__all__ = ["ExportError", "ExportInfo", "VerifyInfo", "export_model", "reference_logits", "verify_export"]
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    out_dir: Path
+    files: list[str]  # relative posix paths, squeeze.json included
+    checkpoint: CheckpointInfo
+    adapter: AdapterInfo | None
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.manifest["notes"]
+
+
+def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: CompressionPlan, out_dir: Path,
+                 manifest_extra: dict[str, Any]) -> ExportInfo:
+    """Write the artifact of a compress_model run into out_dir (created; must be empty if it exists).
+
+    manifest_extra: "job" (the job spec), "model" ({"id", "revision", "source"}), "calibration"
+    (windows shape and hash), "evaluation" (results); merged into squeeze.json as given.
+    """
+    check_manifest_extra(manifest_extra)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"export folder {out_dir} is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    adapters = unwrap_adapters(model)
+    _check_adapters(adapters, result)
+    checkpoint = save_checkpoint(model, tokenizer, result, plan, out_dir)
+    adapter = save_adapter(adapters, out_dir) if adapters else None
+
+    manifest = build_manifest(result, plan, checkpoint, adapter, manifest_extra)
+    (out_dir / CARD_NAME).write_text(model_card(manifest))
+    manifest = write_manifest(manifest, out_dir)
+    files = sorted([*manifest["files"], MANIFEST_NAME])
+    return ExportInfo(out_dir=out_dir, files=files, checkpoint=checkpoint, adapter=adapter, manifest=manifest)
+
+
+def _check_adapters(adapters: dict, result: CompressionResult) -> None:
+    """The adapters in the model are exactly the ones the run reported (name and rank)."""
+    reported = {name: m.rank for name, m in result.modules.items() if m.rank > 0}
+    found = {name: a.shape[0] for name, (_, a) in adapters.items()}
+    if found != reported:
+        differ = sorted(set(found.items()) ^ set(reported.items()))
+        raise ExportError(f"the model's adapters do not match the compression report (first difference: {differ[0]})")

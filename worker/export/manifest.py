@@ -1,0 +1,194 @@
+"""squeeze.json (what was done, with what, and which engines can serve it) and the README.md model card."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from worker.export.adapter import AdapterInfo, vllm_max_lora_rank
+from worker.export.checkpoint import PACK_QUANTIZED, CheckpointInfo
+from worker.plan import CompressionPlan, CompressionResult
+from worker.storage import MANIFEST_NAME, sha256_file
+
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+# What the pipeline passes in manifest_extra: the job spec, {"id", "revision", ...} of the source
+# model, the calibration windows' description with their hash, and the evaluation results.
+REQUIRED_EXTRA = ("job", "model", "calibration", "evaluation")
+LIBRARIES = ("squeeze", "torch", "transformers", "compressed-tensors", "peft", "safetensors")
+VLLM_WNA16_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 scheme: W4A16 and W8A16
+MARLIN_GROUP_SIZES = (None, 32, 64, 128)  # None = per channel
+COMPUTED_KEYS = frozenset({"format_version", "created_at", "libraries", "plan", "checkpoint", "adapter", "modules",
+                           "serving", "notes", "files"})
+
+
+def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterInfo | None) -> tuple[dict, list[str]]:
+    """(which engines load this artifact and how, notes a user should read)."""
+    notes: list[str] = []
+    vllm: dict[str, Any] = {"serves": True}
+    if checkpoint.format == PACK_QUANTIZED:
+        if checkpoint.bits in VLLM_WNA16_BITS:
+            vllm["scheme"] = f"W{checkpoint.bits}A16 (compressed-tensors pack-quantized)"
+            if checkpoint.group_size not in MARLIN_GROUP_SIZES:
+                notes.append(f"group size {checkpoint.group_size}: vLLM's Marlin kernels take per-channel or groups "
+                             "of 32/64/128; other group sizes may be refused or run on slower kernels.")
+        else:
+            vllm = {"serves": False, "reason": f"vLLM's compressed-tensors WNA16 scheme serves 4- and 8-bit weights; "
+                                               f"this checkpoint is {checkpoint.bits}-bit"}
+            notes.append(f"{checkpoint.bits}-bit weights: load with transformers (dequantized); vLLM is not claimed "
+                         "to serve them.")
+    else:
+        vllm["scheme"] = "unquantized (dense weights)"
+    if plan.sparsity is not None:
+        pattern = f"{plan.sparsity.n}:{plan.sparsity.m}" if plan.sparsity.is_nm else "unstructured"
+        notes.append(f"{pattern} sparsity is stored as explicit zeros in ordinary weights: compressed-tensors writes "
+                     "no sparse formats and vLLM no longer accelerates 2:4 sparsity, so the zeros bring no speed-up "
+                     "or memory saving in vLLM; the artifact serves at dense speed.")
+    engines: dict[str, Any] = {"transformers": {"loads": True}, "vllm": vllm}
+    if adapter is not None:
+        engines["peft"] = {"loads": True, "adapter": adapter.path}
+        max_lora_rank = vllm_max_lora_rank(adapter.max_rank)
+        if max_lora_rank is None:
+            vllm["lora"] = False
+            notes.append(f"adapter rank {adapter.max_rank} exceeds vLLM's largest --max-lora-rank (512).")
+        else:
+            vllm["lora"] = {"enable_lora": True, "max_lora_rank": max_lora_rank}
+        if plan.compensation.adapter_bits is not None:
+            notes.append(f"the adapter was fake-quantized to {plan.compensation.adapter_bits} bits; PEFT files have "
+                         "no quantized-LoRA layout, so adapter_model.safetensors holds the dequantized fp32 factors.")
+    return engines, notes
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def file_checksums(out_dir: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {"sha256", "bytes"}} for every file under out_dir, sorted."""
+    checksums = {}
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        relative = path.relative_to(out_dir).as_posix()
+        if relative in exclude:
+            continue
+        checksums[relative] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return checksums
+
+
+def build_manifest(result: CompressionResult, plan: CompressionPlan, checkpoint: CheckpointInfo,
+                   adapter: AdapterInfo | None, manifest_extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the file checksums (added last, once every other file is written)."""
+    check_manifest_extra(manifest_extra)
+    engines, notes = serving(checkpoint, plan, adapter)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "libraries": library_versions(),
+        "plan": asdict(plan),
+        "checkpoint": asdict(checkpoint),
+        "adapter": None if adapter is None else {"path": adapter.path, "r": adapter.r, "max_rank": adapter.max_rank,
+                                                 "params": adapter.params, "dtype": "float32"},
+        "modules": {
+            name: {"rank": m.rank, "error_before": m.error_before, "error_after": m.error_after,
+                   "sparsity": m.sparsity, "zero_fraction": m.zero_fraction}
+            for name, m in result.modules.items()
+        },
+        "serving": engines,
+        "notes": notes,
+    }
+    return {**manifest, **manifest_extra}
+
+
+def check_manifest_extra(manifest_extra: dict[str, Any]) -> None:
+    missing = [key for key in REQUIRED_EXTRA if key not in manifest_extra]
+    if missing:
+        raise ValueError(f"manifest_extra lacks {', '.join(missing)} (expected keys: {', '.join(REQUIRED_EXTRA)})")
+    clash = sorted(set(manifest_extra) & COMPUTED_KEYS)
+    if clash:
+        raise ValueError(f"manifest_extra may not set {', '.join(clash)}: Squeeze computes those")
+
+
+def write_manifest(manifest: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Add the checksums of every other file and write squeeze.json; returns the written manifest."""
+    manifest = {**manifest, "files": file_checksums(out_dir)}
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    return manifest
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """README.md: what this is and how to load it with transformers, PEFT and vLLM."""
+    checkpoint, adapter, engines = manifest["checkpoint"], manifest["adapter"], manifest["serving"]
+    model = manifest["model"]
+    quantized = checkpoint["format"] == PACK_QUANTIZED
+    tags = ["squeeze", "compressed-tensors" if quantized else "pruned"] + (["eora", "lora"] if adapter else [])
+    front = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in tags]
+    if model.get("source") == "hub" and model.get("id"):
+        front.append(f"base_model: {model['id']}")
+    front.append("---")
+
+    what = []
+    if quantized:
+        group = "per channel" if checkpoint["group_size"] is None else f"groups of {checkpoint['group_size']}"
+        grid = "symmetric" if checkpoint["symmetric"] else "asymmetric"
+        what.append(f"- weights: {checkpoint['bits']}-bit integers, {grid}, {group} "
+                    f"(compressed-tensors `pack-quantized`, {checkpoint['quantized_modules']} Linear layers)")
+    sparsity = manifest["plan"]["sparsity"]
+    if sparsity is not None:
+        pattern = f"{sparsity['n']}:{sparsity['m']}" if sparsity["n"] is not None else f"{sparsity['ratio']:.0%}"
+        what.append(f"- sparsity: {pattern} ({sparsity['method']}), stored as zeros in the weights")
+    if adapter:
+        what.append(f"- compensation: {manifest['plan']['compensation']['method']} low-rank adapter in `adapter/` "
+                    f"(PEFT LoRA, rank up to {adapter['max_rank']}, {adapter['params']:,} parameters)")
+    evaluation = manifest["evaluation"]
+    if evaluation:
+        what.append("- evaluation: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in evaluation.items()
+                                                 if not isinstance(v, (dict, list))))
+
+    load = "AutoModelForCausalLM.from_pretrained(path" + (
+        ", quantization_config=CompressedTensorsConfig(dequantize=True))" if quantized else ")")
+    imports = "from transformers import AutoModelForCausalLM, AutoTokenizer" + (
+        ", CompressedTensorsConfig" if quantized else "")
+    lines = [*front, "", f"# {model.get('id', 'model')} compressed by Squeeze", "",
+             f"Source revision `{model.get('revision')}`. Details, per-layer errors and file checksums: "
+             "`squeeze.json`.",
+             "", *what, "", "## transformers", "", "```python", imports,
+             'path = "."  # this folder, or the Hub repo id', f"model = {load}",
+             "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
+    if quantized:
+        lines += ["", "`dequantize=True` (formerly `run_compressed=False`) unpacks the integer weights once at load, "
+                      "so the model runs on any device, CPU included."]
+    if adapter:
+        lines += ["", "## PEFT (with the compensation adapter)", "", "```python", "from peft import PeftModel",
+                  'model = PeftModel.from_pretrained(model, f"{path}/adapter")  # on the model loaded above', "```",
+                  "", "Attach the adapter to the dequantized model: PEFT wraps plain Linear layers. "
+                      "`adapter_config.json` names its base as `..` (the folder above), so load the base first as "
+                      "shown rather than through AutoPeftModel."]
+    vllm = engines["vllm"]
+    lines += ["", "## vLLM", ""]
+    if vllm["serves"]:
+        command = "vllm serve <path>"
+        lora = vllm.get("lora")
+        if lora:
+            command += f" --enable-lora --max-lora-rank {lora['max_lora_rank']} --lora-modules squeeze=<path>/adapter"
+        lines += ["```", command, "```", "", f"Scheme: {vllm['scheme']}."]
+        if lora:
+            lines += ["Send requests with `\"model\": \"squeeze\"` to apply the adapter; the base model name serves "
+                      "without it."]
+    else:
+        lines.append(f"Not served: {vllm['reason']}.")
+    if manifest["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in manifest["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
