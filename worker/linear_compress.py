@@ -142,7 +142,8 @@ class CompensatedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         low_rank = (x.float() @ self.lora_A.T) @ self.lora_B.T  # (..., d_out) fp32
-        return self.base(x) + low_rank.to(x.dtype)
+        # Add in fp32 and round once, as PEFT's LoRA layer does, so the exported adapter reproduces it exactly.
+        return (self.base(x) + low_rank).to(x.dtype)
 
 
 def attach_compensation(root: nn.Module, name: str, lora_b: Tensor, lora_a: Tensor) -> CompensatedLinear:

@@ -86,14 +86,6 @@ def check_plan_fits(model, arch, plan) -> None:
                              f"by {plan.sparsity.m}; this model has {bad[0]}")
 
 
-def destination_dir(spec: JobSpec, settings: Settings, job_id: uuid.UUID) -> Path:
-    uri = spec.destination.uri
-    if uri is None:
-        return settings.artifacts_dir / str(job_id)
-    path = Path(uri.removeprefix("file://")).expanduser()
-    return (path if path.is_absolute() else settings.artifacts_dir / path).resolve()
-
-
 def _dataset_source(settings: Settings, ref: str, field: str) -> str:
     if ref.startswith(UPLOAD_PREFIX):
         return str(resolve_upload(settings, ref))
@@ -142,7 +134,9 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     from worker.evaluate import perplexity
     from worker.hub import resolve_model
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
+    from worker.export import export_model, reference_logits, verify_export
     from worker.sequential import compress_model
+    from worker.storage import DestinationOptions, destination_for
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -195,9 +189,35 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("evaluating", 90.0, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
     reporter.check_cancelled()
 
-    out = destination_dir(spec, settings, job_id)
-    reporter.progress("exporting", 95.0, layers=n_layers, message=f"saving to {out}")
-    save_model(model, tokenizer, out)
+    reporter.progress("exporting", 92.0, layers=n_layers, message="exporting the compressed checkpoint and adapter")
+    verify_windows = calibration[:2, : min(128, calibration.shape[1])]
+    reference = reference_logits(model, verify_windows)
+    work = settings.data_dir / "work" / str(job_id)
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    info = export_model(model, tokenizer, result, plan, work, {
+        "job": spec.model_dump(mode="json"),
+        "model": {"id": spec.model.id, "revision": resolved.revision, "source": resolved.source},
+        "calibration": data_info,
+        "evaluation": {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
+                       "windows": data_info["evaluation_windows"], "source": data_info["evaluation_source"]},
+    })
+    verified = verify_export(work, reference, verify_windows)
+    timings["export_s"] = time.perf_counter() - t0
+    reporter.progress("exporting", 96.0, layers=n_layers,
+                      message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
+    reporter.check_cancelled()
+
+    destination = destination_for(
+        spec.destination.uri, artifacts_dir=settings.artifacts_dir,
+        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo),
+        s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
+    )
+    t0 = time.perf_counter()
+    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1))
+    timings["upload_s"] = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    reporter.progress("uploading", 99.0, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")
     timings["total_s"] = time.perf_counter() - started
 
     metrics = {
@@ -210,8 +230,12 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "compression": compression_summary(result),
+        "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
+                         "windows": verified.windows, "adapter": verified.adapter},
     }
-    return PipelineResult(metrics=metrics, artifacts={"uri": str(out), "files": sorted(p.name for p in out.iterdir())})
+    artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
+                 "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
+    return PipelineResult(metrics=metrics, artifacts=artifacts)
 
 
 def layer_summary(report) -> dict[str, Any]:
@@ -247,15 +271,3 @@ def compression_summary(result) -> dict[str, Any]:
             "propagation": round(result.propagation_seconds, 3),
         },
     }
-
-
-def save_model(model, tokenizer, out: Path) -> None:
-    """Write into a sibling staging folder, then swap it in, so a reader never sees half a model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)

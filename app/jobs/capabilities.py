@@ -7,8 +7,8 @@ from app.jobs.spec import JobSpec
 
 QUANTIZATION_METHODS = {"rtn", "gptq"}
 SPARSITY_METHODS = {"magnitude", "wanda", "sparsegpt"}
-COMPENSATION_METHODS = {"none"}
-DESTINATION_SCHEMES = {"local"}
+COMPENSATION_METHODS = {"none", "eora", "svd"}
+DESTINATION_SCHEMES = {"local", "s3", "hf", "hub"}
 
 
 def destination_scheme(uri: str | None) -> str:

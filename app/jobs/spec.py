@@ -127,6 +127,8 @@ class Destination(Strict):
         None, description="Local folder (inside the artifact root), s3://bucket/prefix or hf://org/repo. "
         "Default: <artifact root>/<job id>."
     )
+    private: bool = Field(True, description="Hub: create the repo private.")
+    create_repo: bool = Field(True, description="Hub: create the repo when it does not exist.")
 
 
 class JobSpec(Strict):

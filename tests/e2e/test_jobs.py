@@ -6,6 +6,7 @@ Embedded: SQLite + the filesystem broker, no server at all.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import load_file
 
 from app.main import create_app
 from app.settings import Settings
+from worker.export.verify import load_export
 from tests.services import REDIS_URL, celery_worker, fresh_postgres_database
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -85,9 +86,13 @@ def test_job_runs_to_success_with_every_layer_reported(service, tiny_llama_dir, 
 
     out = Path(job["artifacts"]["uri"])
     assert out.is_relative_to(settings.artifacts_dir)
-    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-    q = tensors["model.layers.0.self_attn.q_proj.weight"]
-    # every row group of 32 inputs holds at most 2^4 distinct values: the weights are on the RTN grid
+    assert job["metrics"]["verification"]["max_abs_diff"] <= job["metrics"]["verification"]["atol"]
+    manifest = json.loads((out / "squeeze.json").read_text())
+    assert manifest["evaluation"]["perplexity_after"] == metrics["perplexity_after"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    # the exported folder loads without Squeeze, and its weights sit on the 4-bit grid
+    q = load_export(out).model.layers[0].self_attn.q_proj.weight.detach()
     assert max(len(torch.unique(g)) for g in q.reshape(-1, 32)) <= 16
 
 
@@ -138,8 +143,7 @@ def test_gptq_with_sparsegpt_two_four_job(service, tiny_llama_dir, calibration_t
     spec["quantization"]["method"] = "gptq"
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
-    tensors = {k: v for f in Path(job["artifacts"]["uri"]).glob("*.safetensors") for k, v in load_file(f).items()}
-    up = tensors["model.layers.1.mlp.up_proj.weight"]
+    up = load_export(Path(job["artifacts"]["uri"])).model.layers[1].mlp.up_proj.weight.detach()
     assert ((up.reshape(-1, 4) != 0).sum(dim=1) <= 2).all()  # at most 2 of every 4 inputs survive
     assert job["metrics"]["compression"]["mean_relative_error_before"] > 0
 
@@ -151,3 +155,16 @@ def test_group_size_that_does_not_divide_fails_before_work(service, tiny_llama_d
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "failed"
     assert "group_size 128 does not divide the input width 64" in job["error"]
+
+
+def test_eora_job_exports_a_peft_adapter(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4})
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    comp = job["metrics"]["compression"]
+    assert comp["max_rank"] == 4 and comp["adapter_params"] > 0
+    assert comp["mean_relative_error_after"] < comp["mean_relative_error_before"]
+    adapter = json.loads((Path(job["artifacts"]["uri"]) / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 4
+    assert job["metrics"]["verification"]["adapter"] is True

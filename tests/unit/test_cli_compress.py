@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from app.cli import build_parser, main
 from app.compress_args import spec_from_args
+from worker.export.verify import load_export
 
 
 def parse(*argv):
@@ -58,6 +58,5 @@ def test_local_run_writes_a_quantized_model(tmp_path, tiny_model_dir, capsys):
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["perplexity_after"] != report["metrics"]["perplexity_before"]
-    weights = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-    down = weights["model.layers.1.mlp.down_proj.weight"]
+    down = load_export(out).model.layers[1].mlp.down_proj.weight.detach()
     assert max(len(torch.unique(g)) for g in down.reshape(-1, 32)) <= 16
