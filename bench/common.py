@@ -1,0 +1,273 @@
+"""Shared protocol and bookkeeping for the SmolLM2 benchmarks (quality, speed, compensation).
+
+Protocol (fixed so results compare across issues and tools):
+- model: bench/.data/smollm2-135m, fp32, CPU;
+- calibration: 64 windows x 512 tokens at seeded random offsets (seed 0) of the Lee corpus
+  (worker.data.make_windows; one document per line, EOS between documents);
+- evaluation: the first 80 non-overlapping 512-token windows of wiki_eval.txt
+  (worker.data.contiguous_windows; articles split on blank lines, EOS between them), perplexity by
+  worker.evaluate.perplexity (exp of the mean NLL over 80 x 511 predicted tokens).
+
+Every configuration writes one JSON file under docs/bench/runs/ when it completes; a rerun skips
+configurations whose file exists, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
+from worker.data import contiguous_windows, load_texts, make_windows, windows_hash
+from worker.evaluate import perplexity
+from worker.models import decoder_linears, get_architecture, load_model
+from worker.plan import CompressionPlan, CompressionResult
+from worker.sequential import compress_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench" / ".data"
+MODEL_DIR = DATA / "smollm2-135m"
+CALIBRATION_FILE = DATA / "lee_background.txt"
+EVAL_FILE = DATA / "wiki_eval.txt"
+RESULTS = ROOT / "docs" / "bench"
+RUNS = RESULTS / "runs"
+
+CALIBRATION_WINDOWS, EVAL_WINDOWS, SEQ_LEN, SEED, BATCH_SIZE = 64, 80, 512, 0, 8
+DEVICE = torch.device("cpu")
+
+# Storage accounting for effective bits per weight (see bits_per_weight).
+DENSE_BITS = 16  # an uncompressed weight stored in fp16/bf16 (the fp32 reference is a compute choice)
+SCALE_BITS = 16  # one fp16 scale per quantization group
+MASK_BITS = 1  # 2:4 metadata: compressed-tensors' sparse-24 bitmask, 1 bit per (dense) weight
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+class Protocol:
+    """Tokenized calibration and evaluation windows, built once per process."""
+
+    def __init__(self) -> None:
+        _, tokenizer = load_model(MODEL_DIR)
+        self.calibration = make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), CALIBRATION_WINDOWS, SEQ_LEN, SEED)
+        self.evaluation = contiguous_windows(tokenizer, load_texts(str(EVAL_FILE)), EVAL_WINDOWS, SEQ_LEN)
+        self.info = {
+            "model": str(MODEL_DIR.relative_to(ROOT)),
+            "calibration": f"{CALIBRATION_WINDOWS} x {SEQ_LEN} tokens of {CALIBRATION_FILE.name}, seed {SEED}",
+            "evaluation": f"first {EVAL_WINDOWS} x {SEQ_LEN} tokens of {EVAL_FILE.name}",
+            "calibration_sha256": windows_hash(self.calibration),
+            "evaluation_sha256": windows_hash(self.evaluation),
+            "dtype": "float32",
+            "device": str(DEVICE),
+            "batch_size": BATCH_SIZE,
+        }
+
+
+def fresh_model() -> torch.nn.Module:
+    model, _ = load_model(MODEL_DIR)
+    return model
+
+
+def fp32_reference(protocol: Protocol) -> float:
+    """The uncompressed model's perplexity on the protocol, computed once and cached in JSON."""
+    path = RESULTS / "fp32_reference.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["protocol"]["evaluation_sha256"] == protocol.info["evaluation_sha256"]:
+            return cached["ppl"]
+    log("fp32 reference perplexity ...")
+    start = time.perf_counter()
+    ppl = perplexity(fresh_model(), protocol.evaluation, DEVICE, BATCH_SIZE)
+    record = {"ppl": ppl, "eval_seconds": time.perf_counter() - start, "protocol": protocol.info, "machine": machine()}
+    _write(path, record)
+    log(f"fp32 reference ppl {ppl:.4f} ({record['eval_seconds']:.0f} s)")
+    return ppl
+
+
+def plan_to_dict(plan: CompressionPlan) -> dict:
+    return {k: (asdict(v) if v is not None else None) for k, v in vars(plan).items()}
+
+
+def load_run(name: str) -> dict | None:
+    path = RUNS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_config(
+    name: str,
+    plan: CompressionPlan,
+    protocol: Protocol,
+    patch: Callable | None = None,
+    note: str | None = None,
+    rerun: bool = False,
+    after_compress: Callable[[CompressionResult], None] | None = None,
+) -> dict:
+    """Compress a fresh model with plan on the calibration windows, evaluate, write runs/<name>.json.
+
+    patch: an optional context-manager factory wrapped around compress_model (bench-only variants).
+    Returns the stored record; a configuration already on disk is returned without rerunning unless
+    rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
+    """
+    done = None if rerun else load_run(name)
+    if done is not None:
+        log(f"{name}: done already (ppl {done['ppl']:.4f}), skipped")
+        return done
+    model = fresh_model()
+    shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
+    log(f"{name}: compressing ...")
+
+    def on_layer(report) -> None:
+        if report.step % 5 == 0 or report.step == report.steps:
+            log(f"  {name}: {report.stage} layer {report.index + 1}/{report.total} ({report.seconds:.1f} s)")
+
+    start = time.perf_counter()
+    if patch is None:
+        result = compress_model(model, protocol.calibration, plan, DEVICE, on_layer=on_layer, batch_size=BATCH_SIZE)
+    else:
+        with patch():
+            result = compress_model(model, protocol.calibration, plan, DEVICE, on_layer=on_layer, batch_size=BATCH_SIZE)
+    compress_wall = time.perf_counter() - start
+    if after_compress is not None:
+        after_compress(result)
+    log(f"{name}: compressed in {compress_wall:.0f} s; evaluating ...")
+    start = time.perf_counter()
+    ppl = perplexity(model, protocol.evaluation, DEVICE, BATCH_SIZE)
+    eval_seconds = time.perf_counter() - start
+    record = {
+        "name": name,
+        "plan": plan_to_dict(plan),
+        "note": note,
+        "ppl": ppl,
+        "compress_wall_seconds": compress_wall,
+        "eval_seconds": eval_seconds,
+        "stages": stage_seconds(result),
+        "budget_params": result.budget_params,
+        "adapter_params": result.adapter_params,
+        "adapter_bytes": result.adapter_bytes,
+        "max_rank": result.max_rank,
+        "bits": bits_per_weight(plan, shapes, result),
+        "per_layer": per_layer(result),
+        "modules": {
+            n: {
+                "shape": list(m.shape),
+                "rank": m.rank,
+                "error_before": m.error_before,
+                "error_after": m.error_after,
+                "compress_seconds": m.compress_seconds,
+                "compensate_seconds": m.compensate_seconds,
+                "adapter_params": m.adapter_params,
+                "adapter_bytes": m.adapter_bytes,
+                "zero_fraction": m.zero_fraction,
+            }
+            for n, m in result.modules.items()
+        },
+        "peak_rss_bytes_process": peak_rss_bytes(),
+        "protocol": protocol.info,
+        "machine": machine(),
+    }
+    _write(RUNS / f"{name}.json", record)
+    log(f"{name}: ppl {ppl:.4f} (compress {compress_wall:.0f} s, eval {eval_seconds:.0f} s)")
+    return record
+
+
+def stage_seconds(result: CompressionResult) -> dict:
+    return {
+        "calibration": result.calibration_seconds,
+        "compression": result.compression_seconds,
+        "compensation": result.compensation_seconds,
+        "statistics": result.statistics_seconds,
+        "propagation": result.propagation_seconds,
+        "transfer": result.transfer_seconds,
+    }
+
+
+def per_layer(result: CompressionResult) -> list[dict]:
+    """Per decoder layer: seconds of compression (prune/quantize) and of compensation, summed over its Linears."""
+    layers: dict[int, dict] = {}
+    for name, m in result.modules.items():
+        index = int(name.split(".layers.")[1].split(".")[0])
+        row = layers.setdefault(index, {"layer": index, "compress_seconds": 0.0, "compensate_seconds": 0.0})
+        row["compress_seconds"] += m.compress_seconds
+        row["compensate_seconds"] += m.compensate_seconds
+    return [layers[i] for i in sorted(layers)]
+
+
+def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], result: CompressionResult | None) -> dict:
+    """Effective storage bits per weight of the decoder Linears, split by what they pay for.
+
+    - codes: `bits` per stored weight; a 2:4 model stores only the kept half (values or codes);
+      dense weights without quantization count DENSE_BITS (fp16).
+    - scales/zeros: per group of `group_size` input columns, an fp16 scale plus a zero point packed
+      at `bits` bits (asymmetric, GPTQ / compressed-tensors pack-quantized style).
+    - sparsity metadata: 2:4 as a 1-bit-per-weight bitmask (compressed-tensors sparse-24-bitmask;
+      NVIDIA's 2-bit index per kept weight costs the same).
+    - adapters: the engine's adapter_bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
+      points plus an fp16 scale per adapter group).
+    """
+    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
+    kept = 1.0
+    if plan.sparsity is not None:
+        if not plan.sparsity.is_nm:
+            raise ValueError("bits accounting covers N:M sparsity only")
+        kept = plan.sparsity.n / plan.sparsity.m
+    quant = plan.quant
+    codes = kept * (quant.bits if quant is not None else DENSE_BITS)
+    scales = (SCALE_BITS + quant.bits) / quant.group_size if quant is not None else 0.0
+    mask = MASK_BITS if plan.sparsity is not None else 0.0
+    adapters = 8 * result.adapter_bytes / weights if result is not None else 0.0
+    return {
+        "codes": codes,
+        "scales_zeros": scales,
+        "sparsity_metadata": mask,
+        "adapters": adapters,
+        "total": codes + scales + mask + adapters,
+        "linear_weights": weights,
+    }
+
+
+def quant(method: str, bits: int) -> QuantSpec:
+    """The benchmark quantizer: asymmetric, group 64, damp 0.01, no act-order, block 128."""
+    return QuantSpec(method=method, bits=bits, group_size=64, symmetric=False, damp=0.01, act_order=False)
+
+
+def two_four(method: str) -> SparsitySpec:
+    return SparsitySpec(method=method, n=2, m=4)
+
+
+def compensation(method: str, **kwargs) -> CompensationSpec:
+    return CompensationSpec(method=method, **kwargs)
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,116 @@
+"""docs/bench/ppl_vs_bits.png (held-out perplexity against effective bits per weight of the decoder
+Linears) and the markdown tables of docs/benchmarks.md, from the JSON the benchmarks wrote.
+
+    .venv/bin/python -m bench.plot          # writes the PNG, prints the tables
+"""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench import common  # noqa: E402
+
+SERIES = {  # setting base run -> label
+    "gptq3_g64": "GPTQ 3-bit g64 +",
+    "sparsegpt_2of4": "SparseGPT 2:4 +",
+    "sparsegpt_2of4_gptq4_g64": "SparseGPT 2:4 + GPTQ 4-bit +",
+}
+VARIANTS = {
+    "svd_r16": ("SVD r16", "v"),
+    "svd_r64": ("SVD r64", "^"),
+    "eora_r16": ("EoRA r16", "s"),
+    "eora_r64": ("EoRA r64", "D"),
+    "eora_budget_r64eq": ("EoRA budget (=r64)", "P"),
+    "eora_budget_r64eq_relnorm": ("EoRA budget, normalised (=r64)", "X"),
+    "eora_r64_adapter4bit": ("EoRA r64, 4-bit adapter", "*"),
+}
+
+
+def main() -> int:
+    fp32 = json.loads((common.RESULTS / "fp32_reference.json").read_text())["ppl"]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    gptq = [(r["bits"]["total"], r["ppl"], n) for n in ("gptq3_g64", "gptq4_g64", "gptq8_g64") if (r := common.load_run(n))]
+    if gptq:
+        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o", label="GPTQ g64, no compensation (3/4/8-bit)")
+        for b, p, n in gptq:
+            ax.annotate(n.split("_")[0], (b, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    rtn = [(r["bits"]["total"], r["ppl"]) for n in ("rtn3_g64", "rtn4_g64") if (r := common.load_run(n))]
+    if rtn:
+        ax.plot([b for b, _ in rtn], [p for _, p in rtn], "x", color="grey", ms=9, label="RTN g64, no compensation (3/4-bit)")
+    ax.axhline(fp32, color="grey", ls=":", label=f"fp32 reference ({fp32:.2f}; 16 bits stored as fp16)")
+    colors = {"gptq3_g64": "tab:blue", "sparsegpt_2of4": "tab:red", "sparsegpt_2of4_gptq4_g64": "tab:green"}
+    for base_name, label in SERIES.items():
+        base = common.load_run(base_name)
+        if base is None:
+            continue
+        color = colors[base_name]
+        ax.plot(base["bits"]["total"], base["ppl"], "o", color=color, mfc="none", ms=9,
+                label=f"{label.rstrip(' +')}, no compensation")
+        for variant, (vlabel, marker) in VARIANTS.items():
+            run = common.load_run(f"{base_name}__{variant}")
+            if run is not None:
+                ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, label=f"{label} {vlabel}")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight, decoder Linears (codes + scales/zeros + 2:4 mask + adapters)")
+    ax.set_ylabel("held-out perplexity (80 x 512 Wikipedia tokens, log scale)")
+    ax.set_title("SmolLM2-135M: perplexity vs storage")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=1)
+    fig.tight_layout()
+    out = common.RESULTS / "ppl_vs_bits.png"
+    fig.savefig(out, dpi=120)
+    print(out)
+    print(tables())
+    return 0
+
+
+NAMES = {
+    "gptq4_g64": "GPTQ 4-bit g64",
+    "rtn4_g64": "RTN 4-bit g64",
+    "gptq3_g64": "GPTQ 3-bit g64",
+    "rtn3_g64": "RTN 3-bit g64",
+    "sparsegpt_2of4": "SparseGPT 2:4",
+    "magnitude_2of4": "magnitude 2:4",
+    "wanda_2of4": "Wanda 2:4",
+    "sparsegpt_2of4_gptq4_g64": "SparseGPT 2:4 + GPTQ 4-bit g64",
+    "gptq8_g64": "GPTQ 8-bit g64",
+}
+
+
+def tables() -> str:
+    lines = []
+    fp32 = json.loads((common.RESULTS / "fp32_reference.json").read_text())["ppl"]
+    lines += ["### Quality", "", "| configuration | perplexity | x fp32 | bits/weight | compress wall (s) | eval (s) |",
+              "|---|---:|---:|---:|---:|---:|", f"| fp32 reference | {fp32:.2f} | 1.00 | 16 | - | - |"]
+    for name, label in NAMES.items():
+        run = common.load_run(name)
+        if run is not None:
+            lines.append(f"| {label} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | {run['bits']['total']:.3f} | "
+                         f"{run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
+    path = common.RESULTS / "compensation.json"
+    if path.exists():
+        comp = json.loads(path.read_text())
+        for setting in comp["settings"].values():
+            base = NAMES[setting["base"]]
+            lines += ["", f"### {base}", "",
+                      "| compensation | perplexity | gap recovered | bits/weight (codes+scales+mask+adapters) | "
+                      "adapter params | max rank | GPTQ/prune s/layer | compensation s/layer |",
+                      "|---|---:|---:|---|---:|---:|---:|---:|"]
+            for variant, row in setting["rows"].items():
+                b = row["bits"]
+                split = f"{b['total']:.3f} = {b['codes']:.2f}+{b['scales_zeros']:.3f}+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}"
+                gap = "-" if variant == "none" else f"{100 * row['gap_recovered']:.1f}%"
+                lines.append(f"| {variant} | {row['ppl']:.2f} | {gap} | {split} | {row['adapter_params']:,} | "
+                             f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
+                             f"{row['compensate_seconds_per_layer_mean']:.2f} |")
+            lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
