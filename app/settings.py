@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     allow_local_paths: bool | None = None
     local_roots: list[Path] = Field(default_factory=list)
     hf_token: SecretStr | None = None
+    # Fernet key sealing per-job tokens in the database; embedded mode makes one in the data dir.
+    secret_key: SecretStr | None = None
     hf_endpoint: str | None = None  # a Hub mirror; None = huggingface_hub's default (HF_ENDPOINT)
     s3_endpoint_url: str | None = None  # S3-compatible store; None = boto3's (AWS_ENDPOINT_URL_S3)
 

@@ -78,7 +78,8 @@ def main(args: argparse.Namespace) -> int:
     reporter = ConsoleReporter(console)
     try:
         with reporter.bars:
-            result = run_pipeline(uuid.uuid4(), spec, settings, reporter)
+            token = spec.hf_token.get_secret_value() if spec.hf_token else None
+            result = run_pipeline(uuid.uuid4(), spec, settings, reporter, token=token)
     except JobFailure as exc:
         console.print(f"[red]failed:[/red] {exc}")
         return 1

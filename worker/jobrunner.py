@@ -25,6 +25,7 @@ from app.db.models import Job
 from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository
 from app.jobs.spec import JobSpec
+from app.secrets import unseal
 from app.settings import Settings
 from worker.errors import JobCancelled, JobFailure, LostOwnership
 
@@ -115,7 +116,8 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
     try:
         with unit_of_work(sessions) as session:
             attempt = repository.claim(session, job_id, owner, settings.lease_seconds)
-            spec_data = session.get(Job, job_id).spec if attempt is not None else None
+            job = session.get(Job, job_id) if attempt is not None else None
+            spec_data, sealed = (job.spec, job.sealed_token) if job is not None else (None, None)
         if attempt is None:
             log.info("job %s is not queued (or already claimed); skipping", job_id)
             return "skipped"
@@ -123,13 +125,25 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
         heartbeat = Heartbeat(settings, reporter)
         heartbeat.start()
         try:
-            return _run_claimed(job_id, JobSpec.model_validate(spec_data), settings, reporter, run_pipeline)
+            def pipeline(*args):  # the token is opened inside the run, so a bad one fails the job readably
+                return run_pipeline(*args, token=_open_token(settings, sealed))
+
+            return _run_claimed(job_id, JobSpec.model_validate(spec_data), settings, reporter, pipeline)
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def _open_token(settings: Settings, sealed: str | None) -> str | None:
+    if sealed is None:
+        return None
+    try:
+        return unseal(settings, sealed)
+    except ValueError as exc:  # the run fails with the reason; the token itself is never shown
+        raise JobFailure(f"hf_token: {exc}") from None
 
 
 def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> str:

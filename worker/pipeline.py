@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from pydantic import SecretStr
 
 from app.jobs.service import UPLOAD_PREFIX, looks_local, resolve_upload
 from app.jobs.spec import JobSpec
@@ -94,7 +95,8 @@ def _dataset_source(settings: Settings, ref: str, field: str) -> str:
     return ref
 
 
-def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+def load_windows(spec: JobSpec, settings: Settings, tokenizer,
+                 token: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(calibration windows, evaluation windows, a description of both)."""
     from worker.data import DataError, contiguous_windows, load_texts, make_windows, token_stream, windows_hash
 
@@ -102,7 +104,7 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Te
     eval_len = ev.seq_len or cal.seq_len
     try:
         texts = load_texts(_dataset_source(settings, cal.dataset, "calibration.dataset"), split=cal.split,
-                           text_field=cal.text_field)
+                           text_field=cal.text_field, token=token)
         if ev.dataset is None:
             held = max(1, int(len(texts) * HELD_OUT_FRACTION))
             if len(texts) < 2:
@@ -111,7 +113,7 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Te
             texts, eval_texts, eval_source = texts[:-held], texts[-held:], f"last {held} documents of {cal.dataset}"
         else:
             eval_texts = load_texts(_dataset_source(settings, ev.dataset, "evaluation.dataset"), split=ev.split,
-                                    text_field=ev.text_field)
+                                    text_field=ev.text_field, token=token)
             eval_source = ev.dataset
         calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
         if ev.dataset is None:  # a held-back slice gives what it has, up to num_windows
@@ -130,7 +132,9 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer) -> tuple[torch.Te
     return calibration, evaluation, info
 
 
-def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter) -> PipelineResult:
+def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter,
+                 token: str | None = None) -> PipelineResult:
+    """token: the job's own Hugging Face token (else the server's), for download and Hub upload."""
     from worker.evaluate import perplexity
     from worker.hub import resolve_model
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
@@ -145,7 +149,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     started = time.perf_counter()
 
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
-    resolved = resolve_model(spec.model.id, spec.model.revision, settings)
+    resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
     try:
         model, tokenizer = load_model(resolved.path)
         arch = get_architecture(model)
@@ -158,7 +162,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("loading", 3.0, layers=n_layers,
                       message=f"loaded {arch.family} model with {n_layers} decoder layers on CPU; compute device {device}")
 
-    calibration, evaluation, data_info = load_windows(spec, settings, tokenizer)
+    calibration, evaluation, data_info = load_windows(spec, settings, tokenizer, token)
     reporter.progress("calibration", 5.0, layers=n_layers,
                       message=f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)}")
     reporter.check_cancelled()
@@ -210,7 +214,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
 
     destination = destination_for(
         spec.destination.uri, artifacts_dir=settings.artifacts_dir,
-        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo),
+        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo,
+                                   token=SecretStr(token) if token else None),
         s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
     )
     t0 = time.perf_counter()

@@ -41,6 +41,8 @@ class Job(Base):
     # Outbox: set once the broker message was sent; the reaper re-sends queued jobs left unsent.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A per-job token sealed with the server's key (app/secrets.py); cleared when the job ends.
+    sealed_token: Mapped[str | None] = mapped_column(Text)
 
     stage: Mapped[str] = mapped_column(String(32), default="queued")
     layer: Mapped[int | None] = mapped_column(Integer)

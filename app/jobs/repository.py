@@ -18,11 +18,14 @@ from app.db.base import utcnow
 from app.db.models import Job, JobEvent, JobStatus
 
 
-def add_job(session: Session, spec: dict[str, Any], max_attempts: int) -> Job:
+TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+def add_job(session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None = None) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(), status=JobStatus.queued, spec=spec, attempt=0, max_attempts=max_attempts,
-        stage="queued", percent=0.0, created_at=now, updated_at=now,
+        stage="queued", percent=0.0, created_at=now, updated_at=now, sealed_token=sealed_token,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message="job queued"))
@@ -65,6 +68,8 @@ def add_event(
 
 def _transition(session: Session, job_id: uuid.UUID, where: list, **values: Any) -> bool:
     values.setdefault("updated_at", utcnow())
+    if values.get("status") in TERMINAL:
+        values["sealed_token"] = None  # a finished job keeps no secret
     result = session.execute(update(Job).where(Job.id == job_id, *where).values(**values))
     return result.rowcount == 1
 

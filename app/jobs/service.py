@@ -15,6 +15,7 @@ from app.errors import BadCursor, InvalidSpec, JobNotFound, JobStateConflict
 from app.jobs import repository
 from app.jobs.capabilities import check_supported, destination_scheme
 from app.jobs.spec import JobSpec
+from app.secrets import seal
 from app.settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -69,7 +70,8 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
 
 def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
     validate_for_server(settings, spec)
-    return repository.add_job(session, spec.model_dump(mode="json"), settings.max_attempts)
+    sealed = seal(settings, spec.hf_token.get_secret_value(), "hf_token") if spec.hf_token else None
+    return repository.add_job(session, spec.model_dump(mode="json"), settings.max_attempts, sealed)
 
 
 def get_job(session: Session, job_id: uuid.UUID) -> Job:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -139,6 +139,10 @@ class JobSpec(Strict):
     calibration: Calibration
     evaluation: Evaluation = Evaluation()
     destination: Destination = Destination()
+    hf_token: SecretStr | None = Field(
+        None, description="Hugging Face token for this job (model download and Hub upload). Sealed with the "
+        "server's key before it is stored, never returned, erased when the job ends.", exclude=True,
+    )
 
     @model_validator(mode="after")
     def _combination(self) -> JobSpec:

@@ -139,3 +139,31 @@ def test_dashboard_page_is_served_and_polls_the_jobs_api(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "fetch(`/v1/jobs?limit=50" in response.text and "setInterval(refresh" in response.text
+
+
+def test_job_token_is_sealed_never_returned_and_erased_when_the_job_ends(client, settings):
+    from sqlalchemy import create_engine, text
+
+    job = client.post("/v1/jobs", json={**SPEC, "hf_token": "hf_supersecret"})
+    assert job.status_code == 201
+    assert "hf_supersecret" not in job.text and "hf_token" not in job.json()["spec"]
+    engine = create_engine(settings.sqlalchemy_url)
+    with engine.connect() as conn:
+        sealed, spec = conn.execute(text("SELECT sealed_token, spec FROM jobs")).one()
+    assert sealed and "hf_supersecret" not in sealed and "hf_supersecret" not in spec
+    from app.secrets import unseal
+
+    assert unseal(settings, sealed) == "hf_supersecret"
+    client.post(f"/v1/jobs/{job.json()['id']}/cancel")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT sealed_token FROM jobs")).scalar() is None
+    engine.dispose()
+
+
+def test_job_token_refused_without_a_server_key_in_distributed_mode(tmp_path):
+    from app.errors import InvalidSpec
+    from app.secrets import seal
+
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://nowhere/db")
+    with pytest.raises(InvalidSpec, match="SQUEEZE_SECRET_KEY"):
+        seal(settings, "hf_x", "hf_token")
