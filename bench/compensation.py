@@ -67,6 +67,8 @@ def variants(budget_params: int) -> dict[str, dict]:
         "svd_r16": {"compensation": common.compensation("svd", rank=16)},
         "eora_budget_r64eq": {"compensation": common.compensation("eora", budget_params=budget_params)},
         "eora_r64_adapter4bit": {"compensation": common.compensation("eora", rank=64, adapter_bits=4, adapter_group_size=64)},
+        "eora_r64_damp01": {"compensation": common.compensation("eora", rank=64, damp=0.01)},
+        "eora_r16_damp01": {"compensation": common.compensation("eora", rank=16, damp=0.01)},
     }
 
 

@@ -76,8 +76,10 @@ def compensation_factors(
     With spec.adapter_bits, A and B are fake-quantized group-wise and the dequantized values are
     returned, so evaluation sees exactly what a quantized adapter computes.
     """
-    decompose = eora if spec.method == "eora" else svd_baseline
-    lora_b, lora_a = decompose(residual, gram, rank, name=name)
+    if spec.method == "eora":
+        lora_b, lora_a = eora(residual, gram, rank, name=name, damp=spec.damp)
+    else:
+        lora_b, lora_a = svd_baseline(residual, gram, rank, name=name)
     if spec.adapter_bits is not None:
         lora_b = quantize_adapter(lora_b, spec.adapter_bits, spec.adapter_group_size)
         lora_a = quantize_adapter(lora_a, spec.adapter_bits, spec.adapter_group_size)

@@ -69,12 +69,18 @@ def _check(dw: Tensor, gram: Tensor | None, name: str) -> None:
         check_finite(gram, "gram", name)
 
 
-def eora_decompose(dw: Tensor, gram: Tensor, name: str = "") -> LowRankFactors:
-    """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in)."""
+def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) -> LowRankFactors:
+    """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in).
+
+    damp > 0 adds damp * mean(diag(gram)) to the diagonal first (as GPTQ damps its Hessian): weak,
+    poorly estimated eigen-directions are then amplified less by the back-projection.
+    """
     _check(dw, gram, name)
     d_in = dw.shape[1]
     s64 = gram.to(torch.float64)
     s64 = (s64 + s64.T) / 2  # (d_in, d_in); fp32 accumulation leaves tiny asymmetries
+    if damp > 0:
+        s64 = s64 + damp * s64.diagonal().mean() * torch.eye(d_in, dtype=s64.dtype, device=s64.device)
     eigvals, eigvecs = torch.linalg.eigh(s64)  # ascending, (d_in,), (d_in, d_in)
     cutoff = eigvals.max().clamp(min=0.0) * d_in * torch.finfo(torch.float32).eps
     kept = eigvals > cutoff
@@ -95,9 +101,9 @@ def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
     return LowRankFactors(u, s, vh, None, dw.shape[1])
 
 
-def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "") -> tuple[Tensor, Tensor]:
-    """(B (d_out, rank), A (rank, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram."""
-    b, a = eora_decompose(dw, gram, name).lowrank(rank)
+def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(B (d_out, rank), A (rank, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram (+ damping)."""
+    b, a = eora_decompose(dw, gram, name, damp).lowrank(rank)
     check_finite(b, "EoRA B", name)
     check_finite(a, "EoRA A", name)
     return b, a

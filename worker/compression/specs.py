@@ -44,3 +44,4 @@ class CompensationSpec:
     max_rank: int = 512
     adapter_bits: int | None = None  # quantize A and B group-wise (e.g. 4), None = keep fp16
     adapter_group_size: int = 64
+    damp: float = 0.0  # EoRA: fraction of mean(diag(gram)) added to the Gram's diagonal; 0 = exact EoRA

@@ -127,3 +127,16 @@ def test_non_finite_inputs_raise_with_name(gram, dw):
         eora(dw, bad_gram, 4, name="model.layers.7.mlp.down_proj")
     with pytest.raises(FloatingPointError, match="k_proj"):
         svd_baseline(bad, None, 4, name="k_proj")
+
+
+def test_damping_equals_eora_on_the_explicitly_damped_gram(gram, dw):
+    damp = 0.01
+    damped_gram = gram.double() + damp * gram.double().diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+    b, a = eora(dw, gram, 8, damp=damp)
+    b_ref, a_ref = eora(dw, damped_gram.float(), 8)
+    # same math on an explicitly damped Gram; fp32 rounding of the Gram is the only difference
+    torch.testing.assert_close(b @ a, b_ref @ a_ref, rtol=1e-4, atol=1e-5)
+    _, a_exact = eora(dw, gram, 8)
+    assert not torch.allclose(a, a_exact)  # damping changed the factors
+    # damp 0 is exactly the undamped method
+    torch.testing.assert_close(eora(dw, gram, 8, damp=0.0)[1], a_exact, rtol=0, atol=0)
