@@ -125,14 +125,12 @@ def run_config(
     name: str,
     plan: CompressionPlan,
     protocol: Protocol,
-    patch: Callable | None = None,
     note: str | None = None,
     rerun: bool = False,
     after_compress: Callable[[CompressionResult], None] | None = None,
 ) -> dict:
     """Compress a fresh model with plan on the calibration windows, evaluate, write runs/<name>.json.
 
-    patch: an optional context-manager factory wrapped around compress_model (bench-only variants).
     Returns the stored record; a configuration already on disk is returned without rerunning unless
     rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
     """
@@ -149,11 +147,7 @@ def run_config(
             log(f"  {name}: {report.stage} layer {report.index + 1}/{report.total} ({report.seconds:.1f} s)")
 
     start = time.perf_counter()
-    if patch is None:
-        result = compress_model(model, protocol.calibration, plan, DEVICE, on_layer=on_layer, batch_size=BATCH_SIZE)
-    else:
-        with patch():
-            result = compress_model(model, protocol.calibration, plan, DEVICE, on_layer=on_layer, batch_size=BATCH_SIZE)
+    result = compress_model(model, protocol.calibration, plan, DEVICE, on_layer=on_layer, batch_size=BATCH_SIZE)
     compress_wall = time.perf_counter() - start
     if after_compress is not None:
         after_compress(result)

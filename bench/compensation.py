@@ -8,8 +8,9 @@ quality benchmark's run, reused), SVD rank 16 / 64, EoRA rank 16 / 64, EoRA glob
 parameters to uniform rank 64 (sum over the decoder Linears of 64 * (d_out + d_in)), EoRA rank 64 with
 4-bit adapters (group 64). If the budget (the issue's criterion: sigma_i^2 / (d_out + d_in)) does not
 beat uniform rank 64, the budget is rerun with each module's projected singular values divided by
-its output norm ||W X|| (error reduced *relative* to the module's output), a bench-only patch of the
-allocator input, reported beside it. GPTQ 8-bit g64 (no compensation) is run once for the plot.
+its output norm ||W X|| (error reduced *relative* to the module's output; the engine's
+budget_criterion="relative", now its default), reported beside it. EoRA rank 16 / 64 with the Gram
+damped by 0.01 mean(diag) (compensation.damp) follow. GPTQ 8-bit g64 (no compensation) is run once for the plot.
 Writes docs/bench/runs/<config>.json (resumable) and docs/bench/compensation.json.
 """
 
@@ -18,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from contextlib import contextmanager
 
 from bench import common
-from worker import sequential
 from worker.plan import CompressionPlan
 
 SETTINGS = {
@@ -35,37 +34,14 @@ SETTINGS = {
 RANK64_BUDGET_PER_LAYER = 64  # uniform rank whose parameter count the global budget matches
 
 
-@contextmanager
-def relative_allocation():
-    """Bench-only variant: allocate by error reduced relative to each module's output norm.
-
-    The allocator receives sigma_i / ||W X|| instead of sigma_i. ||W X|| comes from the module's
-    walk-1 report: error_before = ||dW X|| / ||W X|| with ||dW X||^2 = sum_i sigma_i^2 on the same Gram.
-    """
-    original = sequential._Run._allocate_ranks
-
-    def patched(self):
-        for name, sigmas in self.spectra.items():
-            error_before = self.result.modules[name].error_before
-            residual_norm = float(sigmas.double().square().sum().sqrt())
-            if error_before > 0 and residual_norm > 0:
-                self.spectra[name] = sigmas * (error_before / residual_norm)  # sigma / ||W X||
-        return original(self)
-
-    sequential._Run._allocate_ranks = patched
-    try:
-        yield
-    finally:
-        sequential._Run._allocate_ranks = original
-
-
 def variants(budget_params: int) -> dict[str, dict]:
     return {
         "eora_r64": {"compensation": common.compensation("eora", rank=64)},
         "svd_r64": {"compensation": common.compensation("svd", rank=64)},
         "eora_r16": {"compensation": common.compensation("eora", rank=16)},
         "svd_r16": {"compensation": common.compensation("svd", rank=16)},
-        "eora_budget_r64eq": {"compensation": common.compensation("eora", budget_params=budget_params)},
+        "eora_budget_r64eq": {"compensation": common.compensation("eora", budget_params=budget_params,
+                                                                  budget_criterion="absolute")},
         "eora_r64_adapter4bit": {"compensation": common.compensation("eora", rank=64, adapter_bits=4, adapter_group_size=64)},
         "eora_r64_damp01": {"compensation": common.compensation("eora", rank=64, damp=0.01)},
         "eora_r16_damp01": {"compensation": common.compensation("eora", rank=16, damp=0.01)},
@@ -159,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "eora_budget_r64eq":
                 uniform = common.load_run(f"{base_name}__eora_r64")
                 if uniform is not None and run["ppl"] >= uniform["ppl"]:
+                    relative = common.compensation("eora", budget_params=budget, budget_criterion="relative")
                     common.run_config(
                         f"{base_name}__eora_budget_r64eq_relnorm",
-                        CompressionPlan(**compression, **extra),
+                        CompressionPlan(**compression, compensation=relative),
                         protocol,
-                        patch=relative_allocation,
-                        note="bench-only: allocator given sigma_i / ||W X|| (relative error reduced)",
+                        note="allocator given sigma_i / ||W X|| (relative error reduced)",
                     )
                     save()
         if i == 0:

@@ -65,7 +65,7 @@ def compression_plan(spec: JobSpec):
         compensation = CompensationSpec(
             method=c.method, rank=c.rank, budget_params=budget.params if budget else None,
             budget_fraction=budget.fraction if budget else None, adapter_bits=c.adapter_bits,
-            damp=c.damp,
+            damp=c.damp, budget_criterion=budget.criterion if budget else "relative",
         )
     return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
 

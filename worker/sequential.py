@@ -307,10 +307,24 @@ class _Run:
         if budget is None:
             budget = budget_from_fraction(spec.budget_fraction, shapes)
         self.result.budget_params = budget
+        if spec.budget_criterion == "relative":
+            self._normalise_spectra()
         ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank)
         self.spectra.clear()
         self.result.compensation_seconds += perf_counter() - start
         return ranks
+
+    def _normalise_spectra(self) -> None:
+        """sigma_i -> sigma_i / ||W X||: the allocator then buys relative error reduced per parameter.
+
+        ||W X|| comes from walk 1: error_before = ||dW X|| / ||W X||, and ||dW X||^2 = sum sigma_i^2
+        on the same Gram.
+        """
+        for name, sigmas in self.spectra.items():
+            error_before = self.result.modules[name].error_before
+            residual_norm = float(sigmas.double().square().sum().sqrt())
+            if error_before > 0 and residual_norm > 0:
+                self.spectra[name] = sigmas * (error_before / residual_norm)
 
     def _park_quantized_weights(self, layer: nn.Module, index: int) -> None:
         """Keep this layer's codes/scales/zeros on CPU, and point each QuantizedWeight.weight at the

@@ -77,6 +77,9 @@ class Sparsity(Strict):
 class RankBudget(Strict):
     params: int | None = Field(None, gt=0, description="Total adapter parameters across all Linears.")
     fraction: float | None = Field(None, gt=0, le=1, description="Budget as a fraction of the Linear parameters.")
+    criterion: Literal["relative", "absolute"] = Field(
+        "relative", description="Rank units go where they reduce the most output error per parameter: relative "
+        "to each module's output norm ||WX|| (default, better on SmolLM2), or absolute.")
 
     @model_validator(mode="after")
     def _one_of(self) -> RankBudget:

@@ -261,3 +261,16 @@ def test_cuda_run_matches_cpu_and_returns_layers_to_cpu(tiny_tokenizer, calibrat
     cuda_ppl = perplexity(on_gpu, calibration_windows, torch.device("cuda"))
     assert cuda_ppl == pytest.approx(perplexity(on_gpu, calibration_windows, CPU), rel=1e-4)
     assert {t.device.type for t in on_gpu.state_dict().values()} == {"cpu"}
+
+
+def test_budget_criteria_allocate_differently_and_both_spend_the_budget(tiny_llama, calibration_windows):
+    import copy
+
+    ranks = {}
+    for criterion in ("absolute", "relative"):
+        model = copy.deepcopy(tiny_llama)
+        spec = CompensationSpec(budget_params=5000, budget_criterion=criterion)
+        result = compress_model(model, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
+        assert 0 < result.adapter_params <= 5000
+        ranks[criterion] = result.ranks
+    assert ranks["absolute"] != ranks["relative"]

@@ -44,4 +44,7 @@ class CompensationSpec:
     max_rank: int = 512
     adapter_bits: int | None = None  # quantize A and B group-wise (e.g. 4), None = keep fp16
     adapter_group_size: int = 64
+    # Budget allocation: "relative" ranks modules by error reduced relative to their output ||W X||
+    # (measured better on SmolLM2, docs/benchmarks.md); "absolute" by calibration-weighted error.
+    budget_criterion: Literal["absolute", "relative"] = "relative"
     damp: float = 0.0  # EoRA: fraction of mean(diag(gram)) added to the Gram's diagonal; 0 = exact EoRA
