@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import json
 
 import torch
@@ -29,6 +30,9 @@ CONFIGS = {  # most informative first
     "magnitude_2of4": CompressionPlan(sparsity=common.two_four("magnitude")),
     "wanda_2of4": CompressionPlan(sparsity=common.two_four("wanda")),
     "sparsegpt_2of4_gptq4_g64": CompressionPlan(quant=common.quant("gptq", 4), sparsity=common.two_four("sparsegpt")),
+    # GPTQ 4-bit options tried after GPTQ lost to RTN at 4 bits (not part of the table)
+    "gptq4_g64_actorder": CompressionPlan(quant=replace(common.quant("gptq", 4), act_order=True)),
+    "gptq4_g64_damp10": CompressionPlan(quant=replace(common.quant("gptq", 4), damp=0.1)),
 }
 
 
