@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.data import contiguous_windows, load_texts, make_windows, windows_hash
@@ -76,7 +77,7 @@ class Protocol:
     """Tokenized calibration and evaluation windows, built once per process."""
 
     def __init__(self) -> None:
-        _, tokenizer = load_model(MODEL_DIR)
+        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
         self.calibration = make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), CALIBRATION_WINDOWS, SEQ_LEN, SEED)
         self.evaluation = contiguous_windows(tokenizer, load_texts(str(EVAL_FILE)), EVAL_WINDOWS, SEQ_LEN)
         self.info = {

@@ -48,7 +48,7 @@ def pick_device(setting: str) -> torch.device:
 
 
 def compression_plan(spec: JobSpec):
-    from worker.sequential import CompressionPlan
+    from worker.plan import CompressionPlan
 
     quant = sparsity = compensation = None
     if spec.quantization is not None:
@@ -62,11 +62,10 @@ def compression_plan(spec: JobSpec):
     if spec.compensation is not None and spec.compensation.method != "none":
         c = spec.compensation
         budget = c.rank_budget
-        compensation = CompensationSpec(
-            method=c.method, rank=c.rank, budget_params=budget.params if budget else None,
-            budget_fraction=budget.fraction if budget else None, adapter_bits=c.adapter_bits,
-            damp=c.damp, budget_criterion=budget.criterion if budget else "relative",
-        )
+        budget_fields = {} if budget is None else {
+            "budget_params": budget.params, "budget_fraction": budget.fraction, "budget_criterion": budget.criterion}
+        compensation = CompensationSpec(method=c.method, rank=c.rank, adapter_bits=c.adapter_bits, damp=c.damp,
+                                        **budget_fields)
     return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
 
 
