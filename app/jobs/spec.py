@@ -29,7 +29,10 @@ class Quantization(Strict):
     group_size: int = Field(128, description="Input columns per scale/zero point; -1 = per output channel.")
     symmetric: bool = False
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, as a fraction of mean(diag(H)).")
-    act_order: bool = False
+    act_order: bool = Field(
+        True, description="GPTQ: visit columns by descending diag(H), with static groups (no g_idx in the export). "
+        "Default: on for GPTQ; off for RTN and with sparsity.method 'sparsegpt' (one joint pass in column order).",
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -148,6 +151,19 @@ class JobSpec(Strict):
         None, description="Hugging Face token for this job (model download and Hub upload). Sealed with the "
         "server's key before it is stored, never returned, erased when the job ends.", exclude=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _act_order_default(cls, data):
+        """act_order, when not given, is on for GPTQ alone and off for RTN (no column order) and for
+        SparseGPT + GPTQ (one joint pass in column order): a default, never an error."""
+        quant = data.get("quantization") if isinstance(data, dict) else None
+        if isinstance(quant, dict) and "act_order" not in quant:
+            sparsity = data.get("sparsity")
+            sparse_method = sparsity.get("method", Sparsity.model_fields["method"].default) if isinstance(sparsity, dict) else None
+            method = quant.get("method", Quantization.model_fields["method"].default)
+            data = {**data, "quantization": {**quant, "act_order": method == "gptq" and sparse_method != "sparsegpt"}}
+        return data
 
     @model_validator(mode="after")
     def _combination(self) -> JobSpec:

@@ -100,6 +100,22 @@ def test_defaults_are_documented_values():
     assert spec.destination.uri is None
 
 
+@pytest.mark.parametrize(("quantization", "sparsity", "expected"), [
+    ({"method": "gptq"}, None, True),
+    ({}, None, True),  # method defaults to gptq
+    ({"method": "rtn"}, None, False),
+    ({"method": "gptq"}, {"method": "sparsegpt", "pattern": "2:4"}, False),
+    ({"method": "gptq"}, {"pattern": "2:4"}, False),  # sparsity.method defaults to sparsegpt
+    ({"method": "gptq"}, {"method": "wanda", "ratio": 0.5}, True),
+    ({"method": "gptq", "act_order": False}, None, False),  # an explicit value is kept
+])
+def test_act_order_default_follows_method(quantization, sparsity, expected):
+    body = {"model": {"id": "a/b"}, "quantization": quantization, "calibration": {"dataset": "c/d"}}
+    if sparsity is not None:
+        body["sparsity"] = sparsity
+    assert JobSpec.model_validate(body).quantization.act_order is expected
+
+
 def test_issue_example_spec_parses():
     spec = JobSpec.model_validate({
         "model": {"id": "HuggingFaceTB/SmolLM2-135M", "revision": "main"},
