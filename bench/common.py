@@ -27,7 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
-from worker.data import contiguous_windows, load_texts, make_windows, windows_hash
+from worker.data import contiguous_windows, load_texts, make_windows, token_stream, windows_hash
 from worker.evaluate import perplexity
 from worker.models import decoder_linears, get_architecture, load_model
 from worker.plan import CompressionPlan, CompressionResult
@@ -42,6 +42,7 @@ RESULTS = ROOT / "docs" / "bench"
 RUNS = RESULTS / "runs"
 
 CALIBRATION_WINDOWS, EVAL_WINDOWS, SEQ_LEN, SEED, BATCH_SIZE = 64, 80, 512, 0, 8
+VALIDATION_WINDOWS = 32  # the *last* windows of wiki_eval.txt: for choosing options, never for reporting
 DEVICE = torch.device("cpu")
 
 # Storage accounting for effective bits per weight (see bits_per_weight).
@@ -80,12 +81,19 @@ class Protocol:
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
         self.calibration = make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), CALIBRATION_WINDOWS, SEQ_LEN, SEED)
         self.evaluation = contiguous_windows(tokenizer, load_texts(str(EVAL_FILE)), EVAL_WINDOWS, SEQ_LEN)
+        # Validation: the last VALIDATION_WINDOWS windows of the same stream, ~500k tokens away from the
+        # evaluation windows. Options (e.g. EoRA damping) are chosen on it; the evaluation set reports.
+        stream = token_stream(tokenizer, load_texts(str(EVAL_FILE)))
+        tail = stream[len(stream) - VALIDATION_WINDOWS * SEQ_LEN :]
+        self.validation = tail.reshape(VALIDATION_WINDOWS, SEQ_LEN)
         self.info = {
             "model": str(MODEL_DIR.relative_to(ROOT)),
             "calibration": f"{CALIBRATION_WINDOWS} x {SEQ_LEN} tokens of {CALIBRATION_FILE.name}, seed {SEED}",
             "evaluation": f"first {EVAL_WINDOWS} x {SEQ_LEN} tokens of {EVAL_FILE.name}",
             "calibration_sha256": windows_hash(self.calibration),
             "evaluation_sha256": windows_hash(self.evaluation),
+            "validation": f"last {VALIDATION_WINDOWS} x {SEQ_LEN} tokens of {EVAL_FILE.name}",
+            "validation_sha256": windows_hash(self.validation),
             "dtype": "float32",
             "device": str(DEVICE),
             "batch_size": BATCH_SIZE,
@@ -129,11 +137,13 @@ def run_config(
     note: str | None = None,
     rerun: bool = False,
     after_compress: Callable[[CompressionResult], None] | None = None,
+    validate: bool = False,
 ) -> dict:
     """Compress a fresh model with plan on the calibration windows, evaluate, write runs/<name>.json.
 
     Returns the stored record; a configuration already on disk is returned without rerunning unless
     rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
+    validate also records the perplexity on the validation windows (val_ppl), used to choose options.
     """
     done = None if rerun else load_run(name)
     if done is not None:
@@ -156,11 +166,13 @@ def run_config(
     start = time.perf_counter()
     ppl = perplexity(model, protocol.evaluation, DEVICE, BATCH_SIZE)
     eval_seconds = time.perf_counter() - start
+    val_ppl = perplexity(model, protocol.validation, DEVICE, BATCH_SIZE) if validate else None
     record = {
         "name": name,
         "plan": plan_to_dict(plan),
         "note": note,
         "ppl": ppl,
+        "val_ppl": val_ppl,
         "compress_wall_seconds": compress_wall,
         "eval_seconds": eval_seconds,
         "stages": stage_seconds(result),

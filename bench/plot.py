@@ -14,21 +14,37 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench import common  # noqa: E402
+from bench.compensation import chosen_damp, damp_tag  # noqa: E402
 
 SERIES = {  # setting base run -> label
     "gptq3_g64": "GPTQ 3-bit g64 +",
     "sparsegpt_2of4": "SparseGPT 2:4 +",
     "sparsegpt_2of4_gptq4_g64": "SparseGPT 2:4 + GPTQ 4-bit +",
+    "gptq3_g64_actorder": "GPTQ 3-bit g64 act-order +",
 }
 VARIANTS = {
     "svd_r16": ("SVD r16", "v"),
     "svd_r64": ("SVD r64", "^"),
     "eora_r16": ("EoRA r16", "s"),
     "eora_r64": ("EoRA r64", "D"),
-    "eora_budget_r64eq": ("EoRA budget (=r64)", "P"),
-    "eora_budget_r64eq_relnorm": ("EoRA budget, normalised (=r64)", "X"),
+    "eora_budget_r64eq_relnorm": ("EoRA budget (=r64)", "X"),
     "eora_r64_adapter4bit": ("EoRA r64, 4-bit adapter", "*"),
 }
+
+
+def variant_runs(base_name: str, damp: float | None) -> list[tuple[str, dict]]:
+    """(label, run) per plotted variant; EoRA rows with the chosen damping where they were run (the
+    undamped row otherwise), so the figure shows one point per method and rank."""
+    out = []
+    for variant, (label, marker) in VARIANTS.items():
+        run = None
+        if damp and variant.startswith("eora"):
+            run = common.load_run(f"{base_name}__{variant}_{damp_tag(damp)}")
+            label = f"{label}, damp {damp:g}" if run is not None else label
+        run = run or common.load_run(f"{base_name}__{variant}")
+        if run is not None:
+            out.append((label, marker, run))
+    return out
 
 
 def main() -> int:
@@ -36,14 +52,20 @@ def main() -> int:
     fig, ax = plt.subplots(figsize=(9, 6))
     gptq = [(r["bits"]["total"], r["ppl"], n) for n in ("gptq3_g64", "gptq4_g64", "gptq8_g64") if (r := common.load_run(n))]
     if gptq:
-        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o", label="GPTQ g64, no compensation (3/4/8-bit)")
+        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o", label="GPTQ g64 without act-order, no compensation (3/4/8-bit)")
         for b, p, n in gptq:
             ax.annotate(n.split("_")[0], (b, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    actorder = [(r["bits"]["total"], r["ppl"]) for n in ("gptq3_g64_actorder", "gptq4_g64_actorder")
+                if (r := common.load_run(n))]
+    if actorder:
+        ax.plot([b for b, _ in actorder], [p for _, p in actorder], "k--^", mfc="none",
+                label="GPTQ g64 act-order (the job default), no compensation (3/4-bit)")
     rtn = [(r["bits"]["total"], r["ppl"]) for n in ("rtn3_g64", "rtn4_g64") if (r := common.load_run(n))]
     if rtn:
         ax.plot([b for b, _ in rtn], [p for _, p in rtn], "x", color="grey", ms=9, label="RTN g64, no compensation (3/4-bit)")
     ax.axhline(fp32, color="grey", ls=":", label=f"fp32 reference ({fp32:.2f}; 16 bits stored as fp16)")
-    colors = {"gptq3_g64": "tab:blue", "sparsegpt_2of4": "tab:red", "sparsegpt_2of4_gptq4_g64": "tab:green"}
+    colors = {"gptq3_g64": "tab:blue", "sparsegpt_2of4": "tab:red", "sparsegpt_2of4_gptq4_g64": "tab:green",
+              "gptq3_g64_actorder": "tab:purple"}
     for base_name, label in SERIES.items():
         base = common.load_run(base_name)
         if base is None:
@@ -51,10 +73,8 @@ def main() -> int:
         color = colors[base_name]
         ax.plot(base["bits"]["total"], base["ppl"], "o", color=color, mfc="none", ms=9,
                 label=f"{label.rstrip(' +')}, no compensation")
-        for variant, (vlabel, marker) in VARIANTS.items():
-            run = common.load_run(f"{base_name}__{variant}")
-            if run is not None:
-                ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, label=f"{label} {vlabel}")
+        for vlabel, marker, run in variant_runs(base_name, chosen_damp()):
+            ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, label=f"{label} {vlabel}")
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight, decoder Linears (codes + scales/zeros + 2:4 mask + adapters)")
     ax.set_ylabel("held-out perplexity (80 x 512 Wikipedia tokens, log scale)")
@@ -73,6 +93,8 @@ NAMES = {
     "gptq4_g64": "GPTQ 4-bit g64",
     "rtn4_g64": "RTN 4-bit g64",
     "gptq3_g64": "GPTQ 3-bit g64",
+    "gptq4_g64_actorder": "GPTQ 4-bit g64, act-order",
+    "gptq3_g64_actorder": "GPTQ 3-bit g64, act-order",
     "rtn3_g64": "RTN 3-bit g64",
     "sparsegpt_2of4": "SparseGPT 2:4",
     "magnitude_2of4": "magnitude 2:4",
@@ -92,6 +114,14 @@ def tables() -> str:
         if run is not None:
             lines.append(f"| {label} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | {run['bits']['total']:.3f} | "
                          f"{run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
+    sweep = common.RESULTS / "damp_sweep.json"
+    if sweep.exists():
+        record = json.loads(sweep.read_text())
+        lines += ["", f"### EoRA damping sweep ({record['setting']}, rank {record['rank']}; chosen on validation)", "",
+                  "| compensation.damp | validation ppl | evaluation ppl |", "|---:|---:|---:|"]
+        for damp, row in record["rows"].items():
+            mark = " (chosen)" if float(damp) == record["chosen_damp"] else ""
+            lines.append(f"| {float(damp):g}{mark} | {row['val_ppl']:.2f} | {row['ppl']:.2f} |")
     path = common.RESULTS / "compensation.json"
     if path.exists():
         comp = json.loads(path.read_text())

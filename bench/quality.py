@@ -33,6 +33,7 @@ CONFIGS = {  # most informative first
     # GPTQ 4-bit options tried after GPTQ lost to RTN at 4 bits (not part of the table)
     "gptq4_g64_actorder": CompressionPlan(quant=replace(common.quant("gptq", 4), act_order=True)),
     "gptq4_g64_damp10": CompressionPlan(quant=replace(common.quant("gptq", 4), damp=0.1)),
+    "gptq3_g64_actorder": CompressionPlan(quant=replace(common.quant("gptq", 3), act_order=True)),
 }
 
 
