@@ -30,6 +30,7 @@ import math
 from dataclasses import replace
 
 from bench import common
+from bench.quality import in_domain_protocol
 from worker.plan import CompressionPlan
 
 SETTINGS = {
@@ -182,6 +183,20 @@ def _checks(rows: dict, damp: float | None) -> dict:
     return checks
 
 
+def wikicalib(protocol: common.Protocol, settings: list[str], only: list[str], budget: int) -> None:
+    """Diagnostic, outside the fixed protocol: does the EoRA vs SVD ordering depend on calibrating on
+    news text and evaluating on Wikipedia? The same rows calibrated in-domain (quality.in_domain_protocol)."""
+    diag = in_domain_protocol(protocol)
+    damp = chosen_damp()
+    todo = variants(budget) | (variants(budget, damp) if damp else {})
+    for setting in settings:
+        base_name, compression = SETTINGS[setting]
+        common.run_config(f"diag_wikicalib_{base_name}", CompressionPlan(**compression), diag, note=diag.info["calibration"])
+        for variant in only:
+            common.run_config(f"diag_wikicalib_{base_name}__{variant}", CompressionPlan(**compression, **todo[variant]),
+                              diag, note=diag.info["calibration"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -190,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choose-damp", action="store_true", help="run the damping sweep only")
     parser.add_argument("--sweep-damp", type=float, choices=DAMP_SWEEP,
                         help="run one point of the damping sweep only (to split the sweep across processes)")
+    parser.add_argument("--wikicalib", action="store_true",
+                        help="diagnostic: the --settings / --only rows (and the uncompensated base) calibrated "
+                             "in-domain on Wikipedia tokens after the evaluation windows; names prefixed diag_wikicalib_")
     args = parser.parse_args(argv)
     common.setup(args.threads)
     protocol = common.Protocol()
@@ -206,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sweep_damp is not None:
         sweep_run(protocol, args.sweep_damp)
+        return 0
+    if args.wikicalib:
+        wikicalib(protocol, args.settings, args.only or [], budget)
         return 0
     if args.choose_damp:
         choose_damp(protocol)

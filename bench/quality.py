@@ -16,6 +16,7 @@ from dataclasses import replace
 import json
 
 import torch
+from transformers import AutoTokenizer
 
 from bench import common
 from worker.data import load_texts, token_stream, windows_hash
@@ -40,7 +41,7 @@ CONFIGS = {  # most informative first
 def in_domain_protocol(protocol: common.Protocol) -> common.Protocol:
     """Diagnostic only: calibration windows drawn (seed 0) from the Wikipedia excerpt *after* the
     evaluation tokens, so calibration is in-domain but disjoint from the evaluation windows."""
-    _, tokenizer = common.load_model(common.MODEL_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(common.MODEL_DIR)
     stream = token_stream(tokenizer, load_texts(str(common.EVAL_FILE)))
     tail = stream[common.EVAL_WINDOWS * common.SEQ_LEN :]
     generator = torch.Generator().manual_seed(common.SEED)

@@ -70,6 +70,8 @@ INVALID = [
     ("act_order with sparsegpt", {**VALID, "quantization": {"method": "gptq", "act_order": True},
                                   "sparsity": {"method": "sparsegpt", "pattern": "2:4"}}, "quantization.act_order"),
     ("eval windows 0", with_("evaluation.num_windows", 0), "evaluation.num_windows"),
+    ("negative eora damp", {**VALID, "compensation": {"method": "eora", "rank": 8, "damp": -0.1}}, "compensation.damp"),
+    ("infinite eora damp", {**VALID, "compensation": {"method": "eora", "rank": 8, "damp": "inf"}}, "compensation.damp"),
 ]
 
 
@@ -98,6 +100,9 @@ def test_defaults_are_documented_values():
     assert (spec.calibration.split, spec.calibration.text_field) == ("train", "text")
     assert (spec.calibration.num_samples, spec.calibration.seq_len, spec.calibration.seed) == (128, 512, 0)
     assert spec.destination.uri is None
+    assert spec.compensation is None
+    compensated = JobSpec.model_validate({**spec.model_dump(), "compensation": {"rank": 8}})
+    assert (compensated.compensation.method, compensated.compensation.damp) == ("eora", 1.0)
 
 
 @pytest.mark.parametrize(("quantization", "sparsity", "expected"), [
