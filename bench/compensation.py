@@ -146,6 +146,7 @@ def _row(run: dict, base: dict, fp32: float) -> dict:
     layers = run["per_layer"]
     return {
         "ppl": run["ppl"],
+        "val_ppl": run.get("val_ppl"),  # validation windows; recorded on the runs made since they exist
         "gap_recovered": (base["ppl"] - run["ppl"]) / gap if gap > 0 else math.nan,
         "bits": run["bits"],
         "adapter_params": run["adapter_params"],

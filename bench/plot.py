@@ -128,17 +128,27 @@ def tables() -> str:
         for setting in comp["settings"].values():
             base = NAMES[setting["base"]]
             lines += ["", f"### {base}", "",
-                      "| compensation | perplexity | gap recovered | bits/weight (codes+scales+mask+adapters) | "
+                      "| compensation | perplexity | validation ppl | gap recovered | bits/weight (codes+scales+mask+adapters) | "
                       "adapter params | max rank | GPTQ/prune s/layer | compensation s/layer |",
-                      "|---|---:|---:|---|---:|---:|---:|---:|"]
+                      "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
             for variant, row in setting["rows"].items():
                 b = row["bits"]
                 split = f"{b['total']:.3f} = {b['codes']:.2f}+{b['scales_zeros']:.3f}+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}"
                 gap = "-" if variant == "none" else f"{100 * row['gap_recovered']:.1f}%"
-                lines.append(f"| {variant} | {row['ppl']:.2f} | {gap} | {split} | {row['adapter_params']:,} | "
+                val = "-" if row.get("val_ppl") is None else f"{row['val_ppl']:.2f}"
+                lines.append(f"| {variant} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
+    diag = sorted(common.RUNS.glob("diag_wikicalib_*.json"))
+    if diag:
+        lines += ["", "### Diagnostic: calibrated in-domain (Wikipedia after the evaluation windows)", "",
+                  "| run | perplexity | same row, Lee calibration |", "|---|---:|---:|"]
+        for path in diag:
+            name = path.stem.removeprefix("diag_wikicalib_")
+            protocol_run = common.load_run(name)
+            ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}"
+            lines.append(f"| {name} | {json.loads(path.read_text())['ppl']:.2f} | {ref} |")
     return "\n".join(lines)
 
 
