@@ -27,7 +27,7 @@ import torch
 from transformers import AutoTokenizer
 
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
-from worker.data import contiguous_windows, load_texts, make_windows, token_stream, windows_hash
+from worker.data import load_texts, make_windows, token_stream, windows_hash
 from worker.evaluate import perplexity
 from worker.models import decoder_linears, get_architecture, load_model
 from worker.plan import CompressionPlan, CompressionResult
@@ -80,11 +80,12 @@ class Protocol:
     def __init__(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
         self.calibration = make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), CALIBRATION_WINDOWS, SEQ_LEN, SEED)
-        self.evaluation = contiguous_windows(tokenizer, load_texts(str(EVAL_FILE)), EVAL_WINDOWS, SEQ_LEN)
-        # Validation: the last VALIDATION_WINDOWS windows of the same stream, ~500k tokens away from the
-        # evaluation windows. Options (e.g. EoRA damping) are chosen on it; the evaluation set reports.
-        stream = token_stream(tokenizer, load_texts(str(EVAL_FILE)))
-        tail = stream[len(stream) - VALIDATION_WINDOWS * SEQ_LEN :]
+        # The Wikipedia token stream, tokenized once: evaluation = its first windows; validation = its
+        # last VALIDATION_WINDOWS windows, ~566k tokens further on. Options (e.g. EoRA damping) are
+        # chosen on validation; the evaluation windows report.
+        self.eval_stream = token_stream(tokenizer, load_texts(str(EVAL_FILE)))
+        self.evaluation = self.eval_stream[: EVAL_WINDOWS * SEQ_LEN].reshape(EVAL_WINDOWS, SEQ_LEN)
+        tail = self.eval_stream[len(self.eval_stream) - VALIDATION_WINDOWS * SEQ_LEN :]
         self.validation = tail.reshape(VALIDATION_WINDOWS, SEQ_LEN)
         self.info = {
             "model": str(MODEL_DIR.relative_to(ROOT)),

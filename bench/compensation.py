@@ -83,6 +83,15 @@ def variants(budget_params: int, damp: float | None = None) -> dict[str, dict]:
     }
 
 
+def all_variants(budget_params: int, damp: float | None) -> dict[str, dict]:
+    """The undamped rows plus, once a damping is chosen, the damped EoRA rows."""
+    return variants(budget_params) | (variants(budget_params, damp) if damp else {})
+
+
+def sweep_compensation(damp: float):
+    return common.compensation("eora", rank=SWEEP_RANK, damp=damp)
+
+
 def choose_damp(protocol: common.Protocol) -> float:
     """Run EoRA rank 64 on GPTQ 3-bit at every DAMP_SWEEP value with the validation perplexity
     recorded; the damp with the lowest *validation* perplexity is chosen (the evaluation windows
@@ -107,7 +116,7 @@ def sweep_run(protocol: common.Protocol, damp: float) -> dict:
     name = f"{base_name}__{sweep_name(damp)}"
     run = common.load_run(name)
     if run is None or run.get("val_ppl") is None:
-        plan = CompressionPlan(**compression, compensation=common.compensation("eora", rank=SWEEP_RANK, damp=damp))
+        plan = CompressionPlan(**compression, compensation=sweep_compensation(damp))
         run = common.run_config(name, plan, protocol, rerun=True, validate=True)
     return run
 
@@ -188,8 +197,7 @@ def wikicalib(protocol: common.Protocol, settings: list[str], only: list[str], b
     """Diagnostic, outside the fixed protocol: does the EoRA vs SVD ordering depend on calibrating on
     news text and evaluating on Wikipedia? The same rows calibrated in-domain (quality.in_domain_protocol)."""
     diag = in_domain_protocol(protocol)
-    damp = chosen_damp()
-    todo = variants(budget) | (variants(budget, damp) if damp else {})
+    todo = all_variants(budget, chosen_damp())
     for setting in settings:
         base_name, compression = SETTINGS[setting]
         common.run_config(f"diag_wikicalib_{base_name}", CompressionPlan(**compression), diag, note=diag.info["calibration"])
@@ -239,10 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, setting in enumerate(args.settings):
         base_name, compression = SETTINGS[setting]
         common.run_config(base_name, CompressionPlan(**compression), protocol)
-        todo = variants(budget) | (variants(budget, damp) if damp else {})
+        todo = all_variants(budget, damp)
         if setting == SWEEP_SETTING:
-            todo |= {sweep_name(d): {"compensation": common.compensation("eora", rank=SWEEP_RANK, damp=d)}
-                     for d in DAMP_SWEEP if d != 0}
+            todo |= {sweep_name(d): {"compensation": sweep_compensation(d)} for d in DAMP_SWEEP if d != 0}
         for variant, extra in todo.items():
             if args.only and variant not in args.only:
                 continue

@@ -32,8 +32,8 @@ VARIANTS = {
 }
 
 
-def variant_runs(base_name: str, damp: float | None) -> list[tuple[str, dict]]:
-    """(label, run) per plotted variant; EoRA rows with the chosen damping where they were run (the
+def variant_runs(base_name: str, damp: float | None) -> list[tuple[str, str, dict]]:
+    """(label, marker, run) per plotted variant; EoRA rows with the chosen damping where they were run (the
     undamped row otherwise), so the figure shows one point per method and rank."""
     out = []
     for variant, (label, marker) in VARIANTS.items():

@@ -16,10 +16,9 @@ from dataclasses import replace
 import json
 
 import torch
-from transformers import AutoTokenizer
 
 from bench import common
-from worker.data import load_texts, token_stream, windows_hash
+from worker.data import windows_hash
 from worker.plan import CompressionPlan
 
 CONFIGS = {  # most informative first
@@ -41,9 +40,7 @@ CONFIGS = {  # most informative first
 def in_domain_protocol(protocol: common.Protocol) -> common.Protocol:
     """Diagnostic only: calibration windows drawn (seed 0) from the Wikipedia excerpt *after* the
     evaluation tokens, so calibration is in-domain but disjoint from the evaluation windows."""
-    tokenizer = AutoTokenizer.from_pretrained(common.MODEL_DIR)
-    stream = token_stream(tokenizer, load_texts(str(common.EVAL_FILE)))
-    tail = stream[common.EVAL_WINDOWS * common.SEQ_LEN :]
+    tail = protocol.eval_stream[common.EVAL_WINDOWS * common.SEQ_LEN :]
     generator = torch.Generator().manual_seed(common.SEED)
     starts = torch.randint(0, len(tail) - common.SEQ_LEN + 1, (common.CALIBRATION_WINDOWS,), generator=generator)
     diag = copy.copy(protocol)
