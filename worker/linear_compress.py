@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.adapters import adapter_group_size, quantize_adapter
-from worker.compression.eora import eora, svd_baseline
+from worker.compression.eora import eora, eora_decompose, svd_baseline, svd_decompose
 from worker.compression.gptq import gptq_quantize
 from worker.compression.prune import prune
 from worker.compression.quantize import QuantizedWeight, quantize_rtn
@@ -87,6 +87,27 @@ def compensation_factors(
     if not (torch.isfinite(lora_b).all() and torch.isfinite(lora_a).all()):
         raise FloatingPointError(f"{name}: compensation factors have non-finite values")
     return lora_b, lora_a
+
+
+def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str) -> Tensor:
+    """(p,) fp32 descending singular values of the decomposition compensation_factors cuts: sigma_i^2
+    is what its i-th rank removes from the objective it minimises (EoRA: calibration-weighted error
+    under the damped Gram; SVD: Frobenius error). The rank budget spends parameters by them."""
+    if spec.method == "eora":
+        return eora_decompose(residual, gram, name, damp=spec.damp).singular_values
+    return svd_decompose(residual, name).singular_values
+
+
+def objective_norm(weight: Tensor, gram: Tensor, spec: CompensationSpec) -> float:
+    """||W|| in the norm of that objective (EoRA: sqrt(tr(W (S + damp mean(diag S) I) W^T)); SVD:
+    ||W||_F), so that sigma_i / objective_norm is the relative error a rank unit removes."""
+    w = weight.double()
+    frobenius = float(w.square().sum())
+    if spec.method != "eora":
+        return frobenius**0.5
+    g = gram.double()
+    weighted = float((w @ g * w).sum())  # tr(W S W^T)
+    return (weighted + spec.damp * float(g.diagonal().mean()) * frobenius) ** 0.5
 
 
 def adapter_size(d_out: int, d_in: int, rank: int, spec: CompensationSpec) -> tuple[int, int]:

@@ -65,7 +65,7 @@ def compression_plan(spec: JobSpec):
         budget_fields = {} if budget is None else {
             "budget_params": budget.params, "budget_fraction": budget.fraction, "budget_criterion": budget.criterion}
         compensation = CompensationSpec(method=c.method, rank=c.rank, adapter_bits=c.adapter_bits, damp=c.damp,
-                                        **budget_fields)
+                                        sink_tokens=c.sink_tokens, **budget_fields)
     return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
 
 

@@ -23,6 +23,8 @@ class CompressionPlan:
         given = [spec.rank is not None, spec.budget_params is not None, spec.budget_fraction is not None]
         if sum(given) != 1:
             raise ValueError("compensation needs exactly one of rank, budget_params, budget_fraction")
+        if spec.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {spec.sink_tokens}")
         if spec.rank is not None and not 1 <= spec.rank <= spec.max_rank:
             raise ValueError(f"rank must be in 1..{spec.max_rank}, got {spec.rank}")
 

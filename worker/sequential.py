@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import perf_counter
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from worker.compression.eora import projected_singular_values
 from worker.compression.gram import accumulate_gram
 from worker.compression.ranks import allocate_ranks, budget_from_fraction
 from worker.compression.specs import SparsitySpec
@@ -43,7 +43,9 @@ from worker.linear_compress import (
     adapter_size,
     attach_compensation,
     compensation_factors,
+    compensation_spectrum,
     compress_weight,
+    objective_norm,
     relative_output_error,
 )
 from worker.models import Architecture, get_architecture
@@ -117,20 +119,39 @@ def forward_layer(layer: nn.Module, inputs: LayerInputs, index: int, device: tor
             inputs.hidden[b] = out.to("cpu")
 
 
+class _Grams(NamedTuple):
+    """One input group's second moments: what the compression weighs its error by, and what the
+    compensation does (the same tensor unless sink_tokens > 0)."""
+
+    compress: Tensor  # (d_in, d_in) fp32
+    compensate: Tensor  # (d_in, d_in) fp32
+
+
 class _GramAccumulator:
-    def __init__(self) -> None:
+    """x^T x over every token, and with skip > 0 also over the positions >= skip of each window
+    (a second accumulation, so the first stays the exact Gram the compression sees)."""
+
+    def __init__(self, skip: int = 0) -> None:
+        self.skip = skip
         self.gram: Tensor | None = None  # (d_in, d_in) fp32 running mean of x^T x
         self.tokens = 0
+        self.body: Tensor | None = None  # same, positions >= skip only; None while skip == 0
+        self.body_tokens = 0
 
     def hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self.gram, self.tokens = accumulate_gram(args[0].detach(), self.gram, self.tokens)
+        x = args[0].detach()  # (batch, seq, d_in)
+        self.gram, self.tokens = accumulate_gram(x, self.gram, self.tokens)
+        if self.skip:
+            self.body, self.body_tokens = accumulate_gram(x[:, self.skip :], self.body, self.body_tokens)
 
 
 @contextmanager
-def gram_hooks(layer: nn.Module, arch: Architecture) -> Iterator[dict[tuple[str, ...], _GramAccumulator]]:
+def gram_hooks(
+    layer: nn.Module, arch: Architecture, skip: int = 0
+) -> Iterator[dict[tuple[str, ...], _GramAccumulator]]:
     """One Gram per input group (q/k/v share one, gate/up share one), hooked on the group's first
-    Linear; the hooks are always removed on exit."""
-    accumulators = {group: _GramAccumulator() for group in arch.linear_groups}
+    Linear; the hooks are always removed on exit. skip: see _GramAccumulator."""
+    accumulators = {group: _GramAccumulator(skip) for group in arch.linear_groups}
     handles = []
     try:
         for group, acc in accumulators.items():
@@ -185,6 +206,7 @@ class _Run:
         self.step = 0
         self.residuals: dict[str, Tensor] = {}  # budget plans: W - Wc on CPU until walk 2
         self.spectra: dict[str, Tensor] = {}  # budget plans: projected singular values, CPU
+        self.objective_norms: dict[str, float] = {}  # budget plans: objective_norm(W) per module
 
     @torch.no_grad()
     def execute(self) -> CompressionResult:
@@ -218,23 +240,27 @@ class _Run:
                     )
                 )
 
-    def _grams(self, layer: nn.Module, inputs: LayerInputs, index: int) -> dict[tuple[str, ...], Tensor]:
+    def _grams(self, layer: nn.Module, inputs: LayerInputs, index: int) -> dict[tuple[str, ...], _Grams]:
+        skip = self.plan.compensation.sink_tokens if self.plan.compensates else 0
         start = perf_counter()
-        with gram_hooks(layer, self.arch) as accumulators:
+        with gram_hooks(layer, self.arch, skip) as accumulators:
             forward_layer(layer, inputs, index, self.device, keep_outputs=False)
         self.result.calibration_seconds += perf_counter() - start
         grams = {}
         for group, acc in accumulators.items():
+            name = f"{self.arch.layers}.{index}.{group[0]}"
             if acc.gram is None or not torch.isfinite(acc.gram).all():
-                name = f"{self.arch.layers}.{index}.{group[0]}"
                 raise FloatingPointError(f"{name}: non-finite inputs (Gram matrix); an earlier module is broken")
-            grams[group] = acc.gram
+            if skip and acc.body_tokens == 0:
+                raise ValueError(f"{name}: sink_tokens={skip} leaves no calibration token for the compensation")
+            grams[group] = _Grams(acc.gram, acc.body if skip else acc.gram)
         return grams
 
     def _compress_layer(self, index: int, layer: nn.Module, grams: dict) -> list[ModuleReport]:
         plan = self.plan
         reports = []
-        for group, gram in grams.items():
+        for group, group_grams in grams.items():
+            gram = group_grams.compress
             for relative in group:
                 name = f"{self.arch.layers}.{index}.{relative}"
                 linear = layer.get_submodule(relative)
@@ -255,10 +281,12 @@ class _Run:
                 self.result.compression_seconds += compressed.seconds
                 linear.weight.data.copy_(compressed.weight)
                 if plan.compensates and plan.compensation.rank is not None:
-                    self._compensate(layer, relative, report, residual, original, gram, plan.compensation.rank)
+                    self._compensate(layer, relative, report, residual, original, group_grams, plan.compensation.rank)
                 elif plan.uses_budget:
                     start = perf_counter()
-                    self.spectra[name] = projected_singular_values(residual, gram).cpu()
+                    spec = plan.compensation
+                    self.spectra[name] = compensation_spectrum(residual, group_grams.compensate, spec, name).cpu()
+                    self.objective_norms[name] = objective_norm(original, group_grams.compensate, spec)
                     self.result.compensation_seconds += perf_counter() - start
                     self.residuals[name] = residual.to(original.dtype).cpu()
                 self.result.modules[name] = report
@@ -267,7 +295,8 @@ class _Run:
 
     def _compensate_layer(self, index: int, layer: nn.Module, grams: dict, ranks: dict[str, int]) -> list[ModuleReport]:
         reports = []
-        for group, gram in grams.items():
+        for group, group_grams in grams.items():
+            gram = group_grams.compress
             for relative in group:
                 name = f"{self.arch.layers}.{index}.{relative}"
                 report = self.result.modules[name]
@@ -278,23 +307,23 @@ class _Run:
                 start = perf_counter()
                 report.error_before = relative_output_error(residual, original, gram)
                 self.result.statistics_seconds += perf_counter() - start
-                self._compensate(layer, relative, report, residual, original, gram, ranks[name])
+                self._compensate(layer, relative, report, residual, original, group_grams, ranks[name])
                 reports.append(report)
         return reports
 
-    def _compensate(self, layer, relative, report, residual, original, gram, rank: int) -> None:
+    def _compensate(self, layer, relative, report, residual, original, grams: _Grams, rank: int) -> None:
         spec = self.plan.compensation
         rank = min(rank, *report.shape)  # beyond min(d_out, d_in) a rank adds only zeros
         if rank == 0:
             report.error_after = report.error_before
             return
         start = perf_counter()
-        lora_b, lora_a = compensation_factors(residual, gram, spec, rank, report.name)
+        lora_b, lora_a = compensation_factors(residual, grams.compensate, spec, rank, report.name)
         attach_compensation(layer, relative, lora_b, lora_a)
         report.compensate_seconds = perf_counter() - start
         self.result.compensation_seconds += report.compensate_seconds
         start = perf_counter()
-        report.error_after = relative_output_error(residual - lora_b @ lora_a, original, gram)
+        report.error_after = relative_output_error(residual - lora_b @ lora_a, original, grams.compress)
         self.result.statistics_seconds += perf_counter() - start
         report.rank = lora_a.shape[0]
         report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
@@ -311,20 +340,17 @@ class _Run:
             self._normalise_spectra()
         ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank)
         self.spectra.clear()
+        self.objective_norms.clear()
         self.result.compensation_seconds += perf_counter() - start
         return ranks
 
     def _normalise_spectra(self) -> None:
-        """sigma_i -> sigma_i / ||W X||: the allocator then buys relative error reduced per parameter.
-
-        ||W X|| comes from walk 1: error_before = ||dW X|| / ||W X||, and ||dW X||^2 = sum sigma_i^2
-        on the same Gram.
-        """
+        """sigma_i -> sigma_i / ||W|| (walk 1, in the norm the decomposition minimises the error in; for
+        exact EoRA ||W X||): the allocator then buys relative error reduced per parameter."""
         for name, sigmas in self.spectra.items():
-            error_before = self.result.modules[name].error_before
-            residual_norm = float(sigmas.double().square().sum().sqrt())
-            if error_before > 0 and residual_norm > 0:
-                self.spectra[name] = sigmas * (error_before / residual_norm)
+            norm = self.objective_norms[name]
+            if norm > 0:
+                self.spectra[name] = sigmas / norm
 
     def _park_quantized_weights(self, layer: nn.Module, index: int) -> None:
         """Keep this layer's codes/scales/zeros on CPU, and point each QuantizedWeight.weight at the

@@ -99,6 +99,9 @@ class Compensation(Strict):
     damp: float = Field(1.0, ge=0, le=100, description="EoRA: fraction of mean(diag(X^T X)) added to its diagonal "
                         "before the eigendecomposition; 0 = the paper's exact method. The default 1.0 was chosen "
                         "on held-out validation text (docs/benchmarks.md).")
+    sink_tokens: int = Field(0, ge=0, le=64, description="Leading positions of each calibration window left out "
+                             "of the compensation's X^T X (they still count for the compression): attention-sink "
+                             "tokens carry massive activations that can own nearly all of it.")
 
     @model_validator(mode="after")
     def _rank(self) -> Compensation:
@@ -176,4 +179,8 @@ class JobSpec(Strict):
                 and self.quantization.method == "gptq" and self.quantization.act_order):
             raise ValueError("quantization.act_order: SparseGPT + GPTQ run as one pass in the original column "
                              "order; act_order is not available with sparsity.method 'sparsegpt'")
+        c = self.compensation
+        if c is not None and c.method != "none" and c.sink_tokens >= self.calibration.seq_len:
+            raise ValueError(f"compensation.sink_tokens ({c.sink_tokens}) must be below calibration.seq_len "
+                             f"({self.calibration.seq_len}): no calibration token would be left to compensate on")
         return self

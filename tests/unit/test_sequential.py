@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from tests.fixtures_models import FAMILIES, build_tiny_model
+from worker.compression.eora import eora
+from worker.compression.gram import accumulate_gram
 from worker.compression.quantize import dequantize
 from worker.compression.ranks import budget_from_fraction
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
@@ -143,6 +145,37 @@ def test_eora_fixed_rank_reduces_error(tiny_llama, calibration_windows):
     assert err_eora < err_svd
 
 
+def test_sink_tokens_leave_compression_alone_and_compensate_on_the_rest(tiny_llama, calibration_windows):
+    """sink_tokens=1: the same compressed weights; the adapter is EoRA on the Gram of positions >= 1."""
+    inputs = []
+    hook = tiny_llama.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda module, args, output: inputs.append(args[0].detach()))
+    logits(tiny_llama, calibration_windows)
+    hook.remove()
+    x = torch.cat(inputs)  # (windows, seq, d_in): layer 0's q_proj inputs, as the pipeline sees them
+    original = tiny_llama.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    models = {}
+    for sink in (0, 1):
+        models[sink] = copy.deepcopy(tiny_llama)
+        spec = CompensationSpec(method="eora", rank=8, sink_tokens=sink)
+        compress_model(models[sink], calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
+    q0, q1 = (models[s].model.layers[0].self_attn.q_proj for s in (0, 1))
+    assert torch.equal(q0.base.weight, q1.base.weight)
+    body_gram, _ = accumulate_gram(x[:, 1:], None, 0)
+    full_gram, _ = accumulate_gram(x, None, 0)
+    residual = original - q1.base.weight
+    for module, gram in ((q1, body_gram), (q0, full_gram)):
+        lora_b, lora_a = eora(residual, gram, 8)
+        torch.testing.assert_close(module.lora_B @ module.lora_A, lora_b @ lora_a, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(q0.lora_B @ q0.lora_A, q1.lora_B @ q1.lora_A, rtol=1e-3, atol=1e-5)
+
+
+def test_sink_tokens_covering_the_window_are_refused(tiny_llama, calibration_windows):
+    spec = CompensationSpec(rank=4, sink_tokens=calibration_windows.shape[1])
+    with pytest.raises(ValueError, match="sink_tokens=32 leaves no calibration token"):
+        compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
+
+
 def test_unwrap_adapters_merged_equals_unmerged(tiny_llama, calibration_windows):
     plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(rank=4))
     compress_model(tiny_llama, calibration_windows, plan, CPU)
@@ -173,9 +206,10 @@ def test_quantized_adapters(tiny_llama, calibration_windows):
     assert result.adapter_bytes < 0.4 * 2 * result.adapter_params
 
 
-def test_global_budget(tiny_llama, calibration_windows):
+@pytest.mark.parametrize("sink_tokens", [0, 1])
+def test_global_budget(tiny_llama, calibration_windows, sink_tokens):
     reports = []
-    spec = CompensationSpec(method="eora", budget_fraction=0.1)
+    spec = CompensationSpec(method="eora", budget_fraction=0.1, sink_tokens=sink_tokens)
     result = compress_model(
         tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU, on_layer=reports.append
     )
@@ -233,6 +267,7 @@ def test_non_finite_weight_names_the_module(tiny_llama, calibration_windows):
         (CompensationSpec(rank=4, budget_params=100), "exactly one of"),
         (CompensationSpec(rank=None), "exactly one of"),
         (CompensationSpec(rank=600), "rank must be in 1..512"),
+        (CompensationSpec(rank=4, sink_tokens=-1), "sink_tokens must be >= 0"),
     ],
 )
 def test_plan_validation(compensation, message):

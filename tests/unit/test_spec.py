@@ -72,6 +72,11 @@ INVALID = [
     ("eval windows 0", with_("evaluation.num_windows", 0), "evaluation.num_windows"),
     ("negative eora damp", {**VALID, "compensation": {"method": "eora", "rank": 8, "damp": -0.1}}, "compensation.damp"),
     ("infinite eora damp", {**VALID, "compensation": {"method": "eora", "rank": 8, "damp": "inf"}}, "compensation.damp"),
+    ("negative sink tokens", {**VALID, "compensation": {"method": "eora", "rank": 8, "sink_tokens": -1}},
+     "compensation.sink_tokens"),
+    ("sink tokens fill the window", {**VALID, "calibration": {"dataset": "allenai/c4", "seq_len": 16},
+                                     "compensation": {"method": "eora", "rank": 8, "sink_tokens": 16}},
+     "compensation.sink_tokens"),
 ]
 
 

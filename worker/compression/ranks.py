@@ -1,8 +1,9 @@
 """Global rank allocation: spend a parameter budget on the adapter ranks that remove the most error.
 
 Rank unit i of module m costs d_out + d_in parameters (one column of B, one row of A) and removes
-sigma_i^2 of m's (projected) error, where sigma are the singular values of its decomposition. For
-EoRA that is exactly the drop in calibration-weighted output error. Per module the sigma are
+sigma_i^2 of m's error, where sigma are the singular values of the decomposition its adapter is cut
+from (worker.linear_compress.compensation_spectrum): for exact EoRA exactly the drop in
+calibration-weighted output error, for damped EoRA the drop under the damped Gram it minimises. Per module the sigma are
 descending, so gains per parameter fall monotonically and a greedy pass in global order of
 gain per parameter gives each module a contiguous prefix of ranks.
 """

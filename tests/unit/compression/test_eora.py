@@ -3,7 +3,8 @@ import torch
 
 from worker.compression.eora import eora, eora_decompose, projected_singular_values, svd_baseline
 from worker.compression.quantize import quantize_rtn
-from worker.compression.specs import QuantSpec
+from worker.compression.specs import CompensationSpec, QuantSpec
+from worker.linear_compress import compensation_factors, compensation_spectrum, objective_norm
 
 
 @pytest.fixture
@@ -140,3 +141,23 @@ def test_damping_equals_eora_on_the_explicitly_damped_gram(gram, dw):
     assert not torch.allclose(a, a_exact)  # damping changed the factors
     # damp 0 is exactly the undamped method
     torch.testing.assert_close(eora(dw, gram, 8, damp=0.0)[1], a_exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,damp", [("eora", 0.0), ("eora", 1.0), ("svd", 0.0)])
+@pytest.mark.parametrize("rank", [0, 3, 8])
+def test_budget_spectrum_is_what_the_compensation_removes(weight, gram, dw, method, damp, rank):
+    """The rank budget's sigma_i / objective_norm(W): rank r of the spec's own decomposition leaves
+    sum_{i>r} sigma_i^2 of ||dW||^2 in that spec's norm (damped Gram for damped EoRA, Frobenius for
+    SVD), and objective_norm is ||W|| in the same norm."""
+    spec = CompensationSpec(method=method, rank=max(rank, 1), damp=damp)
+    sigma = compensation_spectrum(dw, gram, spec, "m").double()
+    metric = gram.double() + damp * gram.double().diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    if method == "svd":
+        metric = torch.eye(64, dtype=torch.float64)
+
+    def sq_norm(m: torch.Tensor) -> float:
+        return float((m.double() @ metric * m.double()).sum())
+
+    b, a = compensation_factors(dw, gram, spec, rank, "m") if rank else (torch.zeros(32, 0), torch.zeros(0, 64))
+    assert sq_norm(dw - b @ a) == pytest.approx(float((sigma[rank:] ** 2).sum()), rel=1e-4)
+    assert objective_norm(weight, gram, spec) ** 2 == pytest.approx(sq_norm(weight), rel=1e-9)
