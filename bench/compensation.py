@@ -12,12 +12,14 @@ its output norm ||W X|| (error reduced *relative* to the module's output; the en
 budget_criterion="relative", now its default), reported beside it. GPTQ 8-bit g64 (no compensation)
 is run once for the plot.
 
-EoRA damping (compensation.damp: the Gram's diagonal raised by damp x its mean before the
-eigendecomposition) is chosen, not tuned on the evaluation windows: EoRA rank 64 on GPTQ 3-bit is run
-at each DAMP_SWEEP value, the one with the lowest perplexity on the *validation* windows (the last
-32 x 512 tokens of the Wikipedia excerpt, disjoint from the evaluation windows) is chosen
-(--choose-damp, docs/bench/damp_sweep.json), and the EoRA rows are run again with it (names suffixed
-_damp<percent>). --sweep-damp D runs one sweep point, so the sweep can be split across processes.
+EoRA's options are chosen, not tuned on the evaluation windows: compensation.damp (the Gram's diagonal
+raised by damp x its mean before the eigendecomposition) over SWEEP, then compensation.sink_tokens
+(leading positions of each calibration window left out of the compensation's Gram) over SINK_SWEEP,
+adopted only by a fixed validation margin. EoRA rank 64 on GPTQ 3-bit is run at each point, the one with
+the lowest perplexity on the *validation* windows (the last 32 x 512 tokens of the Wikipedia excerpt,
+disjoint from the evaluation windows) is chosen (--choose-damp, docs/bench/damp_sweep.json), and the
+EoRA rows are run again with it (names suffixed _damp<percent>, then _sink<n> when sink_tokens > 0).
+--sweep-damp D [--sweep-sink N] runs one point, so the sweeps can be split across processes.
 
 Writes docs/bench/runs/<config>.json (resumable) and docs/bench/compensation.json.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from bench import common
 from bench.quality import in_domain_protocol
@@ -46,8 +48,36 @@ SETTINGS = {
 RANK64_BUDGET_PER_LAYER = 64  # uniform rank whose parameter count the global budget matches
 
 
-DAMP_SWEEP = (0.0, 0.01, 0.1, 1.0, 3.0, 10.0)  # compensation.damp candidates, chosen on the validation windows
-SWEEP_SETTING, SWEEP_RANK = "gptq3", 64  # the one (setting, rank) the damping is chosen on
+@dataclass(frozen=True)
+class Options:
+    """EoRA options chosen on the validation windows."""
+
+    damp: float = 0.0
+    sink_tokens: int = 0
+
+    @property
+    def tag(self) -> str:
+        """'' for the paper's exact EoRA; 'damp100' (damp 1.0: percent of mean(diag S)); 'damp00_sink1'."""
+        if self == Options():
+            return ""
+        return damp_tag(self.damp) + (f"_sink{self.sink_tokens}" if self.sink_tokens else "")
+
+    def suffixed(self, name: str) -> str:
+        return f"{name}_{self.tag}" if self.tag else name
+
+    def label(self) -> str:
+        return f"damp {self.damp:g}" + (f", sink_tokens {self.sink_tokens}" if self.sink_tokens else "")
+
+
+# The candidates the options are chosen from, on the validation windows: the damping grid.
+SWEEP = tuple(Options(d) for d in (0.0, 0.01, 0.1, 1.0, 3.0, 10.0))
+# Tried after the damping was chosen: the first position of each window (the attention sink, which owns
+# up to 99.8 % of a down_proj Gram's trace) left out of the compensation Gram. Rule fixed before its
+# last two points were in: adopted only if its best validation ppl is >= 1 % below the chosen option's.
+SINK_SWEEP = tuple(Options(d, 1) for d in (0.0, 0.1, 1.0, 3.0))
+SINK_ADOPTION_MARGIN = 0.01
+DAMP_SWEEP = tuple(sorted({o.damp for o in SWEEP + SINK_SWEEP}))
+SWEEP_SETTING, SWEEP_RANK = "gptq3", 64  # the one (setting, rank) the options are chosen on
 
 
 def damp_tag(damp: float) -> str:
@@ -55,22 +85,22 @@ def damp_tag(damp: float) -> str:
     return f"damp{round(damp * 100):02d}"
 
 
-def sweep_name(damp: float) -> str:
-    return f"eora_r{SWEEP_RANK}" if damp == 0 else f"eora_r{SWEEP_RANK}_{damp_tag(damp)}"
+def sweep_name(options: Options) -> str:
+    return options.suffixed(f"eora_r{SWEEP_RANK}")
 
 
-def variants(budget_params: int, damp: float | None = None) -> dict[str, dict]:
-    """The issue's rows with undamped EoRA (the paper's method); with damp, the EoRA rows again with
-    compensation.damp = damp (names suffixed with its tag)."""
-    if damp is not None:
-        tag = damp_tag(damp)
+def variants(budget_params: int, options: Options | None = None) -> dict[str, dict]:
+    """The issue's rows with exact EoRA (the paper's method); with options, the EoRA rows again with
+    them (names suffixed with their tag)."""
+    if options is not None:
+        kw = {"damp": options.damp, "sink_tokens": options.sink_tokens}
         return {
-            f"eora_r64_{tag}": {"compensation": common.compensation("eora", rank=64, damp=damp)},
-            f"eora_r16_{tag}": {"compensation": common.compensation("eora", rank=16, damp=damp)},
-            f"eora_budget_r64eq_relnorm_{tag}": {"compensation": common.compensation(
-                "eora", budget_params=budget_params, budget_criterion="relative", damp=damp)},
-            f"eora_r64_adapter4bit_{tag}": {"compensation": common.compensation(
-                "eora", rank=64, adapter_bits=4, adapter_group_size=64, damp=damp)},
+            options.suffixed("eora_r64"): {"compensation": common.compensation("eora", rank=64, **kw)},
+            options.suffixed("eora_r16"): {"compensation": common.compensation("eora", rank=16, **kw)},
+            options.suffixed("eora_budget_r64eq_relnorm"): {"compensation": common.compensation(
+                "eora", budget_params=budget_params, budget_criterion="relative", **kw)},
+            options.suffixed("eora_r64_adapter4bit"): {"compensation": common.compensation(
+                "eora", rank=64, adapter_bits=4, adapter_group_size=64, **kw)},
         }
     return {
         "eora_r64": {"compensation": common.compensation("eora", rank=64)},
@@ -83,56 +113,66 @@ def variants(budget_params: int, damp: float | None = None) -> dict[str, dict]:
     }
 
 
-def all_variants(budget_params: int, damp: float | None) -> dict[str, dict]:
-    """The undamped rows plus, once a damping is chosen, the damped EoRA rows."""
-    return variants(budget_params) | (variants(budget_params, damp) if damp else {})
+def all_variants(budget_params: int, options: Options | None) -> dict[str, dict]:
+    """The exact-EoRA rows plus, once options are chosen, the EoRA rows with them."""
+    return variants(budget_params) | (variants(budget_params, options) if options and options.tag else {})
 
 
-def sweep_compensation(damp: float):
-    return common.compensation("eora", rank=SWEEP_RANK, damp=damp)
+def sweep_compensation(options: Options):
+    return common.compensation("eora", rank=SWEEP_RANK, damp=options.damp, sink_tokens=options.sink_tokens)
 
 
-def choose_damp(protocol: common.Protocol) -> float:
-    """Run EoRA rank 64 on GPTQ 3-bit at every DAMP_SWEEP value with the validation perplexity
-    recorded; the damp with the lowest *validation* perplexity is chosen (the evaluation windows
-    play no part in the choice). Writes docs/bench/damp_sweep.json."""
+def choose_options(protocol: common.Protocol) -> Options:
+    """Run EoRA rank 64 on GPTQ 3-bit at every SWEEP point with the validation perplexity recorded;
+    the point with the lowest *validation* perplexity is chosen (the evaluation windows play no part
+    in the choice), then replaced by the best SINK_SWEEP point if that is SINK_ADOPTION_MARGIN better
+    on validation. Writes docs/bench/damp_sweep.json."""
     base_name = SETTINGS[SWEEP_SETTING][0]
-    rows = {}
-    for damp in DAMP_SWEEP:
-        run = sweep_run(protocol, damp)
-        rows[damp] = {"run": run["name"], "val_ppl": run["val_ppl"], "ppl": run["ppl"]}
-    chosen = min(rows, key=lambda d: rows[d]["val_ppl"])
-    record = {"setting": base_name, "rank": SWEEP_RANK, "chosen_damp": chosen,
-              "rows": {str(d): r for d, r in rows.items()}, "validation": protocol.info["validation"]}
+
+    def rows_of(points: tuple[Options, ...]) -> list[dict]:
+        rows = []
+        for options in points:
+            run = sweep_run(protocol, options)
+            rows.append({"damp": options.damp, "sink_tokens": options.sink_tokens, "run": run["name"],
+                         "val_ppl": run["val_ppl"], "ppl": run["ppl"]})
+        return rows
+
+    rows, sink_rows = rows_of(SWEEP), rows_of(SINK_SWEEP)
+    best = min(rows, key=lambda r: r["val_ppl"])
+    best_sink = min(sink_rows, key=lambda r: r["val_ppl"])
+    if best_sink["val_ppl"] <= (1 - SINK_ADOPTION_MARGIN) * best["val_ppl"]:
+        best = best_sink
+    record = {"setting": base_name, "rank": SWEEP_RANK, "chosen": {"damp": best["damp"], "sink_tokens": best["sink_tokens"]},
+              "sink_adoption_margin": SINK_ADOPTION_MARGIN, "rows": rows + sink_rows,
+              "validation": protocol.info["validation"]}
     (common.RESULTS / "damp_sweep.json").write_text(json.dumps(record, indent=1) + "\n")
-    common.log(f"damp sweep: {rows}; chosen {chosen}")
-    return chosen
+    common.log(f"option sweep: {rows}; chosen {record['chosen']}")
+    return Options(**record["chosen"])
 
 
-def sweep_run(protocol: common.Protocol, damp: float) -> dict:
-    """One point of the damping sweep, with its validation perplexity (runs stored without one, from
-    before the validation windows existed, are rerun)."""
+def sweep_run(protocol: common.Protocol, options: Options) -> dict:
+    """One point of the sweep, with its validation perplexity (runs stored without one, from before the
+    validation windows existed, are rerun)."""
     base_name, compression = SETTINGS[SWEEP_SETTING]
-    name = f"{base_name}__{sweep_name(damp)}"
+    name = f"{base_name}__{sweep_name(options)}"
     run = common.load_run(name)
     if run is None or run.get("val_ppl") is None:
-        plan = CompressionPlan(**compression, compensation=sweep_compensation(damp))
+        plan = CompressionPlan(**compression, compensation=sweep_compensation(options))
         run = common.run_config(name, plan, protocol, rerun=True, validate=True)
     return run
 
 
-def chosen_damp() -> float | None:
+def chosen_options() -> Options | None:
     path = common.RESULTS / "damp_sweep.json"
-    return json.loads(path.read_text())["chosen_damp"] if path.exists() else None
+    return Options(**json.loads(path.read_text())["chosen"]) if path.exists() else None
 
 
 def summarize(fp32: float) -> dict:
-    damp = chosen_damp()
-    out = {"fp32_ppl": fp32, "chosen_damp": damp, "settings": {}}
+    chosen = chosen_options()
+    out = {"fp32_ppl": fp32, "chosen": None if chosen is None else vars(chosen), "settings": {}}
     names = [*variants(0), "eora_budget_r64eq_relnorm"]
-    names += [sweep_name(d) for d in DAMP_SWEEP if d != 0]
-    if damp:
-        names += list(variants(0, damp))
+    names += [sweep_name(o) for o in SWEEP + SINK_SWEEP if o.tag]
+    names += [n for o in SWEEP + SINK_SWEEP if o.tag for n in variants(0, o)]  # every option set's rows that were run
     for setting, (base_name, _) in SETTINGS.items():
         base = common.load_run(base_name)
         if base is None:
@@ -142,7 +182,7 @@ def summarize(fp32: float) -> dict:
             run = common.load_run(f"{base_name}__{variant}")
             if run is not None:
                 rows[variant] = _row(run, base, fp32)
-        out["settings"][setting] = {"base": base_name, "rows": rows, "checks": _checks(rows, damp)}
+        out["settings"][setting] = {"base": base_name, "rows": rows, "checks": _checks(rows, chosen)}
     for name in ["gptq3_g64", "gptq4_g64", "gptq8_g64"]:
         run = common.load_run(name)
         if run is not None:
@@ -177,9 +217,9 @@ def _ranks_by_type(run: dict) -> dict:
     return {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in kinds.items()}
 
 
-def _checks(rows: dict, damp: float | None) -> dict:
+def _checks(rows: dict, chosen: Options | None) -> dict:
     checks = {}
-    suffixes = {"": "EoRA"} | ({f"_{damp_tag(damp)}": f"EoRA damp {damp}"} if damp else {})
+    suffixes = {"": "EoRA"} | ({f"_{chosen.tag}": f"EoRA {chosen.label()}"} if chosen and chosen.tag else {})
     for suffix, label in suffixes.items():
         for rank in (16, 64):
             e, s = rows.get(f"eora_r{rank}{suffix}"), rows.get(f"svd_r{rank}")
@@ -197,7 +237,7 @@ def wikicalib(protocol: common.Protocol, settings: list[str], only: list[str], b
     """Diagnostic, outside the fixed protocol: does the EoRA vs SVD ordering depend on calibrating on
     news text and evaluating on Wikipedia? The same rows calibrated in-domain (quality.in_domain_protocol)."""
     diag = in_domain_protocol(protocol)
-    todo = all_variants(budget, chosen_damp())
+    todo = all_variants(budget, chosen_options())
     for setting in settings:
         base_name, compression = SETTINGS[setting]
         common.run_config(f"diag_wikicalib_{base_name}", CompressionPlan(**compression), diag, note=diag.info["calibration"])
@@ -211,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--only", nargs="*", help="run only these variant names (e.g. svd_r16 eora_r64_damp10)")
-    parser.add_argument("--choose-damp", action="store_true", help="run the damping sweep only")
+    parser.add_argument("--choose-damp", action="store_true", help="run the option sweep only and choose")
     parser.add_argument("--sweep-damp", type=float, choices=DAMP_SWEEP,
-                        help="run one point of the damping sweep only (to split the sweep across processes)")
+                        help="run one point of the option sweep only (to split the sweep across processes)")
+    parser.add_argument("--sweep-sink", type=int, default=0, help="with --sweep-damp: the point's sink_tokens")
     parser.add_argument("--wikicalib", action="store_true",
                         help="diagnostic: the --settings / --only rows (and the uncompensated base) calibrated "
                              "in-domain on Wikipedia tokens after the evaluation windows; names prefixed diag_wikicalib_")
@@ -232,24 +273,27 @@ def main(argv: list[str] | None = None) -> int:
         (common.RESULTS / "compensation.json").write_text(json.dumps(summarize(fp32), indent=1, default=float) + "\n")
 
     if args.sweep_damp is not None:
-        sweep_run(protocol, args.sweep_damp)
+        options = Options(args.sweep_damp, args.sweep_sink)
+        if options not in SWEEP + SINK_SWEEP:
+            parser.error(f"{options} is not a sweep point")
+        sweep_run(protocol, options)
         return 0
     if args.wikicalib:
         wikicalib(protocol, args.settings, args.only or [], budget)
         return 0
     if args.choose_damp:
-        choose_damp(protocol)
+        choose_options(protocol)
         save()
         return 0
-    damp = chosen_damp()
-    if damp is None and not args.only:
-        damp = choose_damp(protocol)
+    chosen = chosen_options()
+    if chosen is None and not args.only:
+        chosen = choose_options(protocol)
     for i, setting in enumerate(args.settings):
         base_name, compression = SETTINGS[setting]
         common.run_config(base_name, CompressionPlan(**compression), protocol)
-        todo = all_variants(budget, damp)
+        todo = all_variants(budget, chosen)
         if setting == SWEEP_SETTING:
-            todo |= {sweep_name(d): {"compensation": sweep_compensation(d)} for d in DAMP_SWEEP if d != 0}
+            todo |= {sweep_name(o): {"compensation": sweep_compensation(o)} for o in SWEEP if o.tag}
         for variant, extra in todo.items():
             if args.only and variant not in args.only:
                 continue

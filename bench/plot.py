@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.compensation import chosen_damp, damp_tag  # noqa: E402
+from bench.compensation import Options, chosen_options  # noqa: E402
 
 SERIES = {  # setting base run -> label
     "gptq3_g64": "GPTQ 3-bit g64 +",
@@ -32,15 +32,15 @@ VARIANTS = {
 }
 
 
-def variant_runs(base_name: str, damp: float | None) -> list[tuple[str, str, dict]]:
-    """(label, marker, run) per plotted variant; EoRA rows with the chosen damping where they were run (the
-    undamped row otherwise), so the figure shows one point per method and rank."""
+def variant_runs(base_name: str, chosen: Options | None) -> list[tuple[str, str, dict]]:
+    """(label, marker, run) per plotted variant; EoRA rows with the chosen options where they were run (exact
+    EoRA otherwise), so the figure shows one point per method and rank."""
     out = []
     for variant, (label, marker) in VARIANTS.items():
         run = None
-        if damp and variant.startswith("eora"):
-            run = common.load_run(f"{base_name}__{variant}_{damp_tag(damp)}")
-            label = f"{label}, damp {damp:g}" if run is not None else label
+        if chosen and chosen.tag and variant.startswith("eora"):
+            run = common.load_run(f"{base_name}__{chosen.suffixed(variant)}")
+            label = f"{label}, {chosen.label()}" if run is not None else label
         run = run or common.load_run(f"{base_name}__{variant}")
         if run is not None:
             out.append((label, marker, run))
@@ -73,7 +73,7 @@ def main() -> int:
         color = colors[base_name]
         ax.plot(base["bits"]["total"], base["ppl"], "o", color=color, mfc="none", ms=9,
                 label=f"{label.rstrip(' +')}, no compensation")
-        for vlabel, marker, run in variant_runs(base_name, chosen_damp()):
+        for vlabel, marker, run in variant_runs(base_name, chosen_options()):
             ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, label=f"{label} {vlabel}")
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight, decoder Linears (codes + scales/zeros + 2:4 mask + adapters)")
@@ -117,11 +117,12 @@ def tables() -> str:
     sweep = common.RESULTS / "damp_sweep.json"
     if sweep.exists():
         record = json.loads(sweep.read_text())
-        lines += ["", f"### EoRA damping sweep ({record['setting']}, rank {record['rank']}; chosen on validation)", "",
-                  "| compensation.damp | validation ppl | evaluation ppl |", "|---:|---:|---:|"]
-        for damp, row in record["rows"].items():
-            mark = " (chosen)" if float(damp) == record["chosen_damp"] else ""
-            lines.append(f"| {float(damp):g}{mark} | {row['val_ppl']:.2f} | {row['ppl']:.2f} |")
+        lines += ["", f"### EoRA option sweep ({record['setting']}, rank {record['rank']}; chosen on validation)", "",
+                  "| compensation.sink_tokens | compensation.damp | validation ppl | evaluation ppl |", "|---:|---:|---:|---:|"]
+        for row in record["rows"]:
+            chosen = {"damp": row["damp"], "sink_tokens": row["sink_tokens"]} == record["chosen"]
+            lines.append(f"| {row['sink_tokens']} | {row['damp']:g}{' (chosen)' if chosen else ''} | "
+                         f"{row['val_ppl']:.2f} | {row['ppl']:.2f} |")
     path = common.RESULTS / "compensation.json"
     if path.exists():
         comp = json.loads(path.read_text())
