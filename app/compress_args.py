@@ -46,6 +46,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(name, type=kind, default=None)
     parser.add_argument("--rank-budget-params", type=int, default=None)
     parser.add_argument("--rank-budget-fraction", type=float, default=None)
+    parser.add_argument("--rank-budget-min-rank", type=int, default=None,
+                        help="with a rank budget: a rank every Linear gets before the rest is allocated")
 
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
@@ -60,9 +62,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             if data[section] is None:
                 data[section] = {}
             data[section][field] = value
-    if args.rank_budget_params is not None or args.rank_budget_fraction is not None:
-        budget = {"params": args.rank_budget_params} if args.rank_budget_params is not None \
-            else {"fraction": args.rank_budget_fraction}
+    given = {"params": args.rank_budget_params, "fraction": args.rank_budget_fraction,
+             "min_rank": args.rank_budget_min_rank}
+    budget = {key: value for key, value in given.items() if value is not None}
+    if budget:  # the spec refuses min_rank alone, or params with fraction
         data.setdefault("compensation", {})["rank_budget"] = budget
         data["compensation"].pop("rank", None)
     data.setdefault("destination", {})["uri"] = str(args.out.resolve())

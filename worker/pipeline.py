@@ -63,17 +63,29 @@ def compression_plan(spec: JobSpec):
         c = spec.compensation
         budget = c.rank_budget
         budget_fields = {} if budget is None else {
-            "budget_params": budget.params, "budget_fraction": budget.fraction, "budget_criterion": budget.criterion}
+            "budget_params": budget.params, "budget_fraction": budget.fraction, "budget_criterion": budget.criterion,
+            "min_rank": budget.min_rank}
         compensation = CompensationSpec(method=c.method, rank=c.rank, adapter_bits=c.adapter_bits, damp=c.damp,
                                         sink_tokens=c.sink_tokens, **budget_fields)
     return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
 
 
 def check_plan_fits(model, arch, plan) -> None:
-    """Refuse before any work when a group size or N:M block does not divide a layer's input width."""
+    """Refuse before any work when a group size or N:M block does not divide a layer's input width, or a
+    rank budget cannot pay for its min_rank floor."""
+    from worker.compression.ranks import budget_from_fraction
     from worker.models import decoder_linears
 
-    widths = sorted({linear.in_features for linear in decoder_linears(model, arch).values()})
+    linears = decoder_linears(model, arch)
+    widths = sorted({linear.in_features for linear in linears.values()})
+    spec = plan.compensation
+    if plan.uses_budget and spec.min_rank:
+        shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
+        budget = spec.budget_params if spec.budget_params is not None else budget_from_fraction(spec.budget_fraction, shapes)
+        floor = sum(min(spec.min_rank, spec.max_rank, *shape) * sum(shape) for shape in shapes.values())
+        if floor > budget:
+            raise JobFailure(f"compensation.rank_budget.min_rank {spec.min_rank} on all {len(shapes)} Linears takes "
+                             f"{floor:,} adapter parameters, more than the budget of {budget:,}")
     if plan.quant is not None and plan.quant.group_size != -1:
         bad = [w for w in widths if w % plan.quant.group_size]
         if bad:

@@ -25,6 +25,8 @@ class CompressionPlan:
             raise ValueError("compensation needs exactly one of rank, budget_params, budget_fraction")
         if spec.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {spec.sink_tokens}")
+        if not 0 <= spec.min_rank <= spec.max_rank:
+            raise ValueError(f"min_rank must be in 0..{spec.max_rank}, got {spec.min_rank}")
         if spec.rank is not None and not 1 <= spec.rank <= spec.max_rank:
             raise ValueError(f"rank must be in 1..{spec.max_rank}, got {spec.rank}")
 

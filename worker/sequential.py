@@ -338,7 +338,7 @@ class _Run:
         self.result.budget_params = budget
         if spec.budget_criterion == "relative":
             self._normalise_spectra()
-        ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank)
+        ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank, min_rank=spec.min_rank)
         self.spectra.clear()
         self.objective_norms.clear()
         self.result.compensation_seconds += perf_counter() - start

@@ -83,6 +83,8 @@ class RankBudget(Strict):
     criterion: Literal["relative", "absolute"] = Field(
         "relative", description="Rank units go where they reduce the most output error per parameter: relative "
         "to each module's output norm ||WX|| (default, better on SmolLM2), or absolute.")
+    min_rank: int = Field(0, ge=0, le=512, description="A rank every Linear gets before the rest of the budget "
+                          "is allocated by the criterion; the budget must cover it.")
 
     @model_validator(mode="after")
     def _one_of(self) -> RankBudget:

@@ -157,6 +157,16 @@ def test_group_size_that_does_not_divide_fails_before_work(service, tiny_llama_d
     assert "group_size 128 does not divide the input width 64" in job["error"]
 
 
+def test_budget_that_cannot_pay_its_rank_floor_fails_before_work(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt,
+                    compensation={"method": "eora", "rank_budget": {"params": 1000, "min_rank": 4}})
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed"
+    assert "compensation.rank_budget.min_rank 4 on all 14 Linears takes" in job["error"], job["error"]
+    assert "more than the budget of 1,000" in job["error"]
+
+
 def test_eora_job_exports_a_peft_adapter(service, tiny_llama_dir, calibration_txt):
     client, _ = service
     spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4})

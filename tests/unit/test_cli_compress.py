@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from app.cli import build_parser, main
 from app.compress_args import spec_from_args
@@ -35,9 +36,17 @@ def test_flags_override_the_spec_file(tmp_path):
 
 def test_positional_model_and_budget_flag(tmp_path):
     spec = spec_from_args(parse("some/model", "--out", str(tmp_path), "--quant-method", "rtn",
-                                "--calibration", "c/d", "--rank-budget-fraction", "0.05"))
+                                "--calibration", "c/d", "--rank-budget-fraction", "0.05", "--rank-budget-min-rank", "8"))
     assert spec.model.id == "some/model"
     assert spec.compensation.rank_budget.fraction == 0.05 and spec.compensation.rank is None
+    assert spec.compensation.rank_budget.min_rank == 8
+
+
+@pytest.mark.parametrize("flags", [["--rank-budget-min-rank", "8"],
+                                   ["--rank-budget-params", "1000", "--rank-budget-fraction", "0.1"]])
+def test_incomplete_or_double_budget_flags_are_refused(tmp_path, flags):
+    with pytest.raises(ValidationError, match="exactly one of params or fraction"):
+        spec_from_args(parse("a/b", "--out", str(tmp_path), "--quant-method", "rtn", "--calibration", "c/d", *flags))
 
 
 def test_invalid_flag_combination_exits_2_naming_the_field(tmp_path, capsys):

@@ -240,6 +240,16 @@ def test_budget_in_params_is_spent_and_deterministic(tiny_llama, calibration_win
     assert compress_model(twin, calibration_windows, plan, CPU).ranks == result.ranks
 
 
+def test_budget_floor_gives_every_module_its_rank_and_spends_the_rest(tiny_llama, calibration_windows):
+    spec = CompensationSpec(budget_params=5000, min_rank=2)
+    result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
+    floor = sum(2 * sum(m.shape) for m in result.modules.values())
+    assert min(result.ranks.values()) == 2
+    assert floor < result.adapter_params <= 5000
+    largest_unit = max(sum(m.shape) for m in result.modules.values())
+    assert 5000 - largest_unit < result.adapter_params
+
+
 def test_on_layer_exception_cancels(tiny_llama, calibration_windows):
     untouched = tiny_llama.model.layers[1].self_attn.q_proj.weight.detach().clone()
 
@@ -268,6 +278,8 @@ def test_non_finite_weight_names_the_module(tiny_llama, calibration_windows):
         (CompensationSpec(rank=None), "exactly one of"),
         (CompensationSpec(rank=600), "rank must be in 1..512"),
         (CompensationSpec(rank=4, sink_tokens=-1), "sink_tokens must be >= 0"),
+        (CompensationSpec(budget_params=100, min_rank=-1), r"min_rank must be in 0\.\.512"),
+        (CompensationSpec(budget_params=100, min_rank=513), r"min_rank must be in 0\.\.512"),
     ],
 )
 def test_plan_validation(compensation, message):

@@ -48,6 +48,7 @@ class CompensationSpec:
     # decomposition minimises (||W X|| for exact EoRA; measured better on SmolLM2, docs/benchmarks.md);
     # "absolute" by the error reduced itself.
     budget_criterion: Literal["absolute", "relative"] = "relative"
+    min_rank: int = 0  # budget only: a rank every module gets before the budget's rest is allocated
     damp: float = 0.0  # EoRA: fraction of mean(diag(gram)) added to the Gram's diagonal; 0 = exact EoRA
     # Leading positions of every calibration window left out of the compensation's Gram (they still
     # count for the compression itself): attention-sink tokens carry massive activations that can own

@@ -97,3 +97,38 @@ def test_budget_from_fraction():
         budget_from_fraction(-0.1, shapes)
     with pytest.raises(ValueError):
         allocate_ranks({}, shapes, -1)
+
+
+def test_floor_then_greedy_is_optimal_among_allocations_above_the_floor():
+    # Equal costs: after the floor, greedy is again the best choice of the remaining units.
+    shapes = {"a": (6, 4), "b": (5, 5), "c": (4, 6)}
+    sigmas = random_sigmas(shapes, seed=3)
+    for budget in range(3 * 10, 10 * 14, 7):
+        ranks = allocate_ranks(sigmas, shapes, budget, max_rank=4, min_rank=1)
+        assert min(ranks.values()) >= 1 and cost(shapes, ranks) <= budget
+        names = sorted(shapes)
+        best = max(
+            removed(sigmas, dict(zip(names, combo)))
+            for combo in itertools.product(range(1, 5), repeat=3)
+            if cost(shapes, dict(zip(names, combo))) <= budget
+        )
+        assert removed(sigmas, ranks) == pytest.approx(best, rel=1e-12)
+
+
+def test_floor_changes_a_skewed_allocation_and_is_capped_by_the_spectrum():
+    shapes = {"loud": (8, 8), "quiet": (8, 8), "empty": (8, 8)}
+    sigmas = {"loud": torch.tensor([9.0, 8.0, 7.0, 6.0]), "quiet": torch.tensor([1.0, 0.5, 0.2, 0.1]),
+              "empty": torch.tensor([0.0, 0.0])}
+    assert allocate_ranks(sigmas, shapes, 16 * 4) == {"loud": 4, "quiet": 0, "empty": 0}
+    # the floor buys 2 units each where there is error to remove (none for "empty"), greedy the rest
+    assert allocate_ranks(sigmas, shapes, 16 * 4, min_rank=2) == {"loud": 2, "quiet": 2, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 16 * 5, min_rank=2) == {"loud": 3, "quiet": 2, "empty": 0}
+
+
+def test_budget_below_the_floor_is_refused():
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    sigmas = {"a": torch.ones(4), "b": torch.ones(4)}
+    with pytest.raises(ValueError, match="cannot give every module min_rank 2"):
+        allocate_ranks(sigmas, shapes, 16 * 3, min_rank=2)
+    with pytest.raises(ValueError, match="min_rank must be >= 0"):
+        allocate_ranks(sigmas, shapes, 100, min_rank=-1)
