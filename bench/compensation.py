@@ -9,8 +9,9 @@ parameters to uniform rank 64 (sum over the decoder Linears of 64 * (d_out + d_i
 4-bit adapters (group 64). If the budget (the issue's criterion: sigma_i^2 / (d_out + d_in)) does not
 beat uniform rank 64, the budget is rerun with each module's projected singular values divided by
 its output norm ||W X|| (error reduced *relative* to the module's output; the engine's
-budget_criterion="relative", now its default), reported beside it. GPTQ 8-bit g64 (no compensation)
-is run once for the plot.
+budget_criterion="relative", now its default), reported beside it. With the chosen options the budget
+is also run with a uniform floor of rank 32 on every Linear (half the budget; rank_budget.min_rank) and
+the rest allocated by the relative criterion. GPTQ 8-bit g64 (no compensation) is run once for the plot.
 
 EoRA's options are chosen, not tuned on the evaluation windows: compensation.damp (the Gram's diagonal
 raised by damp x its mean before the eigendecomposition) over SWEEP, then compensation.sink_tokens
@@ -46,6 +47,9 @@ SETTINGS = {
     "gptq3_actorder": ("gptq3_g64_actorder", {"quant": replace(common.quant("gptq", 3), act_order=True)}),
 }
 RANK64_BUDGET_PER_LAYER = 64  # uniform rank whose parameter count the global budget matches
+# The budget again with half of it spent as a uniform floor (rank 32 on every Linear) and the other half
+# by the criterion: added after the plain budget lost to uniform rank 64 in the GPTQ 3-bit settings.
+BUDGET_FLOOR = 32
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def variants(budget_params: int, options: Options | None = None) -> dict[str, di
             options.suffixed("eora_r16"): {"compensation": common.compensation("eora", rank=16, **kw)},
             options.suffixed("eora_budget_r64eq_relnorm"): {"compensation": common.compensation(
                 "eora", budget_params=budget_params, budget_criterion="relative", **kw)},
+            options.suffixed(f"eora_budget_r64eq_relnorm_min{BUDGET_FLOOR}"): {"compensation": common.compensation(
+                "eora", budget_params=budget_params, budget_criterion="relative", min_rank=BUDGET_FLOOR, **kw)},
             options.suffixed("eora_r64_adapter4bit"): {"compensation": common.compensation(
                 "eora", rank=64, adapter_bits=4, adapter_group_size=64, **kw)},
         }
@@ -226,7 +232,8 @@ def _checks(rows: dict, chosen: Options | None) -> dict:
             if e and s:
                 checks[f"{label} beats SVD at rank {rank}"] = e["ppl"] < s["ppl"]
         u = rows.get(f"eora_r64{suffix}")
-        for budget, criterion in (("eora_budget_r64eq", "sigma^2/(d_out+d_in)"), ("eora_budget_r64eq_relnorm", "relative")):
+        for budget, criterion in (("eora_budget_r64eq", "sigma^2/(d_out+d_in)"), ("eora_budget_r64eq_relnorm", "relative"),
+                                  (f"eora_budget_r64eq_relnorm_min{BUDGET_FLOOR}", f"relative, floor {BUDGET_FLOOR}")):
             b = rows.get(f"{budget}{suffix}")
             if u and b:
                 checks[f"{label} budget ({criterion}) beats uniform rank 64"] = b["ppl"] < u["ppl"]

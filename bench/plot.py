@@ -28,6 +28,7 @@ VARIANTS = {
     "eora_r16": ("EoRA r16", "s"),
     "eora_r64": ("EoRA r64", "D"),
     "eora_budget_r64eq_relnorm": ("EoRA budget (=r64)", "X"),
+    "eora_budget_r64eq_relnorm_min32": ("EoRA budget (=r64), floor r32", "P"),
     "eora_r64_adapter4bit": ("EoRA r64, 4-bit adapter", "*"),
 }
 
