@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-damp", type=float, choices=DAMP_SWEEP,
                         help="run one point of the option sweep only (to split the sweep across processes)")
     parser.add_argument("--sweep-sink", type=int, default=0, help="with --sweep-damp: the point's sink_tokens")
+    parser.add_argument("--damp", type=float, default=None,
+                        help="diagnostic, with --only: the EoRA rows with this damping instead of the chosen one "
+                             "(names carry its tag, e.g. eora_r16_damp300); the choice itself is not changed")
     parser.add_argument("--wikicalib", action="store_true",
                         help="diagnostic: the --settings / --only rows (and the uncompensated base) calibrated "
                              "in-domain on Wikipedia tokens after the evaluation windows; names prefixed diag_wikicalib_")
@@ -292,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         choose_options(protocol)
         save()
         return 0
-    chosen = chosen_options()
+    if args.damp is not None and not args.only:
+        parser.error("--damp is a diagnostic for named rows: give --only")
+    chosen = chosen_options() if args.damp is None else Options(args.damp)
     if chosen is None and not args.only:
         chosen = choose_options(protocol)
     for i, setting in enumerate(args.settings):
