@@ -28,6 +28,7 @@ Writes docs/bench/runs/<config>.json (resumable) and docs/bench/compensation.jso
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from dataclasses import dataclass, replace
@@ -240,17 +241,35 @@ def _checks(rows: dict, chosen: Options | None) -> dict:
     return checks
 
 
-def wikicalib(protocol: common.Protocol, settings: list[str], only: list[str], budget: int) -> None:
-    """Diagnostic, outside the fixed protocol: does the EoRA vs SVD ordering depend on calibrating on
-    news text and evaluating on Wikipedia? The same rows calibrated in-domain (quality.in_domain_protocol)."""
-    diag = in_domain_protocol(protocol)
+def more_calibration_protocol(protocol: common.Protocol, windows: int) -> common.Protocol:
+    """Diagnostic only: the protocol's calibration source and seed with more windows (the first
+    CALIBRATION_WINDOWS of them are the protocol's own)."""
+    from transformers import AutoTokenizer
+
+    from worker.data import load_texts, make_windows, windows_hash
+
+    tokenizer = AutoTokenizer.from_pretrained(common.MODEL_DIR)
+    diag = copy.copy(protocol)
+    diag.calibration = make_windows(tokenizer, load_texts(str(common.CALIBRATION_FILE)), windows, common.SEQ_LEN,
+                                    common.SEED)
+    diag.info = {**protocol.info, "calibration": f"{windows} x {common.SEQ_LEN} tokens of "
+                 f"{common.CALIBRATION_FILE.name}, seed {common.SEED} (diagnostic)",
+                 "calibration_sha256": windows_hash(diag.calibration)}
+    return diag
+
+
+def diagnostic(diag: common.Protocol, prefix: str, settings: list[str], only: list[str], budget: int,
+               with_base: bool = True) -> None:
+    """The --settings / --only rows (and, with_base, the uncompensated base) on a diagnostic protocol,
+    names prefixed: outside the fixed protocol, never mixed into the tables above."""
     todo = all_variants(budget, chosen_options())
     for setting in settings:
         base_name, compression = SETTINGS[setting]
-        common.run_config(f"diag_wikicalib_{base_name}", CompressionPlan(**compression), diag, note=diag.info["calibration"])
+        if with_base:
+            common.run_config(f"{prefix}{base_name}", CompressionPlan(**compression), diag, note=diag.info["calibration"])
         for variant in only:
-            common.run_config(f"diag_wikicalib_{base_name}__{variant}", CompressionPlan(**compression, **todo[variant]),
-                              diag, note=diag.info["calibration"])
+            common.run_config(f"{prefix}{base_name}__{variant}", CompressionPlan(**compression, **todo[variant]),
+                              diag, note=diag.info["calibration"], validate=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damp", type=float, default=None,
                         help="diagnostic, with --only: the EoRA rows with this damping instead of the chosen one "
                              "(names carry its tag, e.g. eora_r16_damp300); the choice itself is not changed")
+    parser.add_argument("--calib-windows", type=int, default=None,
+                        help="diagnostic: the --settings / --only rows calibrated on this many Lee windows "
+                             "(same seed); names prefixed diag_cal<N>_")
     parser.add_argument("--wikicalib", action="store_true",
                         help="diagnostic: the --settings / --only rows (and the uncompensated base) calibrated "
                              "in-domain on Wikipedia tokens after the evaluation windows; names prefixed diag_wikicalib_")
@@ -289,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         sweep_run(protocol, options)
         return 0
     if args.wikicalib:
-        wikicalib(protocol, args.settings, args.only or [], budget)
+        # does the EoRA vs SVD ordering depend on calibrating on news text and evaluating on Wikipedia?
+        diagnostic(in_domain_protocol(protocol), "diag_wikicalib_", args.settings, args.only or [], budget)
+        return 0
+    if args.calib_windows is not None:
+        # does it depend on how well 64 x 512 tokens estimate the Gram matrices?
+        diagnostic(more_calibration_protocol(protocol, args.calib_windows), f"diag_cal{args.calib_windows}_",
+                   args.settings, args.only or [], budget, with_base=False)
         return 0
     if args.choose_damp:
         choose_options(protocol)

@@ -33,6 +33,12 @@ VARIANTS = {
 }
 
 
+DIAGNOSTICS = {  # run-name prefix of bench.compensation's diagnostic rows -> table title
+    "diag_wikicalib_": "calibrated in-domain (Wikipedia after the evaluation windows)",
+    "diag_cal128_": "calibrated on 128 Lee windows instead of 64 (the first 64 are the protocol's)",
+}
+
+
 def variant_runs(base_name: str, chosen: Options | None) -> list[tuple[str, str, dict]]:
     """(label, marker, run) per plotted variant; EoRA rows with the chosen options where they were run (exact
     EoRA otherwise), so the figure shows one point per method and rank."""
@@ -142,12 +148,13 @@ def tables() -> str:
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
-    diag = sorted(common.RUNS.glob("diag_wikicalib_*.json"))
-    if diag:
-        lines += ["", "### Diagnostic: calibrated in-domain (Wikipedia after the evaluation windows)", "",
-                  "| run | perplexity | same row, Lee calibration |", "|---|---:|---:|"]
+    for prefix, title in DIAGNOSTICS.items():
+        diag = sorted(common.RUNS.glob(f"{prefix}*.json"))
+        if diag:
+            lines += ["", f"### Diagnostic: {title}", "",
+                      "| run | perplexity | same row, protocol calibration |", "|---|---:|---:|"]
         for path in diag:
-            name = path.stem.removeprefix("diag_wikicalib_")
+            name = path.stem.removeprefix(prefix)
             protocol_run = common.load_run(name)
             ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}"
             lines.append(f"| {name} | {json.loads(path.read_text())['ppl']:.2f} | {ref} |")
