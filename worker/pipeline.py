@@ -73,7 +73,7 @@ def compression_plan(spec: JobSpec):
 def check_plan_fits(model, arch, plan) -> None:
     """Refuse before any work when a group size or N:M block does not divide a layer's input width, or a
     rank budget cannot pay for its min_rank floor."""
-    from worker.compression.ranks import budget_from_fraction
+    from worker.compression.ranks import resolve_budget
     from worker.models import decoder_linears
 
     linears = decoder_linears(model, arch)
@@ -81,7 +81,7 @@ def check_plan_fits(model, arch, plan) -> None:
     spec = plan.compensation
     if plan.uses_budget and spec.min_rank:
         shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-        budget = spec.budget_params if spec.budget_params is not None else budget_from_fraction(spec.budget_fraction, shapes)
+        budget = resolve_budget(spec.budget_params, spec.budget_fraction, shapes)
         floor = sum(min(spec.min_rank, spec.max_rank, *shape) * sum(shape) for shape in shapes.values())
         if floor > budget:
             raise JobFailure(f"compensation.rank_budget.min_rank {spec.min_rank} on all {len(shapes)} Linears takes "

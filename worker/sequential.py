@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.gram import accumulate_gram
-from worker.compression.ranks import allocate_ranks, budget_from_fraction
+from worker.compression.ranks import allocate_ranks, resolve_budget
 from worker.compression.specs import SparsitySpec
 from worker.linear_compress import (
     adapter_size,
@@ -332,9 +332,7 @@ class _Run:
         spec = self.plan.compensation
         start = perf_counter()
         shapes = {name: m.shape for name, m in self.result.modules.items()}
-        budget = spec.budget_params
-        if budget is None:
-            budget = budget_from_fraction(spec.budget_fraction, shapes)
+        budget = resolve_budget(spec.budget_params, spec.budget_fraction, shapes)
         self.result.budget_params = budget
         if spec.budget_criterion == "relative":
             self._normalise_spectra()

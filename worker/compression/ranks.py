@@ -24,6 +24,12 @@ def budget_from_fraction(fraction: float, shapes: dict[str, tuple[int, int]]) ->
     return int(fraction * sum(d_out * d_in for d_out, d_in in shapes.values()))
 
 
+def resolve_budget(budget_params: int | None, budget_fraction: float | None,
+                   shapes: dict[str, tuple[int, int]]) -> int:
+    """The budget in parameters: given as such, or as a fraction of the Linears' own parameters."""
+    return budget_params if budget_params is not None else budget_from_fraction(budget_fraction, shapes)
+
+
 def allocate_ranks(
     singular_values: dict[str, Tensor],
     shapes: dict[str, tuple[int, int]],
