@@ -149,16 +149,56 @@ def tables() -> str:
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
     for prefix, title in DIAGNOSTICS.items():
-        diag = sorted(common.RUNS.glob(f"{prefix}*.json"))
-        if diag:
-            lines += ["", f"### Diagnostic: {title}", "",
-                      "| run | perplexity | same row, protocol calibration |", "|---|---:|---:|"]
-        for path in diag:
+        grid, shown = diagnostic_grid(prefix, chosen_options())
+        others = [p for p in sorted(common.RUNS.glob(f"{prefix}*.json")) if p.stem.removeprefix(prefix) not in shown]
+        if shown:
+            lines += ["", f"### Diagnostic: {title}", "", *grid]
+        if others:  # diagnostic runs outside the grid's columns
+            lines += ["", "| other run | perplexity | same row, protocol calibration |", "|---|---:|---:|"]
+        for path in others:
             name = path.stem.removeprefix(prefix)
             protocol_run = common.load_run(name)
             ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}"
             lines.append(f"| {name} | {json.loads(path.read_text())['ppl']:.2f} | {ref} |")
     return "\n".join(lines)
+
+
+def diagnostic_grid(prefix: str, chosen: Options | None) -> tuple[list[str], set[str]]:
+    """The issue's comparisons on one diagnostic protocol: a row per setting, each cell "diagnostic
+    (protocol)" evaluation perplexity, then how many EoRA-vs-SVD pairs and budget-vs-uniform settings
+    the diagnostic rows win (only where both sides were run). Also the run names (without the prefix) shown."""
+    eora = chosen.suffixed if chosen else (lambda name: name)
+    columns = {"none": "", "SVD r16": "svd_r16", "EoRA r16": eora("eora_r16"), "SVD r64": "svd_r64",
+               "EoRA r64": eora("eora_r64"), "budget (=r64)": eora("eora_budget_r64eq_relnorm")}
+    lines = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    pairs = {"EoRA beats SVD": [0, 0], "budget beats uniform rank 64": [0, 0]}
+    shown: set[str] = set()
+
+    def ppl(name: str) -> float | None:
+        run = common.load_run(name)
+        return None if run is None else run["ppl"]
+
+    for base_name, label in SERIES.items():
+        got = {}
+        cells = []
+        for column, variant in columns.items():
+            name = f"{base_name}__{variant}" if variant else base_name
+            got[column] = ppl(prefix + name)
+            if got[column] is not None:
+                shown.add(name)
+            ref = ppl(name)
+            cells.append("-" if got[column] is None else
+                         f"{got[column]:.2f}" + ("" if ref is None else f" ({ref:.2f})"))
+        if all(v is None for v in got.values()):
+            continue
+        lines.append(f"| {label.removesuffix(' +')} | " + " | ".join(cells) + " |")
+        for key, (ours, theirs) in [("EoRA beats SVD", ("EoRA r16", "SVD r16")), ("EoRA beats SVD", ("EoRA r64", "SVD r64")),
+                                    ("budget beats uniform rank 64", ("budget (=r64)", "EoRA r64"))]:
+            if got[ours] is not None and got[theirs] is not None:
+                pairs[key][0] += got[ours] < got[theirs]
+                pairs[key][1] += 1
+    lines += ["", "diagnostic rows: " + "; ".join(f"{k}: {won} of {n}" for k, (won, n) in pairs.items() if n)]
+    return lines, shown
 
 
 if __name__ == "__main__":
