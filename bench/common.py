@@ -14,6 +14,7 @@ configurations whose file exists, so an interrupted benchmark resumes where it s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -74,12 +75,18 @@ def machine() -> dict:
     }
 
 
+def lee_calibration(tokenizer, windows: int = CALIBRATION_WINDOWS) -> torch.Tensor:
+    """The protocol's calibration windows (seed SEED); with more windows, its first CALIBRATION_WINDOWS
+    are the protocol's own."""
+    return make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), windows, SEQ_LEN, SEED)
+
+
 class Protocol:
     """Tokenized calibration and evaluation windows, built once per process."""
 
     def __init__(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
-        self.calibration = make_windows(tokenizer, load_texts(str(CALIBRATION_FILE)), CALIBRATION_WINDOWS, SEQ_LEN, SEED)
+        self.calibration = lee_calibration(tokenizer)
         # The Wikipedia token stream, tokenized once: evaluation = its first windows; validation = its
         # last VALIDATION_WINDOWS windows, ~566k tokens further on. Options (e.g. EoRA damping) are
         # chosen on validation; the evaluation windows report.
@@ -99,6 +106,14 @@ class Protocol:
             "device": str(DEVICE),
             "batch_size": BATCH_SIZE,
         }
+
+    def with_calibration(self, calibration: torch.Tensor, description: str) -> Protocol:
+        """Diagnostic only: the same evaluation and validation windows, calibrated on other windows."""
+        diag = copy.copy(self)
+        diag.calibration = calibration
+        diag.info = {**self.info, "calibration": f"{description} (diagnostic)",
+                     "calibration_sha256": windows_hash(calibration)}
+        return diag
 
 
 def fresh_model() -> torch.nn.Module:

@@ -28,7 +28,6 @@ Writes docs/bench/runs/<config>.json (resumable) and docs/bench/compensation.jso
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from dataclasses import dataclass, replace
@@ -246,16 +245,9 @@ def more_calibration_protocol(protocol: common.Protocol, windows: int) -> common
     CALIBRATION_WINDOWS of them are the protocol's own)."""
     from transformers import AutoTokenizer
 
-    from worker.data import load_texts, make_windows, windows_hash
-
-    tokenizer = AutoTokenizer.from_pretrained(common.MODEL_DIR)
-    diag = copy.copy(protocol)
-    diag.calibration = make_windows(tokenizer, load_texts(str(common.CALIBRATION_FILE)), windows, common.SEQ_LEN,
-                                    common.SEED)
-    diag.info = {**protocol.info, "calibration": f"{windows} x {common.SEQ_LEN} tokens of "
-                 f"{common.CALIBRATION_FILE.name}, seed {common.SEED} (diagnostic)",
-                 "calibration_sha256": windows_hash(diag.calibration)}
-    return diag
+    calibration = common.lee_calibration(AutoTokenizer.from_pretrained(common.MODEL_DIR), windows)
+    return protocol.with_calibration(calibration, f"{windows} x {common.SEQ_LEN} tokens of "
+                                     f"{common.CALIBRATION_FILE.name}, seed {common.SEED}")
 
 
 def diagnostic(diag: common.Protocol, prefix: str, settings: list[str], only: list[str], budget: int,

@@ -148,8 +148,9 @@ def tables() -> str:
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
+    chosen = chosen_options()
     for prefix, title in DIAGNOSTICS.items():
-        grid, shown = diagnostic_grid(prefix, chosen_options())
+        grid, shown = diagnostic_grid(prefix, chosen)
         others = [p for p in sorted(common.RUNS.glob(f"{prefix}*.json")) if p.stem.removeprefix(prefix) not in shown]
         if shown:
             lines += ["", f"### Diagnostic: {title}", "", *grid]

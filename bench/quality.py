@@ -11,14 +11,12 @@ Writes docs/bench/runs/<config>.json per configuration (resumable) and docs/benc
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import replace
 import json
 
 import torch
 
 from bench import common
-from worker.data import windows_hash
 from worker.plan import CompressionPlan
 
 CONFIGS = {  # most informative first
@@ -43,12 +41,9 @@ def in_domain_protocol(protocol: common.Protocol) -> common.Protocol:
     tail = protocol.eval_stream[common.EVAL_WINDOWS * common.SEQ_LEN :]
     generator = torch.Generator().manual_seed(common.SEED)
     starts = torch.randint(0, len(tail) - common.SEQ_LEN + 1, (common.CALIBRATION_WINDOWS,), generator=generator)
-    diag = copy.copy(protocol)
-    diag.calibration = tail[starts.unsqueeze(1) + torch.arange(common.SEQ_LEN).unsqueeze(0)]
-    diag.info = {**protocol.info, "calibration": f"{common.CALIBRATION_WINDOWS} x {common.SEQ_LEN} tokens of "
-                 f"{common.EVAL_FILE.name} after the evaluation windows, seed {common.SEED} (diagnostic)",
-                 "calibration_sha256": windows_hash(diag.calibration)}
-    return diag
+    calibration = tail[starts.unsqueeze(1) + torch.arange(common.SEQ_LEN).unsqueeze(0)]
+    return protocol.with_calibration(calibration, f"{common.CALIBRATION_WINDOWS} x {common.SEQ_LEN} tokens of "
+                                     f"{common.EVAL_FILE.name} after the evaluation windows, seed {common.SEED}")
 
 
 DIAGNOSTICS = {  # not part of the fixed protocol: GPTQ calibrated in-domain (RTN needs no calibration)
