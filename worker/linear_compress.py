@@ -130,10 +130,12 @@ def adapter_size(d_out: int, d_in: int, rank: int, spec: CompensationSpec) -> tu
 def relative_output_error(residual: Tensor, weight: Tensor, gram: Tensor) -> float:
     """||dW X^T||_F / ||W X^T||_F from the Gram S = X^T X / N: sqrt(tr(dW S dW^T) / tr(W S W^T)).
 
-    residual, weight: (d_out, d_in); gram: (d_in, d_in) fp32. The token count N cancels.
+    residual, weight: (d_out, d_in); gram: (d_in, d_in), used in fp32 (a ratio of two norms needs no
+    more). The token count N cancels.
     """
     residual = residual.float()
     weight = weight.float()
+    gram = gram.float()
     err = (residual @ gram * residual).sum(dtype=torch.float64)  # tr(dW S dW^T)
     ref = (weight @ gram * weight).sum(dtype=torch.float64)  # tr(W S W^T)
     if ref <= 0:

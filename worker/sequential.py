@@ -123,8 +123,8 @@ class _Grams(NamedTuple):
     """One input group's second moments: what the compression weighs its error by, and what the
     compensation does (the same tensor unless sink_tokens > 0)."""
 
-    compress: Tensor  # (d_in, d_in) fp32
-    compensate: Tensor  # (d_in, d_in) fp32
+    compress: Tensor  # (d_in, d_in) fp64
+    compensate: Tensor  # (d_in, d_in) fp64
 
 
 class _GramAccumulator:
@@ -133,7 +133,7 @@ class _GramAccumulator:
 
     def __init__(self, skip: int = 0) -> None:
         self.skip = skip
-        self.gram: Tensor | None = None  # (d_in, d_in) fp32 running mean of x^T x
+        self.gram: Tensor | None = None  # (d_in, d_in) fp64 running mean of x^T x
         self.tokens = 0
         self.body: Tensor | None = None  # same, positions >= skip only; None while skip == 0
         self.body_tokens = 0
@@ -264,7 +264,9 @@ class _Run:
             for relative in group:
                 name = f"{self.arch.layers}.{index}.{relative}"
                 linear = layer.get_submodule(relative)
-                original = linear.weight.detach()  # (d_out, d_in)
+                # A copy: the layer's weight is overwritten with Wc below, and error_after and the
+                # budget's objective_norm must still see W.
+                original = linear.weight.detach().clone()  # (d_out, d_in)
                 compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
                 residual = original.float() - compressed.weight.float()  # (d_out, d_in) fp32
                 stats_start = perf_counter()

@@ -91,6 +91,39 @@ def test_error_before_uses_inputs_from_compressed_previous_layers(tiny_llama, ca
     assert result.modules["model.layers.1.self_attn.q_proj"].error_before == pytest.approx(expected, rel=1e-4)
 
 
+def test_error_after_is_relative_to_the_original_weight(tiny_llama, calibration_windows):
+    """error_before and error_after of layer 0's Linears, recomputed from an untouched copy of the
+    original weights and their inputs in the original model, match the reports: both are relative
+    to ||W X||, not to the compressed weight's ||Wc X||."""
+    original = copy.deepcopy(tiny_llama)
+    inputs = {}
+
+    def record(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])  # (tokens, d_in)
+        return hook
+
+    hooks = [original.get_submodule(f"model.layers.0.{name}").register_forward_hook(record(name))
+             for name in ("self_attn.q_proj", "mlp.down_proj")]
+    logits(original, calibration_windows)  # one batch: the pipeline's Gram sees these same tokens
+    for hook in hooks:
+        hook.remove()
+    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="eora", rank=4, damp=1.0))
+    result = compress_model(tiny_llama, calibration_windows, plan, CPU)
+    for name, x in inputs.items():
+        full = f"model.layers.0.{name}"
+        w = original.get_submodule(full).weight.detach().double()  # (d_out, d_in), never compressed
+        module = tiny_llama.get_submodule(full)
+        wc = module.base.weight.detach().double()
+        delta = module.lora_B.double() @ module.lora_A.double()
+        x = x.double()
+        norm = (x @ w.T).norm()
+        report = result.modules[full]
+        assert report.error_before == pytest.approx(float((x @ (w - wc).T).norm() / norm), rel=1e-5), name
+        assert report.error_after == pytest.approx(float((x @ (w - wc - delta).T).norm() / norm), rel=1e-5), name
+        assert report.error_after < report.error_before
+
+
 def test_two_four_sparsity_is_exact(tiny_llama, calibration_windows):
     plan = CompressionPlan(sparsity=SparsitySpec(method="magnitude", n=2, m=4))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)

@@ -2,10 +2,10 @@
 
 EoRA minimises E||(dW - BA) x||^2 over the calibration inputs: with S = E[x x^T] = Q diag(l) Q^T,
 E||E x||^2 = ||E Q diag(sqrt l)||_F^2, so the best rank-r BA is the rank-r SVD of the projected
-error dW' = dW Q diag(sqrt l), mapped back through diag(1/sqrt l) Q^T. Eigen-directions with
-l <= l_max * d_in * eps(fp32) are numerically absent from the calibration data and are dropped
-(never clamped): the adapter then does nothing along them. The SVD baseline (ZeroQuant-V2 / LoRC)
-minimises ||dW - BA||_F instead.
+error dW' = dW Q diag(sqrt l), mapped back through diag(1/sqrt l) Q^T. A direction is absent from
+the calibration data only when its eigenvalue is below the rounding noise of S (gram_noise); absent
+directions are dropped (never clamped): the adapter then does nothing along them. With damping no
+direction is absent. The SVD baseline (ZeroQuant-V2 / LoRC) minimises ||dW - BA||_F instead.
 
 Decompose once (eora_decompose / svd_decompose), read the singular values for rank allocation,
 then cut the factors at any rank with .lowrank(rank).
@@ -69,21 +69,42 @@ def _check(dw: Tensor, gram: Tensor | None, name: str) -> None:
         check_finite(gram, "gram", name)
 
 
+def gram_noise(gram: Tensor) -> float:
+    """Bound on the rounding noise in the eigenvalues of gram (d_in, d_in), in its own dtype.
+
+    Each entry of an accumulated mean of x x^T is off by at most ~k eps |x_i| |x_j| summed over the
+    tokens, <= k eps sqrt(S_ii S_jj) (Cauchy-Schwarz); that error matrix has spectral norm
+    <= k eps tr(S), and by Weyl's inequality moves each eigenvalue by at most that much. eigh adds
+    ~d_in eps ||S||_2 <= d_in eps tr(S). k = d_in covers both (blocked BLAS sums grow far slower than
+    d_in for any realistic chunk count). The scale is tr(S), never l_max alone: both are ~tr(S) when
+    one outlier direction holds most of the energy, and what separates real directions from noise
+    is then the precision S was accumulated in (fp64: gram.GRAM_DTYPE).
+    """
+    trace = float(gram.diagonal().to(torch.float64).clamp(min=0.0).sum())
+    return gram.shape[0] * torch.finfo(gram.dtype).eps * trace
+
+
 def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) -> LowRankFactors:
     """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in).
 
     damp > 0 adds damp * mean(diag(gram)) to the diagonal first (as GPTQ damps its Hessian): weak,
-    poorly estimated eigen-directions are then amplified less by the back-projection.
+    poorly estimated eigen-directions are then amplified less by the back-projection. Undamped,
+    eigen-directions below gram_noise(gram) are absent and dropped; damped, every direction is kept
+    (the damped spectrum is never cut: each eigenvalue is >= damp * mean(diag)). Pass the Gram in
+    the precision it was accumulated in: the noise bound is taken from its dtype.
     """
     _check(dw, gram, name)
     d_in = dw.shape[1]
     s64 = gram.to(torch.float64)
-    s64 = (s64 + s64.T) / 2  # (d_in, d_in); fp32 accumulation leaves tiny asymmetries
+    s64 = (s64 + s64.T) / 2  # (d_in, d_in); accumulation leaves tiny asymmetries
+    mean_diag = s64.diagonal().mean()
     if damp > 0:
-        s64 = s64 + damp * s64.diagonal().mean() * torch.eye(d_in, dtype=s64.dtype, device=s64.device)
+        s64 = s64 + damp * mean_diag * torch.eye(d_in, dtype=s64.dtype, device=s64.device)
     eigvals, eigvecs = torch.linalg.eigh(s64)  # ascending, (d_in,), (d_in, d_in)
-    cutoff = eigvals.max().clamp(min=0.0) * d_in * torch.finfo(torch.float32).eps
-    kept = eigvals > cutoff
+    if damp > 0:
+        kept = eigvals > 0 if mean_diag > 0 else torch.zeros_like(eigvals, dtype=torch.bool)
+    else:
+        kept = eigvals > gram_noise(gram)
     root = eigvals[kept].sqrt()  # (k,)
     q = eigvecs[:, kept]  # (d_in, k)
     projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k) = dW Q diag(sqrt l)

@@ -11,19 +11,20 @@ def test_chunks_equal_one_shot_fp64(inputs):
     x64 = inputs.double()
     expected = x64.T @ x64 / x64.shape[0]
     assert n == 512
-    assert gram.dtype == torch.float32 and gram.shape == (64, 64)
-    # fp32 accumulation of 512 products of O(1) terms: relative error ~1e-6, 1e-5 leaves headroom.
-    torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert gram.dtype == torch.float64 and gram.shape == (64, 64)
+    # fp64 accumulation of 512 products of O(1) terms in a running mean: ~1e-15 relative.
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
 
 
-def test_low_precision_chunks_accumulate_in_fp32(inputs):
+def test_low_precision_chunks_accumulate_in_fp64(inputs):
     x = inputs.to(torch.bfloat16)
     gram, n = accumulate_gram(x[:256], None, 0)
     gram, n = accumulate_gram(x[256:], gram, n)
     x64 = x.double()  # the bf16 values themselves, exactly
     expected = x64.T @ x64 / 512
-    # Only fp32 rounding on top of exact bf16 inputs (bf16 x bf16 products are exact in fp32).
-    torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # Only fp64 rounding on top of exact bf16 inputs.
+    assert gram.dtype == torch.float64
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12 * expected.abs().max().item())
 
 
 def test_empty_chunk_changes_nothing(inputs):
