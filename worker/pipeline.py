@@ -73,7 +73,7 @@ def compression_plan(spec: JobSpec):
 def check_plan_fits(model, arch, plan) -> None:
     """Refuse before any work when a group size or N:M block does not divide a layer's input width, or a
     rank budget cannot pay for its min_rank floor."""
-    from worker.compression.ranks import resolve_budget
+    from worker.compression.ranks import rank_cap, resolve_budget
     from worker.models import decoder_linears
 
     linears = decoder_linears(model, arch)
@@ -82,7 +82,7 @@ def check_plan_fits(model, arch, plan) -> None:
     if plan.uses_budget and spec.min_rank:
         shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
         budget = resolve_budget(spec.budget_params, spec.budget_fraction, shapes)
-        floor = sum(min(spec.min_rank, spec.max_rank, *shape) * sum(shape) for shape in shapes.values())
+        floor = sum(min(spec.min_rank, spec.max_rank, rank_cap(*shape)) * sum(shape) for shape in shapes.values())
         if floor > budget:
             raise JobFailure(f"compensation.rank_budget.min_rank {spec.min_rank} on all {len(shapes)} Linears takes "
                              f"{floor:,} adapter parameters, more than the budget of {budget:,}")
@@ -198,6 +198,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     t0 = time.perf_counter()
     result = compress_model(model, calibration, plan, device, on_layer=on_layer)
     timings["compress_s"] = time.perf_counter() - t0
+    for note in result.notes:
+        reporter.event("compress", note, level="warning")
 
     t0 = time.perf_counter()
     ppl_after = perplexity(model, evaluation, device)
@@ -250,7 +252,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }
-    artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
+    artifacts = {"uri": published.uri, "files": published.files, "notes": result.notes + info.notes,
                  "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
 

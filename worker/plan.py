@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.compression.quantize import QuantizedWeight
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
@@ -80,6 +80,7 @@ class CompressionResult:
     propagation_seconds: float = 0.0  # forwards making the next layer's inputs
     transfer_seconds: float = 0.0  # moving layers between CPU and the device
     budget_params: int | None = None  # the resolved global budget, if the plan had one
+    notes: list[str] = field(default_factory=list)  # for the job's notes: capped ranks, no adapter, ...
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.gram import accumulate_gram
-from worker.compression.ranks import allocate_ranks, resolve_budget
+from worker.compression.ranks import allocate_ranks, rank_cap, rank_limits, resolve_budget
 from worker.compression.specs import SparsitySpec
 from worker.linear_compress import (
     adapter_size,
@@ -207,6 +207,8 @@ class _Run:
         self.residuals: dict[str, Tensor] = {}  # budget plans: W - Wc on CPU until walk 2
         self.spectra: dict[str, Tensor] = {}  # budget plans: projected singular values, CPU
         self.objective_norms: dict[str, float] = {}  # budget plans: objective_norm(W) per module
+        self.capped: dict[str, int] = {}  # fixed rank at/above the dense-delta crossover: name -> cap
+        self.short: dict[str, int] = {}  # fewer real directions than the rank asked: name -> true rank
 
     @torch.no_grad()
     def execute(self) -> CompressionResult:
@@ -215,6 +217,8 @@ class _Run:
         if self.plan.uses_budget:
             ranks = self._allocate_ranks()
             self._walk("compensate", lambda index, layer, grams: self._compensate_layer(index, layer, grams, ranks))
+        if self.plan.compensates:
+            self._rank_notes()
         return self.result
 
     def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]]) -> None:
@@ -315,12 +319,17 @@ class _Run:
 
     def _compensate(self, layer, relative, report, residual, original, grams: _Grams, rank: int) -> None:
         spec = self.plan.compensation
-        rank = min(rank, *report.shape)  # beyond min(d_out, d_in) a rank adds only zeros
+        if rank > rank_cap(*report.shape):
+            rank = self.capped[report.name] = rank_cap(*report.shape)
+        report.error_after = report.error_before
         if rank == 0:
-            report.error_after = report.error_before
             return
         start = perf_counter()
         lora_b, lora_a = compensation_factors(residual, grams.compensate, spec, rank, report.name)
+        if lora_a.shape[0] < rank:
+            self.short[report.name] = lora_a.shape[0]
+        if lora_a.shape[0] == 0:
+            return
         attach_compensation(layer, relative, lora_b, lora_a)
         report.compensate_seconds = perf_counter() - start
         self.result.compensation_seconds += report.compensate_seconds
@@ -339,10 +348,37 @@ class _Run:
         if spec.budget_criterion == "relative":
             self._normalise_spectra()
         ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank, min_rank=spec.min_rank)
+        spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
+        if spent == 0:
+            cheapest = min(sum(shape) for shape in shapes.values())
+            self.result.notes.append(f"compensation.rank_budget: {budget:,} parameters do not pay for one rank of "
+                                     f"any Linear (the cheapest costs {cheapest:,}): no adapter was made")
+        elif ranks == rank_limits(self.spectra, shapes, spec.max_rank) and spent < budget:
+            self.result.notes.append(f"compensation.rank_budget: {budget:,} parameters are more than the adapters "
+                                     f"can use: every Linear got its largest useful rank (below the dense-delta "
+                                     f"crossover d_out*d_in/(d_out+d_in), at most {spec.max_rank}); "
+                                     f"{spent:,} spent")
         self.spectra.clear()
         self.objective_norms.clear()
         self.result.compensation_seconds += perf_counter() - start
         return ranks
+
+    def _rank_notes(self) -> None:
+        """What the job's notes say about ranks that differ from the request."""
+        notes = self.result.notes
+        if self.capped:
+            caps = sorted({(self.result.modules[name].shape, cap) for name, cap in self.capped.items()})
+            listed = ", ".join(f"{d_out}x{d_in}: {cap}" for (d_out, d_in), cap in caps)
+            notes.append(f"compensation.rank {self.plan.compensation.rank} is at or above the dense-delta crossover "
+                         f"d_out*d_in/(d_out+d_in) of {len(self.capped)} of {len(self.result.modules)} Linears, where "
+                         f"an adapter holds more numbers than the dense delta itself; capped at the largest rank below "
+                         f"it ({listed})")
+        if self.short:
+            first = sorted(self.short)[0]
+            notes.append(f"{len(self.short)} Linears have fewer independent error directions than the rank given "
+                         f"them; their adapters have the true rank (e.g. {first}: {self.short[first]})")
+        if self.result.max_rank == 0 and not self.plan.uses_budget:  # budgets say so when allocating
+            notes.append("no Linear got an adapter rank: no adapter was made")
 
     def _normalise_spectra(self) -> None:
         """sigma_i -> sigma_i / ||W|| (walk 1, in the norm the decomposition minimises the error in; for

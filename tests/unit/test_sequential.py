@@ -12,7 +12,7 @@ from tests.fixtures_models import FAMILIES, build_tiny_model
 from worker.compression.eora import eora
 from worker.compression.gram import accumulate_gram
 from worker.compression.quantize import dequantize
-from worker.compression.ranks import budget_from_fraction
+from worker.compression.ranks import budget_from_fraction, rank_cap
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.evaluate import iter_logits, perplexity
 from worker.linear_compress import CompensatedLinear, unwrap_adapters
@@ -281,6 +281,50 @@ def test_budget_floor_gives_every_module_its_rank_and_spends_the_rest(tiny_llama
     assert floor < result.adapter_params <= 5000
     largest_unit = max(sum(m.shape) for m in result.modules.values())
     assert 5000 - largest_unit < result.adapter_params
+
+
+def test_rank_at_the_crossover_is_capped_with_a_note(tiny_llama, calibration_windows, tmp_path):
+    """Rank 512 on a 64-wide model: every Linear gets the largest rank still cheaper than its dense
+    delta, the adapter is smaller than the dense deltas, A has no all-zero rows, the exported
+    adapter_config.json says the true ranks, and the notes say so."""
+    import json
+
+    from worker.export.adapter import save_adapter
+
+    dense = sum(w.numel() for w in decoder_linears(tiny_llama, get_architecture(tiny_llama)).values()
+                for w in [w.weight])
+    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="eora", rank=512, damp=1.0))
+    result = compress_model(tiny_llama, calibration_windows, plan, CPU)
+    for name, module in result.modules.items():
+        d_out, d_in = module.shape
+        assert module.rank == rank_cap(d_out, d_in) < d_out * d_in / (d_out + d_in), name
+        assert module.adapter_params == module.rank * (d_out + d_in) < d_out * d_in, name
+    assert result.adapter_params < dense
+    assert len(result.notes) == 1 and "compensation.rank 512 is at or above the dense-delta crossover" in result.notes[0]
+    assert "64x64: 31" in result.notes[0]
+    adapters = unwrap_adapters(tiny_llama)
+    for name, (lora_b, lora_a) in adapters.items():
+        assert lora_a.shape[0] == result.modules[name].rank
+        assert torch.all(lora_a.abs().amax(dim=1) > 0) and torch.all(lora_b.abs().amax(dim=0) > 0), name
+    save_adapter(adapters, tmp_path)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    exported = {name: config["rank_pattern"].get(name, config["r"]) for name in config["target_modules"]}
+    assert exported == result.ranks
+
+
+def test_budget_beyond_the_caps_and_below_one_unit_say_so(tiny_llama, calibration_windows):
+    huge = copy.deepcopy(tiny_llama)
+    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(budget_params=10**15, damp=1.0))
+    result = compress_model(huge, calibration_windows, plan, CPU)
+    assert result.ranks == {name: rank_cap(*m.shape) for name, m in result.modules.items()}
+    assert len(result.notes) == 1 and "are more than the adapters can use" in result.notes[0]
+    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(budget_params=1, damp=1.0))
+    result = compress_model(tiny_llama, calibration_windows, plan, CPU)
+    assert result.max_rank == 0 and result.adapter_params == 0
+    assert not any(isinstance(m, CompensatedLinear) for m in tiny_llama.modules())
+    assert result.notes == ["compensation.rank_budget: 1 parameters do not pay for one rank of any Linear "
+                            "(the cheapest costs 96): no adapter was made"]
+    assert all(m.error_after == m.error_before for m in result.modules.values())
 
 
 def test_on_layer_exception_cancels(tiny_llama, calibration_windows):

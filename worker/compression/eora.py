@@ -23,7 +23,8 @@ from worker.compression.gptq import check_finite
 
 @dataclass
 class LowRankFactors:
-    """dW ~ U diag(S) Vh back, all fp64; back is None for plain SVD (identity)."""
+    """dW ~ U diag(S) Vh back, all fp64, over the real directions only (S > 0 above rounding); back is
+    None for plain SVD (identity)."""
 
     u: Tensor  # (d_out, p)
     s: Tensor  # (p,), descending
@@ -42,8 +43,8 @@ class LowRankFactors:
         return LowRankFactors(self.u[:, :r], self.s[:r], self.vh[:r], self.back, self.d_in)
 
     def lowrank(self, rank: int) -> tuple[Tensor, Tensor]:
-        """(B (d_out, rank), A (rank, d_in)) fp32 with B A the best rank-`rank` fit; zero-padded
-        when fewer directions exist, so the shapes are always what was asked for."""
+        """(B (d_out, r), A (r, d_in)) fp32 with B A the best rank-r fit, r = min(rank, real
+        directions): never zero-padded, so A's row count is the adapter's true rank."""
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         r = min(rank, self.s.shape[0])
@@ -52,11 +53,19 @@ class LowRankFactors:
         a = root.unsqueeze(1) * self.vh[:r]  # (r, k)
         if self.back is not None:
             a = a @ self.back  # (r, d_in)
-        b_full = b.new_zeros(b.shape[0], rank)
-        a_full = a.new_zeros(rank, self.d_in)
-        b_full[:, :r] = b
-        a_full[:r] = a
-        return b_full.to(torch.float32), a_full.to(torch.float32)
+        return b.to(torch.float32), a.to(torch.float32)
+
+
+def _real_directions(u: Tensor, s: Tensor, vh: Tensor, back: Tensor | None, d_in: int,
+                     given: torch.dtype) -> LowRankFactors:
+    """Keep the singular triplets above rounding: s_i > s_max * max(max(m, n) eps(fp64), eps(given)),
+    the fp64 SVD's own error (as torch.linalg.matrix_rank) or that of dW as given (fp32: a rank-4
+    error stored in fp32 has further singular values ~2e-8 s_max). The rest are not directions."""
+    if s.numel():
+        rtol = max(max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps, torch.finfo(given).eps)
+        real = int((s > s[0] * rtol).sum())
+        u, s, vh = u[:, :real], s[:real], vh[:real]
+    return LowRankFactors(u, s, vh, back, d_in)
 
 
 def _check(dw: Tensor, gram: Tensor | None, name: str) -> None:
@@ -109,21 +118,20 @@ def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) 
     q = eigvecs[:, kept]  # (d_in, k)
     projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k) = dW Q diag(sqrt l)
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)  # (d_out, p), (p,), (p, k)
-    back = (q / root.unsqueeze(0)).T  # (k, d_in) = diag(1/sqrt l) Q^T
-    factors = LowRankFactors(u, s, vh, back.contiguous(), d_in)
     check_finite(s, "projected singular values", name)
-    return factors
+    back = (q / root.unsqueeze(0)).T  # (k, d_in) = diag(1/sqrt l) Q^T
+    return _real_directions(u, s, vh, back.contiguous(), d_in, dw.dtype)
 
 
 def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
     """Plain SVD of dw (d_out, d_in) in fp64."""
     _check(dw, None, name)
     u, s, vh = torch.linalg.svd(dw.to(torch.float64), full_matrices=False)
-    return LowRankFactors(u, s, vh, None, dw.shape[1])
+    return _real_directions(u, s, vh, None, dw.shape[1], dw.dtype)
 
 
 def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(B (d_out, rank), A (rank, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram (+ damping)."""
+    """(B (d_out, r), A (r, d_in)) fp32, r <= rank the real directions available, minimising E||(dW - BA) x||^2 under gram (+ damping)."""
     b, a = eora_decompose(dw, gram, name, damp).lowrank(rank)
     check_finite(b, "EoRA B", name)
     check_finite(a, "EoRA A", name)
@@ -131,7 +139,7 @@ def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0)
 
 
 def svd_baseline(dw: Tensor, gram: Tensor | None, rank: int, name: str = "") -> tuple[Tensor, Tensor]:
-    """(B, A) from the rank-`rank` SVD of dw; gram is accepted for a common signature and unused."""
+    """(B, A) from the rank-`rank` SVD of dw (fewer rows when dw has fewer directions); gram is accepted for a common signature and unused."""
     return svd_decompose(dw, name).lowrank(rank)
 
 

@@ -17,6 +17,18 @@ from __future__ import annotations
 from torch import Tensor
 
 
+def rank_cap(d_out: int, d_in: int) -> int:
+    """Largest useful adapter rank of a (d_out, d_in) Linear: the largest r with r (d_out + d_in) <
+    d_out d_in parameters, i.e. strictly below the dense-delta crossover d_out d_in / (d_out + d_in).
+
+    At or above the crossover the factors B, A hold at least as many numbers as the dense delta
+    dW itself (which would be exact): a rank there is wasted bytes. Strictly below, not floor: at an
+    integer crossover (square d x d, r = d/2) the two cost the same and the dense delta wins. Counted
+    in parameters, as stored in the same dtype; quantized adapters (adapter_bits) keep the same cap.
+    """
+    return (d_out * d_in - 1) // (d_out + d_in)
+
+
 def budget_from_fraction(fraction: float, shapes: dict[str, tuple[int, int]]) -> int:
     """Parameter budget as a fraction of the compensated Linears' own parameter count (floor)."""
     if fraction < 0:
@@ -30,6 +42,13 @@ def resolve_budget(budget_params: int | None, budget_fraction: float | None,
     return budget_params if budget_params is not None else budget_from_fraction(budget_fraction, shapes)
 
 
+def rank_limits(singular_values: dict[str, Tensor], shapes: dict[str, tuple[int, int]],
+                max_rank: int) -> dict[str, int]:
+    """The most rank each module can usefully take: min(max_rank, rank_cap, its positive sigmas)."""
+    return {name: min(max_rank, rank_cap(*shapes[name]), int((sigmas > 0).sum()))
+            for name, sigmas in singular_values.items()}
+
+
 def allocate_ranks(
     singular_values: dict[str, Tensor],
     shapes: dict[str, tuple[int, int]],
@@ -41,8 +60,8 @@ def allocate_ranks(
 
     Candidates are sorted by (gain per parameter descending, module name, index), so the result
     is deterministic; a unit that no longer fits is skipped and cheaper units may still be taken.
-    Units with zero gain are never bought. Ranks never exceed max_rank, min(d_out, d_in) or the
-    number of singular values given. Every module first gets min(min_rank, its positive singular
+    Units with zero gain are never bought. Ranks never exceed max_rank, rank_cap(d_out, d_in) or
+    the number of singular values given. Every module first gets min(min_rank, its positive singular
     values, its limit); a budget that cannot pay for that floor is refused (ValueError).
     """
     if budget_params < 0:
@@ -54,11 +73,10 @@ def allocate_ranks(
         raise ValueError(f"min_rank must be >= 0, got {min_rank}")
     candidates: list[tuple[float, str, int]] = []
     ranks = dict.fromkeys(shapes, 0)
+    limits = rank_limits(singular_values, shapes, max_rank)
     for name, sigmas in singular_values.items():
-        d_out, d_in = shapes[name]
-        cost = d_out + d_in
-        limit = min(max_rank, d_out, d_in, sigmas.numel())
-        values = [s for s in sorted((float(s) for s in sigmas.flatten()), reverse=True)[:limit] if s > 0]
+        cost = sum(shapes[name])
+        values = sorted((float(s) for s in sigmas.flatten() if s > 0), reverse=True)[: limits[name]]
         ranks[name] = min(min_rank, len(values))
         candidates.extend((-(s * s) / cost, name, i) for i, s in enumerate(values) if i >= ranks[name])
     floor_cost = sum(r * sum(shapes[name]) for name, r in ranks.items())

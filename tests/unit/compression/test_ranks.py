@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from worker.compression.ranks import allocate_ranks, budget_from_fraction
+from worker.compression.ranks import allocate_ranks, budget_from_fraction, rank_cap
 
 
 def removed(sigmas: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
@@ -18,7 +18,7 @@ def cost(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
 def brute_force(sigmas, shapes, budget, max_rank):
     """Best allocation by enumerating every rank combination."""
     names = sorted(shapes)
-    limits = [min(max_rank, *shapes[m], sigmas[m].numel()) for m in names]
+    limits = [min(max_rank, rank_cap(*shapes[m]), sigmas[m].numel()) for m in names]
     best = None
     for combo in itertools.product(*(range(k + 1) for k in limits)):
         ranks = dict(zip(names, combo))
@@ -39,9 +39,9 @@ def random_sigmas(shapes, seed):
 
 def test_equal_costs_match_brute_force():
     # Equal costs: greedy by gain is exactly optimal (the best k units of a concave sequence).
-    shapes = {"a": (6, 4), "b": (5, 5), "c": (4, 6)}
+    shapes = {"a": (12, 8), "b": (10, 10), "c": (8, 12)}  # rank caps 4
     sigmas = random_sigmas(shapes, seed=0)
-    for budget in range(0, 10 * 14, 7):
+    for budget in range(0, 20 * 14, 14):
         ranks = allocate_ranks(sigmas, shapes, budget, max_rank=3)
         best_value, _ = brute_force(sigmas, shapes, budget, max_rank=3)
         assert removed(sigmas, ranks) == pytest.approx(best_value, rel=1e-12)
@@ -50,11 +50,11 @@ def test_equal_costs_match_brute_force():
 def test_mixed_costs_near_brute_force():
     # 0/1 knapsack with unequal costs: greedy by gain per parameter can leave at most one unit's
     # gain on the table (the classic bound); on most budgets it is exactly optimal.
-    shapes = {"q": (4, 4), "up": (8, 4), "down": (4, 8), "o": (2, 4)}
+    shapes = {"q": (8, 8), "up": (16, 8), "down": (8, 16), "o": (4, 8)}  # rank caps 3, 5, 5, 2
     sigmas = random_sigmas(shapes, seed=1)
     max_gain = max(float(s[0]) ** 2 for s in sigmas.values())
     exact = 0
-    budgets = range(0, 120, 5)
+    budgets = range(0, 240, 10)
     for budget in budgets:
         ranks = allocate_ranks(sigmas, shapes, budget, max_rank=4)
         best_value, _ = brute_force(sigmas, shapes, budget, max_rank=4)
@@ -83,10 +83,10 @@ def test_rank_bounded_by_given_singular_values_and_zero_gains_skipped():
 
 
 def test_deterministic_tie_break_by_name():
-    shapes = {"z.proj": (4, 4), "a.proj": (4, 4)}
+    shapes = {"z.proj": (8, 8), "a.proj": (8, 8)}
     sigmas = {"z.proj": torch.tensor([1.0, 0.5]), "a.proj": torch.tensor([1.0, 0.5])}
-    ranks = allocate_ranks(sigmas, shapes, budget_params=8 * 3)  # three units for four equal ones
-    reordered = allocate_ranks(dict(reversed(sigmas.items())), dict(reversed(shapes.items())), 8 * 3)
+    ranks = allocate_ranks(sigmas, shapes, budget_params=16 * 3)  # three units for four equal ones
+    reordered = allocate_ranks(dict(reversed(sigmas.items())), dict(reversed(shapes.items())), 16 * 3)
     assert ranks == reordered == {"z.proj": 1, "a.proj": 2}
 
 
@@ -101,28 +101,28 @@ def test_budget_from_fraction():
 
 def test_floor_then_greedy_is_optimal_among_allocations_above_the_floor():
     # Equal costs: after the floor, greedy is again the best choice of the remaining units.
-    shapes = {"a": (6, 4), "b": (5, 5), "c": (4, 6)}
+    shapes = {"a": (12, 8), "b": (10, 10), "c": (8, 12)}  # rank caps 4
     sigmas = random_sigmas(shapes, seed=3)
-    for budget in range(3 * 10, 10 * 14, 7):
+    for budget in range(3 * 20, 20 * 14, 14):
         ranks = allocate_ranks(sigmas, shapes, budget, max_rank=4, min_rank=1)
         assert min(ranks.values()) >= 1 and cost(shapes, ranks) <= budget
         names = sorted(shapes)
         best = max(
             removed(sigmas, dict(zip(names, combo)))
-            for combo in itertools.product(range(1, 5), repeat=3)
+            for combo in itertools.product(range(1, 5), repeat=3)  # max_rank 4 = the rank caps
             if cost(shapes, dict(zip(names, combo))) <= budget
         )
         assert removed(sigmas, ranks) == pytest.approx(best, rel=1e-12)
 
 
 def test_floor_changes_a_skewed_allocation_and_is_capped_by_the_spectrum():
-    shapes = {"loud": (8, 8), "quiet": (8, 8), "empty": (8, 8)}
+    shapes = {"loud": (16, 16), "quiet": (16, 16), "empty": (16, 16)}
     sigmas = {"loud": torch.tensor([9.0, 8.0, 7.0, 6.0]), "quiet": torch.tensor([1.0, 0.5, 0.2, 0.1]),
               "empty": torch.tensor([0.0, 0.0])}
-    assert allocate_ranks(sigmas, shapes, 16 * 4) == {"loud": 4, "quiet": 0, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 4) == {"loud": 4, "quiet": 0, "empty": 0}
     # the floor buys 2 units each where there is error to remove (none for "empty"), greedy the rest
-    assert allocate_ranks(sigmas, shapes, 16 * 4, min_rank=2) == {"loud": 2, "quiet": 2, "empty": 0}
-    assert allocate_ranks(sigmas, shapes, 16 * 5, min_rank=2) == {"loud": 3, "quiet": 2, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 4, min_rank=2) == {"loud": 2, "quiet": 2, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 5, min_rank=2) == {"loud": 3, "quiet": 2, "empty": 0}
 
 
 def test_budget_below_the_floor_is_refused():
@@ -132,3 +132,19 @@ def test_budget_below_the_floor_is_refused():
         allocate_ranks(sigmas, shapes, 16 * 3, min_rank=2)
     with pytest.raises(ValueError, match="min_rank must be >= 0"):
         allocate_ranks(sigmas, shapes, 100, min_rank=-1)
+
+
+def test_rank_cap_is_the_largest_rank_cheaper_than_the_dense_delta():
+    # 64x64: crossover 32 exactly; rank 32 costs 4096 = the dense delta, so 31
+    assert rank_cap(64, 64) == 31 and 31 * 128 < 64 * 64 <= 32 * 128
+    assert rank_cap(128, 64) == rank_cap(64, 128) == 42  # crossover 42.67
+    assert rank_cap(576, 1536) == 418  # SmolLM2 down_proj: crossover 418.9
+    for d_out, d_in in ((1, 1), (1, 7), (3, 5), (576, 576), (192, 576)):
+        r = rank_cap(d_out, d_in)
+        assert r * (d_out + d_in) < d_out * d_in <= (r + 1) * (d_out + d_in)
+
+
+def test_a_budget_beyond_the_caps_stops_at_the_caps():
+    shapes = {"q": (64, 64), "up": (128, 64)}
+    sigmas = {"q": torch.linspace(2, 1, 64), "up": torch.linspace(2, 1, 64)}
+    assert allocate_ranks(sigmas, shapes, 10**15, max_rank=512) == {"q": 31, "up": 42}
