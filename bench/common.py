@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.data import load_texts, make_windows, token_stream, windows_hash
 from worker.evaluate import perplexity
@@ -286,7 +287,12 @@ def two_four(method: str) -> SparsitySpec:
 
 
 def compensation(method: str, **kwargs) -> CompensationSpec:
-    return CompensationSpec(method=method, **kwargs)
+    """The benchmark's compensation, every value stated (the job spec's defaults are the user's, not the
+    protocol's): the paper's exact EoRA (damp 0) unless a row names its damping, no sink tokens, fp16
+    adapters, the relative budget criterion without a floor, the server's default max_rank."""
+    values = {"max_rank": Settings.model_fields["max_rank"].default, "adapter_bits": None,
+              "budget_criterion": "relative", "min_rank": 0, "damp": 0.0, "sink_tokens": 0}
+    return CompensationSpec(method=method, **{**values, **kwargs})
 
 
 def _write(path: Path, record: dict) -> None:

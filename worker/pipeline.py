@@ -18,7 +18,7 @@ import torch
 from pydantic import SecretStr
 
 from app.jobs.service import UPLOAD_PREFIX, looks_local, resolve_upload
-from app.jobs.spec import JobSpec
+from app.jobs.spec import Compensation, JobSpec, Quantization, RankBudget, Sparsity
 from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.errors import JobFailure
@@ -47,27 +47,40 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def compression_plan(spec: JobSpec):
+def quant_spec(q: Quantization) -> QuantSpec:
+    return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, damp=q.damp,
+                     act_order=q.act_order)
+
+
+def sparsity_spec(s: Sparsity) -> SparsitySpec:
+    n, m = s.nm or (None, None)
+    return SparsitySpec(method=s.method, ratio=s.ratio, n=n, m=m)
+
+
+def compensation_spec(c: Compensation, max_rank: int) -> CompensationSpec | None:
+    """None for method 'none'. max_rank: the server's Settings.max_rank."""
+    if c.method == "none":
+        return None
+    budget = c.rank_budget
+    return CompensationSpec(
+        method=c.method, rank=c.rank, budget_params=None if budget is None else budget.params,
+        budget_fraction=None if budget is None else budget.fraction, max_rank=max_rank, adapter_bits=c.adapter_bits,
+        budget_criterion=RankBudget.model_fields["criterion"].default if budget is None else budget.criterion,
+        min_rank=0 if budget is None else budget.min_rank, damp=c.damp, sink_tokens=c.sink_tokens)
+
+
+def compression_plan(spec: JobSpec, max_rank: int):
+    """The job spec as the compression math's plan: the one spec-to-plan mapping (the job spec owns the
+    defaults; bench/ and tests build plans through this or say every value). max_rank: Settings.max_rank."""
     from worker.plan import CompressionPlan
 
-    quant = sparsity = compensation = None
-    if spec.quantization is not None:
-        q = spec.quantization
-        quant = QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
-                          damp=q.damp, act_order=q.act_order)
-    if spec.sparsity is not None:
-        s = spec.sparsity
-        n, m = s.nm or (None, None)
-        sparsity = SparsitySpec(method=s.method, ratio=s.ratio, n=n, m=m)
-    if spec.compensation is not None and spec.compensation.method != "none":
-        c = spec.compensation
-        budget = c.rank_budget
-        budget_fields = {} if budget is None else {
-            "budget_params": budget.params, "budget_fraction": budget.fraction, "budget_criterion": budget.criterion,
-            "min_rank": budget.min_rank}
-        compensation = CompensationSpec(method=c.method, rank=c.rank, adapter_bits=c.adapter_bits, damp=c.damp,
-                                        sink_tokens=c.sink_tokens, **budget_fields)
-    return CompressionPlan(quant=quant, sparsity=sparsity, compensation=compensation)
+    too_high = spec.compensation.above_max_rank(max_rank) if spec.compensation is not None else None
+    if too_high is not None:
+        raise JobFailure(": ".join(too_high))
+    return CompressionPlan(
+        quant=None if spec.quantization is None else quant_spec(spec.quantization),
+        sparsity=None if spec.sparsity is None else sparsity_spec(spec.sparsity),
+        compensation=None if spec.compensation is None else compensation_spec(spec.compensation, max_rank))
 
 
 def check_plan_fits(model, arch, plan) -> None:
@@ -185,7 +198,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("evaluating", 10.0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
     reporter.check_cancelled()
 
-    plan = compression_plan(spec)
+    plan = compression_plan(spec, settings.max_rank)
     check_plan_fits(model, arch, plan)
 
     def on_layer(report) -> None:

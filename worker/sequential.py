@@ -37,7 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.gram import accumulate_gram
-from worker.compression.ranks import allocate_ranks, rank_cap, rank_limits, resolve_budget
+from worker.compression.ranks import (
+    allocate_ranks,
+    rank_cap,
+    rank_limits,
+    resolve_budget,
+)
 from worker.compression.specs import SparsitySpec
 from worker.linear_compress import (
     adapter_size,
@@ -374,7 +379,7 @@ class _Run:
                          f"an adapter holds more numbers than the dense delta itself; capped at the largest rank below "
                          f"it ({listed})")
         if self.short:
-            first = sorted(self.short)[0]
+            first = min(self.short)
             notes.append(f"{len(self.short)} Linears have fewer independent error directions than the rank given "
                          f"them; their adapters have the true rank (e.g. {first}: {self.short[first]})")
         if self.result.max_rank == 0 and not self.plan.uses_budget:  # budgets say so when allocating

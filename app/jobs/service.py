@@ -56,8 +56,9 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
                          ("evaluation.seq_len", spec.evaluation.seq_len)):
         if value is not None and value > settings.max_seq_len:
             raise InvalidSpec(field, f"at most {settings.max_seq_len} on this server")
-    if spec.compensation is not None and spec.compensation.rank is not None and spec.compensation.rank > settings.max_rank:
-        raise InvalidSpec("compensation.rank", f"at most {settings.max_rank} on this server")
+    too_high = spec.compensation.above_max_rank(settings.max_rank) if spec.compensation is not None else None
+    if too_high is not None:
+        raise InvalidSpec(*too_high)
     uri = spec.destination.uri
     if uri is not None and destination_scheme(uri) == "local":
         path = Path(uri.removeprefix("file://")).expanduser()

@@ -83,8 +83,8 @@ class RankBudget(Strict):
     criterion: Literal["relative", "absolute"] = Field(
         "relative", description="Rank units go where they reduce the most output error per parameter: relative "
         "to each module's output norm ||WX|| (default, better on SmolLM2), or absolute.")
-    min_rank: int = Field(0, ge=0, le=512, description="A rank every Linear gets before the rest of the budget "
-                          "is allocated by the criterion; the budget must cover it.")
+    min_rank: int = Field(0, ge=0, description="A rank every Linear gets before the rest of the budget is "
+                          "allocated by the criterion; the budget must cover it. At most the server's max_rank.")
 
     @model_validator(mode="after")
     def _one_of(self) -> RankBudget:
@@ -95,7 +95,9 @@ class RankBudget(Strict):
 
 class Compensation(Strict):
     method: Literal["eora", "svd", "none"] = "eora"
-    rank: int | None = Field(None, ge=1, le=512, description="Fixed rank for every Linear.")
+    rank: int | None = Field(None, ge=1, description="Fixed rank for every Linear; at most the server's max_rank. "
+                             "A rank at or above a Linear's dense-delta crossover d_out*d_in/(d_out+d_in) is capped "
+                             "below it (the job's notes say so).")
     rank_budget: RankBudget | None = None
     adapter_bits: Literal[4, 8] | None = Field(None, description="Quantize the adapters themselves (group-wise).")
     damp: float = Field(1.0, ge=0, le=100, description="EoRA: fraction of mean(diag(X^T X)) added to its diagonal "
@@ -104,6 +106,15 @@ class Compensation(Strict):
     sink_tokens: int = Field(0, ge=0, le=64, description="Leading positions of each calibration window left out "
                              "of the compensation's X^T X (they still count for the compression): attention-sink "
                              "tokens carry massive activations that can own nearly all of it.")
+
+    def above_max_rank(self, max_rank: int) -> tuple[str, str] | None:
+        """(field, reason) when a rank asked for is above the server's max_rank (Settings.max_rank), else
+        None: the one rule, checked at submission (app/jobs/service.py) and before any work (worker)."""
+        if self.rank is not None and self.rank > max_rank:
+            return "compensation.rank", f"at most {max_rank} on this server"
+        if self.rank_budget is not None and self.rank_budget.min_rank > max_rank:
+            return "compensation.rank_budget.min_rank", f"at most {max_rank} on this server"
+        return None
 
     @model_validator(mode="after")
     def _rank(self) -> Compensation:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.fixtures_models import build_tiny_model
-from worker.compression.specs import CompensationSpec, QuantSpec
+from tests.specs import compensation, quant
 from worker.evaluate import perplexity
 from worker.linear_compress import CompensatedLinear
 from worker.plan import CompressionPlan
@@ -38,7 +38,7 @@ def test_perplexity_matches_full_forward(family, tiny_tokenizer, calibration_win
 
 def test_perplexity_with_compensated_linears(tiny_llama, calibration_windows):
     before = perplexity(tiny_llama, calibration_windows, CPU)
-    plan = CompressionPlan(quant=QuantSpec(method="rtn", bits=2, group_size=32), compensation=CompensationSpec(rank=4))
+    plan = CompressionPlan(quant=quant(method="rtn", bits=2, group_size=32), compensation=compensation(rank=4))
     compress_model(tiny_llama, calibration_windows, plan, CPU)
     assert any(isinstance(m, CompensatedLinear) for m in tiny_llama.modules())
     after = perplexity(tiny_llama, calibration_windows, CPU, batch_size=5)

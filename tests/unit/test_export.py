@@ -12,13 +12,14 @@ the logits by far more, which test_verify_fails_on_a_corrupted_scale checks.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
+from tests.specs import compensation, job_plan, quant, sparsity
 from worker.data import windows_hash
 from worker.export import ExportError, export_model, reference_logits, verify_export
 from worker.export.adapter import vllm_max_lora_rank
@@ -34,16 +35,16 @@ BASE_FILES = {"README.md", "config.json", "generation_config.json", "model.safet
               "tokenizer.json", "tokenizer_config.json"}
 ADAPTER_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
 
-RTN4 = CompressionPlan(quant=QuantSpec(method="rtn", bits=4, group_size=32))
-GPTQ4 = CompressionPlan(quant=QuantSpec(method="gptq", bits=4, group_size=32, symmetric=True, act_order=True))
-GPTQ8 = CompressionPlan(quant=QuantSpec(method="gptq", bits=8, group_size=-1))
-GPTQ3 = CompressionPlan(quant=QuantSpec(method="gptq", bits=3, group_size=16))
-SPARSEGPT_24 = CompressionPlan(sparsity=SparsitySpec(method="sparsegpt", n=2, m=4))
-MAGNITUDE_24 = CompressionPlan(sparsity=SparsitySpec(method="magnitude", n=2, m=4))
-SPARSE_24_GPTQ4 = CompressionPlan(sparsity=SparsitySpec(method="sparsegpt", n=2, m=4),
-                                  quant=QuantSpec(method="gptq", bits=4, group_size=32))
-EORA_MIXED = CompressionPlan(quant=QuantSpec(method="gptq", bits=4, group_size=32),
-                             compensation=CompensationSpec(method="eora", budget_fraction=0.1))
+RTN4 = CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32))
+GPTQ4 = CompressionPlan(quant=quant(method="gptq", bits=4, group_size=32, symmetric=True, act_order=True))
+GPTQ8 = CompressionPlan(quant=quant(method="gptq", bits=8, group_size=-1))
+GPTQ3 = CompressionPlan(quant=quant(method="gptq", bits=3, group_size=16))
+SPARSEGPT_24 = CompressionPlan(sparsity=sparsity(method="sparsegpt", n=2, m=4))
+MAGNITUDE_24 = CompressionPlan(sparsity=sparsity(method="magnitude", n=2, m=4))
+SPARSE_24_GPTQ4 = job_plan(sparsity={"method": "sparsegpt", "pattern": "2:4"},
+                           quantization={"method": "gptq", "bits": 4, "group_size": 32})
+EORA_MIXED = CompressionPlan(quant=quant(method="gptq", bits=4, group_size=32),
+                             compensation=compensation(method="eora", budget_fraction=0.1))
 
 
 def extra(windows, **evaluation):
@@ -199,8 +200,8 @@ def test_mixed_rank_eora_adapter_round_trip(tiny_model_dir, calibration_windows,
 
 
 def test_sparse_model_with_a_fixed_rank_adapter_round_trip(tiny_model_dir, calibration_windows, tmp_path):
-    plan = CompressionPlan(sparsity=SparsitySpec(method="wanda", n=2, m=4),
-                           compensation=CompensationSpec(method="eora", rank=4))
+    plan = CompressionPlan(sparsity=sparsity(method="wanda", n=2, m=4),
+                           compensation=compensation(method="eora", rank=4))
     result, reference, info = compress_and_export(tiny_model_dir, calibration_windows, plan, tmp_path / "out")
     assert set(info.files) == BASE_FILES | ADAPTER_FILES
     config = json.loads((info.out_dir / "adapter" / "adapter_config.json").read_text())
@@ -283,7 +284,7 @@ def test_export_refuses_weights_off_the_reported_grid(tiny_model_dir, calibratio
 
 
 def test_export_refuses_widths_pack_quantized_cannot_hold(tiny_llama, tiny_tokenizer, calibration_windows, tmp_path):
-    plan = CompressionPlan(quant=QuantSpec(method="rtn", bits=16))
+    plan = CompressionPlan(quant=replace(quant(method="rtn"), bits=16))  # beyond what the job spec allows
     with pytest.raises(ExportError, match="16-bit weights cannot be exported.*1..8-bit"):
         export_model(tiny_llama, tiny_tokenizer, CompressionResult(modules={}), plan, tmp_path / "out",
                      extra(calibration_windows))

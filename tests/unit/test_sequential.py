@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from tests.fixtures_models import FAMILIES, build_tiny_model
+from tests.specs import compensation, job_plan, quant, sparsity
 from worker.compression.eora import eora
 from worker.compression.gram import accumulate_gram
 from worker.compression.quantize import dequantize
 from worker.compression.ranks import budget_from_fraction, rank_cap
-from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.evaluate import iter_logits, perplexity
 from worker.linear_compress import CompensatedLinear, unwrap_adapters
 from worker.models import decoder_linears, get_architecture
@@ -21,7 +21,7 @@ from worker.plan import CompressionPlan
 from worker.sequential import compress_model
 
 CPU = torch.device("cpu")
-GPTQ3 = QuantSpec(method="gptq", bits=3, group_size=32)
+GPTQ3 = quant(method="gptq", bits=3, group_size=32)
 
 
 def logits(model, windows):
@@ -54,7 +54,7 @@ def test_empty_plan_changes_nothing(tiny_llama, calibration_windows):
 
 def test_rtn_weights_on_grid_and_codes_match(tiny_llama, calibration_windows):
     original = copy.deepcopy(tiny_llama)
-    plan = CompressionPlan(quant=QuantSpec(method="rtn", bits=4, group_size=32))
+    plan = CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU, batch_size=3)
     linears = decoder_linears(tiny_llama, get_architecture(tiny_llama))
     assert set(result.modules) == set(linears)
@@ -78,7 +78,7 @@ def test_error_before_uses_inputs_from_compressed_previous_layers(tiny_llama, ca
     """Layer 1's q_proj error, from the pipeline's Gram, equals ||dW X^T|| / ||W X^T|| with X the
     q_proj inputs of the final compressed model (they come from the compressed layer 0)."""
     original_weight = tiny_llama.model.layers[1].self_attn.q_proj.weight.detach().clone()
-    plan = CompressionPlan(quant=QuantSpec(method="rtn", bits=3, group_size=32))
+    plan = CompressionPlan(quant=quant(method="rtn", bits=3, group_size=32))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU, batch_size=3)
     q_proj = tiny_llama.model.layers[1].self_attn.q_proj
     captured = []
@@ -108,7 +108,7 @@ def test_error_after_is_relative_to_the_original_weight(tiny_llama, calibration_
     logits(original, calibration_windows)  # one batch: the pipeline's Gram sees these same tokens
     for hook in hooks:
         hook.remove()
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="eora", rank=4, damp=1.0))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(method="eora", rank=4, damp=1.0))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     for name, x in inputs.items():
         full = f"model.layers.0.{name}"
@@ -125,7 +125,7 @@ def test_error_after_is_relative_to_the_original_weight(tiny_llama, calibration_
 
 
 def test_two_four_sparsity_is_exact(tiny_llama, calibration_windows):
-    plan = CompressionPlan(sparsity=SparsitySpec(method="magnitude", n=2, m=4))
+    plan = CompressionPlan(sparsity=sparsity(method="magnitude", n=2, m=4))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     for name, linear in decoder_linears(tiny_llama, get_architecture(tiny_llama)).items():
         runs = linear.weight.detach().reshape(linear.weight.shape[0], -1, 4)
@@ -135,7 +135,7 @@ def test_two_four_sparsity_is_exact(tiny_llama, calibration_windows):
 
 
 def test_sparsegpt_with_gptq_keeps_two_four_on_grid(tiny_llama, calibration_windows):
-    plan = CompressionPlan(sparsity=SparsitySpec(method="sparsegpt", n=2, m=4), quant=QuantSpec(bits=4, group_size=32))
+    plan = job_plan(sparsity={"method": "sparsegpt", "pattern": "2:4"}, quantization={"bits": 4, "group_size": 32})
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     report = result.modules["model.layers.1.mlp.down_proj"]
     w = tiny_llama.model.layers[1].mlp.down_proj.weight.detach()
@@ -152,10 +152,10 @@ def test_eora_fixed_rank_reduces_error(tiny_llama, calibration_windows):
     uncompensated = copy.deepcopy(tiny_llama)
     svd = copy.deepcopy(tiny_llama)
     compress_model(uncompensated, calibration_windows, CompressionPlan(quant=GPTQ3), CPU)
-    eora_plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="eora", rank=8))
+    eora_plan = CompressionPlan(quant=GPTQ3, compensation=compensation(method="eora", rank=8, damp=0.0))
     reports = []
     result = compress_model(tiny_llama, calibration_windows, eora_plan, CPU, on_layer=reports.append)
-    svd_plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="svd", rank=8))
+    svd_plan = CompressionPlan(quant=GPTQ3, compensation=compensation(method="svd", rank=8))
     svd_result = compress_model(svd, calibration_windows, svd_plan, CPU)
 
     assert [(r.stage, r.index, r.total, r.step, r.steps) for r in reports] == [
@@ -190,7 +190,7 @@ def test_sink_tokens_leave_compression_alone_and_compensate_on_the_rest(tiny_lla
     models = {}
     for sink in (0, 1):
         models[sink] = copy.deepcopy(tiny_llama)
-        spec = CompensationSpec(method="eora", rank=8, sink_tokens=sink)
+        spec = compensation(method="eora", rank=8, sink_tokens=sink, damp=0.0)
         compress_model(models[sink], calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
     q0, q1 = (models[s].model.layers[0].self_attn.q_proj for s in (0, 1))
     assert torch.equal(q0.base.weight, q1.base.weight)
@@ -204,13 +204,13 @@ def test_sink_tokens_leave_compression_alone_and_compensate_on_the_rest(tiny_lla
 
 
 def test_sink_tokens_covering_the_window_are_refused(tiny_llama, calibration_windows):
-    spec = CompensationSpec(rank=4, sink_tokens=calibration_windows.shape[1])
+    spec = compensation(rank=4, sink_tokens=calibration_windows.shape[1])
     with pytest.raises(ValueError, match="sink_tokens=32 leaves no calibration token"):
         compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
 
 
 def test_unwrap_adapters_merged_equals_unmerged(tiny_llama, calibration_windows):
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(rank=4))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(rank=4))
     compress_model(tiny_llama, calibration_windows, plan, CPU)
     compensated = logits(tiny_llama, calibration_windows)
     adapters = unwrap_adapters(tiny_llama)
@@ -227,7 +227,7 @@ def test_unwrap_adapters_merged_equals_unmerged(tiny_llama, calibration_windows)
 
 
 def test_quantized_adapters(tiny_llama, calibration_windows):
-    spec = CompensationSpec(rank=8, adapter_bits=4, adapter_group_size=32)
+    spec = compensation(rank=8, adapter_bits=4, adapter_group_size=32)
     result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
     adapters = unwrap_adapters(tiny_llama)
     lora_b, lora_a = adapters["model.layers.1.mlp.down_proj"]  # A (8, 128): groups of 32 along d_in
@@ -242,7 +242,7 @@ def test_quantized_adapters(tiny_llama, calibration_windows):
 @pytest.mark.parametrize("sink_tokens", [0, 1])
 def test_global_budget(tiny_llama, calibration_windows, sink_tokens):
     reports = []
-    spec = CompensationSpec(method="eora", budget_fraction=0.1, sink_tokens=sink_tokens)
+    spec = compensation(method="eora", budget_fraction=0.1, sink_tokens=sink_tokens)
     result = compress_model(
         tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU, on_layer=reports.append
     )
@@ -265,7 +265,7 @@ def test_global_budget(tiny_llama, calibration_windows, sink_tokens):
 
 def test_budget_in_params_is_spent_and_deterministic(tiny_llama, calibration_windows):
     twin = copy.deepcopy(tiny_llama)
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(budget_params=5000))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(budget_params=5000))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     assert result.budget_params == 5000
     largest_unit = max(d_out + d_in for d_out, d_in in (m.shape for m in result.modules.values()))
@@ -274,7 +274,7 @@ def test_budget_in_params_is_spent_and_deterministic(tiny_llama, calibration_win
 
 
 def test_budget_floor_gives_every_module_its_rank_and_spends_the_rest(tiny_llama, calibration_windows):
-    spec = CompensationSpec(budget_params=5000, min_rank=2)
+    spec = compensation(budget_params=5000, min_rank=2)
     result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
     floor = sum(2 * sum(m.shape) for m in result.modules.values())
     assert min(result.ranks.values()) == 2
@@ -293,7 +293,7 @@ def test_rank_at_the_crossover_is_capped_with_a_note(tiny_llama, calibration_win
 
     dense = sum(w.numel() for w in decoder_linears(tiny_llama, get_architecture(tiny_llama)).values()
                 for w in [w.weight])
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(method="eora", rank=512, damp=1.0))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(method="eora", rank=512, damp=1.0))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     for name, module in result.modules.items():
         d_out, d_in = module.shape
@@ -314,17 +314,26 @@ def test_rank_at_the_crossover_is_capped_with_a_note(tiny_llama, calibration_win
 
 def test_budget_beyond_the_caps_and_below_one_unit_say_so(tiny_llama, calibration_windows):
     huge = copy.deepcopy(tiny_llama)
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(budget_params=10**15, damp=1.0))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(budget_params=10**15, damp=1.0))
     result = compress_model(huge, calibration_windows, plan, CPU)
     assert result.ranks == {name: rank_cap(*m.shape) for name, m in result.modules.items()}
     assert len(result.notes) == 1 and "are more than the adapters can use" in result.notes[0]
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(budget_params=1, damp=1.0))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(budget_params=1, damp=1.0))
     result = compress_model(tiny_llama, calibration_windows, plan, CPU)
     assert result.max_rank == 0 and result.adapter_params == 0
     assert not any(isinstance(m, CompensatedLinear) for m in tiny_llama.modules())
-    assert result.notes == ["compensation.rank_budget: 1 parameters do not pay for one rank of any Linear "
-                            "(the cheapest costs 96): no adapter was made"]
+    assert result.notes == [("compensation.rank_budget: 1 parameters do not pay for one rank of any Linear "
+                             "(the cheapest costs 96): no adapter was made")]
     assert all(m.error_after == m.error_before for m in result.modules.values())
+
+
+def test_the_plans_max_rank_bounds_the_allocator(tiny_llama, calibration_windows):
+    from dataclasses import replace
+
+    spec = replace(compensation(budget_params=10**15), max_rank=8)  # as compression_plan(spec, settings.max_rank=8)
+    result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
+    assert set(result.ranks.values()) == {8}
+    assert "at most 8" in result.notes[0]
 
 
 def test_on_layer_exception_cancels(tiny_llama, calibration_windows):
@@ -344,31 +353,29 @@ def test_non_finite_weight_names_the_module(tiny_llama, calibration_windows):
         tiny_llama.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
     with pytest.raises(FloatingPointError, match=r"model\.layers\.1\.mlp\.down_proj"):
         compress_model(
-            tiny_llama, calibration_windows, CompressionPlan(quant=QuantSpec(method="rtn", group_size=32)), CPU
+            tiny_llama, calibration_windows, CompressionPlan(quant=quant(method="rtn", group_size=32)), CPU
         )
 
 
 @pytest.mark.parametrize(
-    "compensation, message",
-    [
-        (CompensationSpec(rank=4, budget_params=100), "exactly one of"),
-        (CompensationSpec(rank=None), "exactly one of"),
-        (CompensationSpec(rank=600), "rank must be in 1..512"),
-        (CompensationSpec(rank=4, sink_tokens=-1), "sink_tokens must be >= 0"),
-        (CompensationSpec(budget_params=100, min_rank=-1), r"min_rank must be in 0\.\.512"),
-        (CompensationSpec(budget_params=100, min_rank=513), r"min_rank must be in 0\.\.512"),
-    ],
+    "changes",
+    [{"budget_params": 100}, {"rank": None}, {"rank": 600}, {"sink_tokens": -1},
+     {"rank": None, "budget_params": 100, "min_rank": -1}, {"rank": None, "budget_params": 100, "min_rank": 513}],
 )
-def test_plan_validation(compensation, message):
-    with pytest.raises(ValueError, match=message):
-        CompressionPlan(quant=GPTQ3, compensation=compensation)
+def test_plan_asserts_its_invariants(changes):
+    """The job spec and the server's max_rank are where users meet the rules (test_spec.py); a plan
+    built around them that breaks an invariant is refused all the same."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="inconsistent compensation plan"):
+        CompressionPlan(quant=GPTQ3, compensation=replace(compensation(rank=4), **changes))
     with pytest.raises(ValueError, match="no error to compensate"):
-        CompressionPlan(compensation=CompensationSpec(rank=4))
+        CompressionPlan(compensation=compensation(rank=4))
 
 
 @pytest.mark.gpu  # deselected by default; run on a CUDA machine with `pytest -m gpu`
 def test_cuda_run_matches_cpu_and_returns_layers_to_cpu(tiny_tokenizer, calibration_windows):
-    plan = CompressionPlan(quant=GPTQ3, compensation=CompensationSpec(rank=4))
+    plan = CompressionPlan(quant=GPTQ3, compensation=compensation(rank=4))
     on_cpu = build_tiny_model("llama_tied", len(tiny_tokenizer))
     on_gpu = build_tiny_model("llama_tied", len(tiny_tokenizer))
     cpu_result = compress_model(on_cpu, calibration_windows, plan, CPU)
@@ -393,7 +400,7 @@ def test_budget_criteria_allocate_differently_and_both_spend_the_budget(tiny_lla
     ranks = {}
     for criterion in ("absolute", "relative"):
         model = copy.deepcopy(tiny_llama)
-        spec = CompensationSpec(budget_params=5000, budget_criterion=criterion)
+        spec = compensation(budget_params=5000, budget_criterion=criterion)
         result = compress_model(model, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
         assert 0 < result.adapter_params <= 5000
         ranks[criterion] = result.ranks

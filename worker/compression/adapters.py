@@ -31,5 +31,5 @@ def quantize_adapter(t: Tensor, bits: int, group_size: int) -> Tensor:
     if t.shape[1] == 0 or t.shape[0] == 0:
         return t.clone()
     gs = adapter_group_size(t.shape[1], group_size)
-    spec = QuantSpec(method="rtn", bits=bits, group_size=gs, symmetric=False)
+    spec = QuantSpec(method="rtn", bits=bits, group_size=gs, symmetric=False, damp=0.0, act_order=False)  # RTN: no Hessian
     return quantize_rtn(t, spec).weight

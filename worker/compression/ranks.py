@@ -53,7 +53,7 @@ def allocate_ranks(
     singular_values: dict[str, Tensor],
     shapes: dict[str, tuple[int, int]],
     budget_params: int,
-    max_rank: int = 512,
+    max_rank: int,
     min_rank: int = 0,
 ) -> dict[str, int]:
     """Rank per module (every module in shapes, 0 when it gets none) within budget_params.

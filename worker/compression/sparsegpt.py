@@ -66,7 +66,8 @@ def sparsegpt_prune(
     column comes, from the current values with already-pruned entries as 0) and w_new equals
     quantized.weight; pruned entries carry the zero point, so they dequantize to exactly 0.
     Columns are always visited in their original order (quant.act_order is not applied): N:M runs
-    and pruning blocks are defined on that order. Damping and block size come from spec.
+    and pruning blocks are defined on that order. The block size comes from spec; the damping from
+    quant when given (the job's quantization.damp: one Hessian, one damping), else from spec.
     """
     d_in = w.shape[-1]
     check_sparsity(spec, d_in)
@@ -78,7 +79,7 @@ def sparsegpt_prune(
     else:
         choose = unstructured_chooser(spec.ratio)
     grid = new_grid(quant, weight, w.dtype, None) if quant is not None else None
-    hinv = inverse_hessian_cholesky(hessian, spec.damp, name)
+    hinv = inverse_hessian_cholesky(hessian, spec.damp if quant is None else quant.damp, name)
     keep = torch.ones_like(weight, dtype=torch.bool)  # (d_out, d_in), filled in by the sweep
     values, codes = obs_sweep(weight, hinv, block_size, grid, keep, choose)
     quantized = None

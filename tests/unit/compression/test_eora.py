@@ -1,17 +1,33 @@
 import pytest
 import torch
 
-from worker.compression.eora import eora, eora_decompose, projected_singular_values, svd_baseline
+from worker.compression.eora import (
+    eora,
+    eora_decompose,
+    projected_singular_values,
+    svd_baseline,
+)
 from worker.compression.gram import accumulate_gram
 from worker.compression.quantize import quantize_rtn
 from worker.compression.specs import CompensationSpec, QuantSpec
-from worker.linear_compress import compensation_factors, compensation_spectrum, objective_norm
+from worker.linear_compress import (
+    compensation_factors,
+    compensation_spectrum,
+    objective_norm,
+)
+
+
+def spec_of(**fields) -> QuantSpec:
+    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
+    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
+    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
+    return QuantSpec(**{**values, **fields})
 
 
 @pytest.fixture
 def dw(weight):
     """A realistic error to compensate: 3-bit RTN of the seeded weight, (32, 64)."""
-    return weight - quantize_rtn(weight, QuantSpec(method="rtn", bits=3, group_size=16)).weight
+    return weight - quantize_rtn(weight, spec_of(method="rtn", bits=3, group_size=16)).weight
 
 
 def calibration_error(x: torch.Tensor, residual: torch.Tensor) -> float:
@@ -153,7 +169,8 @@ def test_budget_spectrum_is_what_the_compensation_removes(weight, gram, dw, meth
     """The rank budget's sigma_i / objective_norm(W): rank r of the spec's own decomposition leaves
     sum_{i>r} sigma_i^2 of ||dW||^2 in that spec's norm (damped Gram for damped EoRA, Frobenius for
     SVD), and objective_norm is ||W|| in the same norm."""
-    spec = CompensationSpec(method=method, rank=max(rank, 1), damp=damp)
+    spec = CompensationSpec(method=method, rank=max(rank, 1), damp=damp, max_rank=512, adapter_bits=None,
+                            budget_criterion="relative", min_rank=0, sink_tokens=0)
     sigma = compensation_spectrum(dw, gram, spec, "m").double()
     metric = gram.double() + damp * gram.double().diagonal().mean() * torch.eye(64, dtype=torch.float64)
     if method == "svd":

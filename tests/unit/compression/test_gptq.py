@@ -6,6 +6,13 @@ from worker.compression.quantize import dequantize, quantize_rtn
 from worker.compression.specs import QuantSpec
 
 
+def spec_of(**fields) -> QuantSpec:
+    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
+    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
+    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
+    return QuantSpec(**{**values, **fields})
+
+
 def output_error(x: torch.Tensor, dw: torch.Tensor) -> float:
     """||X dW^T||_F: what the layer's outputs lose on the calibration inputs."""
     return torch.linalg.norm(x.double() @ dw.double().T).item()
@@ -35,7 +42,7 @@ def naive_gptq(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int, 
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_output_error(inputs, gram, weight, bits, act_order):
-    spec = QuantSpec(bits=bits, group_size=16, act_order=act_order, block_size=16)
+    spec = spec_of(bits=bits, group_size=16, act_order=act_order, block_size=16)
     gptq = gptq_quantize(weight, gram, spec)
     rtn = quantize_rtn(weight, spec)
     ratio = output_error(inputs, weight - gptq.weight) / output_error(inputs, weight - rtn.weight)
@@ -46,7 +53,7 @@ def test_gptq_beats_rtn_on_output_error(inputs, gram, weight, bits, act_order):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_codes_on_grid_and_consistent(gram, weight, act_order, symmetric):
-    spec = QuantSpec(bits=3, group_size=16, act_order=act_order, symmetric=symmetric, block_size=8)
+    spec = spec_of(bits=3, group_size=16, act_order=act_order, symmetric=symmetric, block_size=8)
     q = gptq_quantize(weight, gram, spec)
     assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 7
     assert q.scales.shape == (32, 4)
@@ -59,7 +66,7 @@ def test_codes_on_grid_and_consistent(gram, weight, act_order, symmetric):
 @pytest.mark.parametrize("group_size,block_size", [(-1, 16), (16, 16), (16, 12), (32, 8)])
 def test_matches_naive_fp64_reference(inputs, gram, weight, group_size, block_size):
     # Block sizes that split groups check that a group's grid sees the pending lazy updates.
-    spec = QuantSpec(bits=4, group_size=group_size, block_size=block_size, damp=0.01)
+    spec = spec_of(bits=4, group_size=group_size, block_size=block_size, damp=0.01)
     q = gptq_quantize(weight, gram, spec)
     ref = naive_gptq(weight, gram, bits=4, group_size=q.group_size, damp=0.01)
     # Same codes; values differ only by fp32 vs fp64 rounding of (code - zero) * scale (~1 ulp).
@@ -71,7 +78,7 @@ def test_singular_hessian_retries_damping_and_stays_finite(make_inputs, weight):
     x = make_inputs(16, 64, seed=4)  # 16 tokens for 64 inputs: rank 16
     x[:, :8] = 0  # eight inputs never active: dead columns
     gram = x.T @ x / 16
-    spec = QuantSpec(bits=4, group_size=16, damp=0.0)  # undamped Cholesky of a singular H fails
+    spec = spec_of(bits=4, group_size=16, damp=0.0)  # undamped Cholesky of a singular H fails
     q = gptq_quantize(weight, gram, spec)
     assert torch.isfinite(q.weight).all()
     assert torch.all(q.weight[:, :8] == 0)  # dead inputs carry no information: weight dropped
@@ -91,31 +98,31 @@ def test_inverse_cholesky_factor(gram):
 
 def test_unfixable_hessian_raises_with_name(weight):
     with pytest.raises(torch.linalg.LinAlgError, match="model.layers.3.mlp.up_proj"):
-        gptq_quantize(weight, -torch.eye(64), QuantSpec(group_size=16), name="model.layers.3.mlp.up_proj")
+        gptq_quantize(weight, -torch.eye(64), spec_of(group_size=16), name="model.layers.3.mlp.up_proj")
 
 
 def test_non_finite_inputs_raise_with_name(gram, weight):
     bad = weight.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="q_proj"):
-        gptq_quantize(bad, gram, QuantSpec(group_size=16), name="q_proj")
+        gptq_quantize(bad, gram, spec_of(group_size=16), name="q_proj")
     bad_gram = gram.clone()
     bad_gram[1, 1] = float("inf")
     with pytest.raises(FloatingPointError, match="q_proj"):
-        gptq_quantize(weight, bad_gram, QuantSpec(group_size=16), name="q_proj")
+        gptq_quantize(weight, bad_gram, spec_of(group_size=16), name="q_proj")
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_mask_keeps_exact_zeros(gram, weight, act_order):
     mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(5)) > 0.5
     pruned = torch.where(mask, weight, torch.zeros_like(weight))
-    q = gptq_quantize(pruned, gram, QuantSpec(bits=4, group_size=16, act_order=act_order), mask=mask)
+    q = gptq_quantize(pruned, gram, spec_of(bits=4, group_size=16, act_order=act_order), mask=mask)
     assert torch.all(q.weight[~mask] == 0)
     assert torch.equal(q.codes[~mask], q.zeros.repeat_interleave(16, dim=1)[~mask])
     assert torch.equal(dequantize(q.codes, q.scales, q.zeros, 16), q.weight)
 
 
 def test_bf16_weight_keeps_dtype_and_consistency(gram, weight):
-    q = gptq_quantize(weight.to(torch.bfloat16), gram, QuantSpec(bits=4, group_size=16))
+    q = gptq_quantize(weight.to(torch.bfloat16), gram, spec_of(bits=4, group_size=16))
     assert q.weight.dtype == torch.bfloat16 and q.scales.dtype == torch.bfloat16
     assert torch.equal(dequantize(q.codes, q.scales.float(), q.zeros, 16).to(torch.bfloat16), q.weight)

@@ -1,11 +1,25 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from worker.compression.gptq import gptq_quantize
-from worker.compression.prune import magnitude_scores, mask_from_scores, prune, wanda_scores
+from worker.compression.prune import (
+    magnitude_scores,
+    mask_from_scores,
+    prune,
+    wanda_scores,
+)
 from worker.compression.quantize import dequantize, quantize_rtn
 from worker.compression.sparsegpt import sparsegpt_prune
 from worker.compression.specs import QuantSpec, SparsitySpec
+
+
+def spec_of(**fields) -> QuantSpec:
+    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
+    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
+    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
+    return QuantSpec(**{**values, **fields})
 
 
 def output_error(x: torch.Tensor, dw: torch.Tensor) -> float:
@@ -53,10 +67,11 @@ def naive_sparsegpt(w, gram, spec: SparsitySpec, quant: QuantSpec | None = None)
 
 @pytest.mark.parametrize(
     "spec",
-    [SparsitySpec(n=2, m=4, block_size=16), SparsitySpec(ratio=0.5, block_size=16)],
+    [SparsitySpec(method="sparsegpt", n=2, m=4, block_size=16),
+     SparsitySpec(method="sparsegpt", ratio=0.5, block_size=16)],
     ids=["2:4", "50%"],
 )
-@pytest.mark.parametrize("quant", [None, QuantSpec(bits=4, group_size=16)], ids=["prune", "prune+q4"])
+@pytest.mark.parametrize("quant", [None, spec_of(bits=4, group_size=16)], ids=["prune", "prune+q4"])
 def test_sparsegpt_matches_naive_fp64_reference(gram, weight, spec, quant):
     w_new, keep, _ = sparsegpt_prune(weight, gram, spec, quant)
     ref, ref_keep = naive_sparsegpt(weight, gram, spec, quant)
@@ -127,11 +142,12 @@ def test_sparsegpt_unstructured_count_per_block(gram, weight):
 
 @pytest.mark.parametrize(
     "spec",
-    [SparsitySpec(ratio=0.5, block_size=16), SparsitySpec(n=2, m=4, block_size=16)],
+    [SparsitySpec(method="sparsegpt", ratio=0.5, block_size=16),
+     SparsitySpec(method="sparsegpt", n=2, m=4, block_size=16)],
     ids=["50%", "2:4"],
 )
 def test_joint_sparsegpt_quant_keeps_exact_zeros_on_grid(inputs, gram, weight, spec):
-    quant = QuantSpec(bits=4, group_size=16)
+    quant = spec_of(bits=4, group_size=16)
     w_new, keep, q = sparsegpt_prune(weight, gram, spec, quant)
     assert torch.equal(w_new, q.weight)
     assert torch.all(q.weight[~keep] == 0)
@@ -146,10 +162,21 @@ def test_joint_sparsegpt_quant_keeps_exact_zeros_on_grid(inputs, gram, weight, s
     assert output_error(inputs, weight - w_new) < 0.7 * output_error(inputs, weight - baseline)
 
 
+def test_joint_sparsegpt_gptq_takes_the_quantizers_damp(gram, weight):
+    """SparseGPT + GPTQ is one sweep on one Hessian: quantization.damp (the job's knob) damps it, and
+    SparsitySpec.damp (SparseGPT alone) does not."""
+    spec = SparsitySpec(method="sparsegpt", n=2, m=4, block_size=16)
+    low, _, _ = sparsegpt_prune(weight, gram, spec, spec_of(damp=0.01))
+    high, _, _ = sparsegpt_prune(weight, gram, spec, spec_of(damp=0.9))
+    assert (low != high).float().mean() > 0.05  # measured: most weights move
+    other, _, _ = sparsegpt_prune(weight, gram, replace(spec, damp=0.5), spec_of(damp=0.01))
+    assert torch.equal(other, low)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_prune_then_gptq_with_mask_keeps_exact_zeros(inputs, gram, weight, method):
     w_pruned, keep = prune(weight, gram, SparsitySpec(method=method, n=2, m=4))
-    quant = QuantSpec(bits=4, group_size=16)
+    quant = spec_of(bits=4, group_size=16)
     q = gptq_quantize(w_pruned, gram, quant, mask=keep)
     assert torch.all(q.weight[~keep] == 0)
     # GPTQ still beats RTN on the quantization error of the pruned weight, by less than unpruned
@@ -174,4 +201,4 @@ def test_sparsegpt_non_finite_raises_with_name(gram, weight):
     bad = gram.clone()
     bad[3, 3] = float("nan")
     with pytest.raises(FloatingPointError, match="layers.0.self_attn.o_proj"):
-        sparsegpt_prune(weight, bad, SparsitySpec(n=2, m=4), name="layers.0.self_attn.o_proj")
+        sparsegpt_prune(weight, bad, SparsitySpec(method="sparsegpt", n=2, m=4), name="layers.0.self_attn.o_proj")

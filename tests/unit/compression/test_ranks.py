@@ -79,14 +79,14 @@ def test_budget_and_max_rank_are_respected():
 def test_rank_bounded_by_given_singular_values_and_zero_gains_skipped():
     shapes = {"a": (8, 8), "b": (8, 8)}
     sigmas = {"a": torch.tensor([3.0, 1.0, 0.0, 0.0]), "b": torch.tensor([2.0])}
-    assert allocate_ranks(sigmas, shapes, 10**6) == {"a": 2, "b": 1}
+    assert allocate_ranks(sigmas, shapes, 10**6, max_rank=512) == {"a": 2, "b": 1}
 
 
 def test_deterministic_tie_break_by_name():
     shapes = {"z.proj": (8, 8), "a.proj": (8, 8)}
     sigmas = {"z.proj": torch.tensor([1.0, 0.5]), "a.proj": torch.tensor([1.0, 0.5])}
-    ranks = allocate_ranks(sigmas, shapes, budget_params=16 * 3)  # three units for four equal ones
-    reordered = allocate_ranks(dict(reversed(sigmas.items())), dict(reversed(shapes.items())), 16 * 3)
+    ranks = allocate_ranks(sigmas, shapes, budget_params=16 * 3, max_rank=512)  # three units for four equal ones
+    reordered = allocate_ranks(dict(reversed(sigmas.items())), dict(reversed(shapes.items())), 16 * 3, max_rank=512)
     assert ranks == reordered == {"z.proj": 1, "a.proj": 2}
 
 
@@ -96,7 +96,7 @@ def test_budget_from_fraction():
     with pytest.raises(ValueError):
         budget_from_fraction(-0.1, shapes)
     with pytest.raises(ValueError):
-        allocate_ranks({}, shapes, -1)
+        allocate_ranks({}, shapes, -1, max_rank=512)
 
 
 def test_floor_then_greedy_is_optimal_among_allocations_above_the_floor():
@@ -119,19 +119,19 @@ def test_floor_changes_a_skewed_allocation_and_is_capped_by_the_spectrum():
     shapes = {"loud": (16, 16), "quiet": (16, 16), "empty": (16, 16)}
     sigmas = {"loud": torch.tensor([9.0, 8.0, 7.0, 6.0]), "quiet": torch.tensor([1.0, 0.5, 0.2, 0.1]),
               "empty": torch.tensor([0.0, 0.0])}
-    assert allocate_ranks(sigmas, shapes, 32 * 4) == {"loud": 4, "quiet": 0, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 4, max_rank=512) == {"loud": 4, "quiet": 0, "empty": 0}
     # the floor buys 2 units each where there is error to remove (none for "empty"), greedy the rest
-    assert allocate_ranks(sigmas, shapes, 32 * 4, min_rank=2) == {"loud": 2, "quiet": 2, "empty": 0}
-    assert allocate_ranks(sigmas, shapes, 32 * 5, min_rank=2) == {"loud": 3, "quiet": 2, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 4, min_rank=2, max_rank=512) == {"loud": 2, "quiet": 2, "empty": 0}
+    assert allocate_ranks(sigmas, shapes, 32 * 5, min_rank=2, max_rank=512) == {"loud": 3, "quiet": 2, "empty": 0}
 
 
 def test_budget_below_the_floor_is_refused():
     shapes = {"a": (8, 8), "b": (8, 8)}
     sigmas = {"a": torch.ones(4), "b": torch.ones(4)}
     with pytest.raises(ValueError, match="cannot give every module min_rank 2"):
-        allocate_ranks(sigmas, shapes, 16 * 3, min_rank=2)
+        allocate_ranks(sigmas, shapes, 16 * 3, min_rank=2, max_rank=512)
     with pytest.raises(ValueError, match="min_rank must be >= 0"):
-        allocate_ranks(sigmas, shapes, 100, min_rank=-1)
+        allocate_ranks(sigmas, shapes, 100, min_rank=-1, max_rank=512)
 
 
 def test_rank_cap_is_the_largest_rank_cheaper_than_the_dense_delta():
