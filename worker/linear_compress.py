@@ -41,7 +41,7 @@ def compress_weight(
     sparsity: SparsitySpec | None,
     name: str,
 ) -> CompressedWeight:
-    """Prune, then quantize, one weight (d_out, d_in) with its Gram (d_in, d_in) fp32.
+    """Prune, then quantize, one weight (d_out, d_in) with its Gram (d_in, d_in) fp64.
 
     SparseGPT with GPTQ runs as one joint sweep (the EoRA paper's "2:4 + 4-bit" setting); any other
     pruner is followed by the quantizer, which keeps the pruned entries at exactly zero.
