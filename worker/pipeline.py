@@ -247,6 +247,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "compression": compression_summary(result),
+        "adapter": None if info.adapter is None else info.adapter.sizes(),
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }
@@ -271,6 +272,8 @@ def module_summary(m) -> dict[str, Any]:
 
 
 def compression_summary(result) -> dict[str, Any]:
+    from worker.linear_compress import adapter_served_bytes
+
     errors_before = [m.error_before for m in result.modules.values()]
     errors_after = [m.error_after for m in result.modules.values() if m.error_after is not None]
     return {
@@ -280,7 +283,8 @@ def compression_summary(result) -> dict[str, Any]:
         "max_rank": result.max_rank,
         "per_module": {name: module_summary(m) for name, m in result.modules.items()},
         "adapter_params": result.adapter_params,
-        "adapter_bytes": result.adapter_bytes,
+        "adapter_stored_bytes": result.adapter_bytes,  # what the adapter file holds (checked on export)
+        "adapter_served_bytes": adapter_served_bytes(result.adapter_params),  # fp16 in an engine's memory
         "seconds": {
             "calibration": round(result.calibration_seconds, 3),
             "compression": round(result.compression_seconds, 3),

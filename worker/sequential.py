@@ -318,14 +318,14 @@ class _Run:
             report.error_after = report.error_before
             return
         start = perf_counter()
-        lora_b, lora_a = compensation_factors(residual, grams.compensate, spec, rank, report.name)
-        attach_compensation(layer, relative, lora_b, lora_a)
+        adapter = compensation_factors(residual, grams.compensate, spec, rank, report.name)
+        attach_compensation(layer, relative, adapter)
         report.compensate_seconds = perf_counter() - start
         self.result.compensation_seconds += report.compensate_seconds
         start = perf_counter()
-        report.error_after = relative_output_error(residual - lora_b @ lora_a, original, grams.compress)
+        report.error_after = relative_output_error(residual - adapter.delta(), original, grams.compress)
         self.result.statistics_seconds += perf_counter() - start
-        report.rank = lora_a.shape[0]
+        report.rank = adapter.rank
         report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
 
     def _allocate_ranks(self) -> dict[str, int]:
