@@ -9,10 +9,10 @@ lora_B(lora_A(x)) * 1.0 against Squeeze's x A^T B^T): measured exactly 0 on the 
 (|logit| <= ~0.7) for RTN/GPTQ 2-8 bits, 2:4 sparsity and mixed-rank EoRA. 1e-4 leaves room for
 other kernels while staying far below what one wrong scale in one group of one layer does to the
 logits (the tests corrupt one and check that verification fails).
-Half precision: the weights still match bit for bit, but PEFT casts the adapter to the model dtype
-and runs the low-rank path there while CompensatedLinear runs it in fp32, so with an adapter the
-logits drift by a few ulps (bf16, tiny model: about 2 ulps). Default there: atol = rtol = 4 * eps
-of the dtype.
+Half precision: the weights and the fp16 adapter values match bit for bit too, but PEFT may run the
+low-rank path in the model dtype where CompensatedLinear runs it in fp32 and rounds once; measured
+0 on the tiny model with a mixed-rank EoRA adapter in bf16 and fp16 (2 ulps in bf16 when adapters
+were stored in fp32). Default there: atol = rtol = 4 * eps of the dtype.
 """
 
 from __future__ import annotations
