@@ -117,8 +117,15 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer,
     num_windows windows, or one shorter window when it holds less than one; info["notes"] says so
     whenever evaluation runs on fewer or shorter windows than asked.
     """
-    from worker.data import DataError, contiguous_windows, load_texts, make_windows, stream_windows, token_stream
-    from worker.data import windows_hash
+    from worker.data import (
+        DataError,
+        contiguous_windows,
+        load_texts,
+        make_windows,
+        stream_windows,
+        token_stream,
+        windows_hash,
+    )
 
     cal, ev = spec.calibration, spec.evaluation
     eval_len = ev.seq_len or cal.seq_len
@@ -176,9 +183,9 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
                  token: str | None = None) -> PipelineResult:
     """token: the job's own Hugging Face token (else the server's), for download and Hub upload."""
     from worker.evaluate import perplexity
+    from worker.export import export_model, reference_logits, verify_export
     from worker.hub import resolve_model
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
-    from worker.export import export_model, reference_logits, verify_export
     from worker.sequential import compress_model
     from worker.storage import DestinationOptions, destination_for
 

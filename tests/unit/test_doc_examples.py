@@ -29,7 +29,7 @@ def documented_specs() -> list[tuple[str, dict]]:
     specs = []
     for document in DOCUMENTS:
         text = document.read_text()
-        bodies = re.findall(r"```json\n(.*?)```", text, re.S) + re.findall(r"-d '(\{.*?\})'", text, re.S)
+        bodies = re.findall(r"```json\n(.*?)```", text, re.DOTALL) + re.findall(r"-d '(\{.*?\})'", text, re.DOTALL)
         for number, body in enumerate(bodies, start=1):
             spec = json.loads(body)
             if "model" in spec:

@@ -75,7 +75,7 @@ def test_fp16_adapter_file_holds_the_evaluated_factors_and_the_counted_bytes(tin
 def card_recipe(card: str) -> str:
     """The Python block of the model card's "quantized adapter" section, verbatim."""
     section = card.split("## The quantized adapter", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_factors(
@@ -114,7 +114,8 @@ def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_
     user_copy = tmp_path / "user"
     shutil.copytree(out, user_copy)
     recipe = card_recipe((out / "README.md").read_text())
-    done = subprocess.run([sys.executable, "-c", recipe], cwd=user_copy, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", recipe], cwd=user_copy, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     rebuilt, _ = file_tensors(user_copy / "adapter" / "adapter_model.safetensors")
     assert len(rebuilt) == 2 * len(adapters)
@@ -134,7 +135,7 @@ def test_in_memory_factors_are_the_dequantized_stored_codes(tiny_llama, calibrat
     result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ4, compensation=spec), CPU)
     adapters = unwrap_adapters(tiny_llama)
     assert len(adapters) == len(result.modules)
-    for name, adapter in adapters.items():
+    for adapter in adapters.values():
         quantized_b, quantized_a = adapter.quantized
         assert adapter.lora_a.dtype == adapter.lora_b.dtype == FACTOR_DTYPE
         assert torch.equal(adapter.lora_a, quantized_a.dequantize()) and torch.equal(adapter.lora_b, quantized_b.dequantize())

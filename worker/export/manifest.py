@@ -9,7 +9,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.export.adapter import ADAPTER_DIR, DEQUANTIZE_RECIPE, QUANTIZED_NAME, WEIGHTS_NAME, AdapterInfo, vllm_max_lora_rank
+from worker.export.adapter import (
+    ADAPTER_DIR,
+    DEQUANTIZE_RECIPE,
+    QUANTIZED_NAME,
+    WEIGHTS_NAME,
+    AdapterInfo,
+    vllm_max_lora_rank,
+)
 from worker.export.checkpoint import PACK_QUANTIZED, CheckpointInfo
 from worker.plan import CompressionPlan, CompressionResult
 from worker.storage import MANIFEST_NAME, sha256_file
