@@ -108,7 +108,10 @@ def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_
     assert manifest["served_bytes"] == 2 * manifest["params"] == 2 * result.adapter_params
     assert manifest["stored_bits_per_param"] == pytest.approx(8 * stored / manifest["params"])
     assert 4.0 < manifest["stored_bits_per_param"] < 6.0 and manifest["served_bits_per_param"] == 16.0
-    assert manifest["stored_dtype"] == "int4 codes, float16 group scales"
+    assert manifest["stored_dtype"] == "int4 codes and zero points, float16 group scales"
+    card = (out / "README.md").read_text()
+    assert '/adapter")  # on the model loaded above (after the recipe above)' in card
+    assert "Run the recipe above first: vLLM loads `adapter/adapter_model.safetensors`." in card
 
     # The card's recipe, run as a user runs it (its own process, inside the artifact folder).
     user_copy = tmp_path / "user"

@@ -165,7 +165,7 @@ def _save_quantized(adapters: dict[str, LowRankAdapter], path: Path) -> str:
     width = bits.pop()
     save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors}),
                                        "format": "pt"})
-    return f"int{width} codes, float16 group scales"
+    return f"int{width} codes and zero points, float16 group scales"
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:

@@ -188,7 +188,9 @@ def model_card(manifest: dict[str, Any]) -> str:
         lines += ["", "`dequantize=True` (formerly `run_compressed=False`) unpacks the integer weights once at load, "
                       "so the model runs on any device, CPU included. Keep it: without it, transformers loads "
                       "symmetric checkpoints but fails on asymmetric ones (`weight_zero_point` shape mismatch)."]
-    if adapter and adapter["file"].endswith(QUANTIZED_NAME):
+    quantized_adapter = bool(adapter) and adapter["file"].endswith(QUANTIZED_NAME)
+    first = " (after the recipe above)" if quantized_adapter else ""
+    if quantized_adapter:
         lines += ["", "## The quantized adapter", "",
                   f"`{adapter['file']}` holds the adapter as {adapter['stored_dtype']} (packed, low bits first). "
                   f"PEFT and vLLM read fp16 LoRA files: this writes `{ADAPTER_DIR}/{WEIGHTS_NAME}` next to it "
@@ -196,7 +198,8 @@ def model_card(manifest: dict[str, Any]) -> str:
                   "", "```python", quantized_adapter_recipe(f'{ADAPTER_DIR}'), "```"]
     if adapter:
         lines += ["", "## PEFT (with the compensation adapter)", "", "```python", "from peft import PeftModel",
-                  'model = PeftModel.from_pretrained(model, f"{path}/adapter")  # on the model loaded above', "```",
+                  f'model = PeftModel.from_pretrained(model, f"{{path}}/adapter")  # on the model loaded above{first}',
+                  "```",
                   "", "Attach the adapter to the dequantized model: PEFT wraps plain Linear layers. "
                       "`adapter_config.json` names its base as `..` (the folder above), so load the base first as "
                       "shown rather than through AutoPeftModel."]
@@ -208,6 +211,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         if lora:
             command += f" --enable-lora --max-lora-rank {lora['max_lora_rank']} --lora-modules squeeze=<path>/adapter"
         lines += ["```", command, "```", "", f"Scheme: {vllm['scheme']}."]
+        if lora and quantized_adapter:
+            lines.append(f"Run the recipe above first: vLLM loads `{ADAPTER_DIR}/{WEIGHTS_NAME}`.")
         if lora:
             lines += ["Send requests with `\"model\": \"squeeze\"` to apply the adapter; the base model name serves "
                       "without it."]
