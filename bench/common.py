@@ -8,8 +8,12 @@ Protocol (fixed so results compare across issues and tools):
   (worker.data.contiguous_windows; articles split on blank lines, EOS between them), perplexity by
   worker.evaluate.perplexity (exp of the mean NLL over 80 x 511 predicted tokens).
 
-Every configuration writes one JSON file under docs/bench/runs/ when it completes; a rerun skips
-configurations whose file exists, so an interrupted benchmark resumes where it stopped.
+Every configuration writes one JSON file under docs/bench/runs/ when it completes, with the git
+commit it ran on (and whether the code was modified) and the library versions ("provenance"); a
+rerun skips configurations whose file exists, so an interrupted benchmark resumes where it stopped.
+With fresh (the scripts' --fresh) nothing written before this process is reused: every row asked
+for is rerun once on the current code, and a row another part of the run asks for again is taken
+from this process's own result.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,6 +36,7 @@ from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.data import load_texts, make_windows, token_stream, windows_hash
 from worker.evaluate import perplexity
+from worker.linear_compress import adapter_served_bytes
 from worker.models import decoder_linears, get_architecture, load_model
 from worker.plan import CompressionPlan, CompressionResult
 from worker.sequential import compress_model
@@ -51,6 +57,35 @@ DEVICE = torch.device("cpu")
 DENSE_BITS = 16  # an uncompressed weight stored in fp16/bf16 (the fp32 reference is a compute choice)
 SCALE_BITS = 16  # one fp16 scale per quantization group
 MASK_BITS = 1  # 2:4 metadata: compressed-tensors' sparse-24 bitmask, 1 bit per (dense) weight
+
+
+# Rows written by this process; with _fresh set, the only rows that may be reused.
+_written: set[str] = set()
+_fresh = False
+
+
+def set_fresh(fresh: bool) -> None:
+    """--fresh: rerun every row (and the fp32 reference) instead of reusing files from earlier runs."""
+    global _fresh
+    _fresh = fresh
+
+
+def provenance() -> dict:
+    """The code and libraries a row ran on: git commit, whether tracked files outside docs/bench (the
+    results themselves) differ from it, and the versions that produce and load the numbers."""
+    from worker.export.manifest import library_versions
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/bench")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else status != "",
+            "versions": library_versions()}
 
 
 def log(message: str) -> None:
@@ -125,15 +160,17 @@ def fresh_model() -> torch.nn.Module:
 def fp32_reference(protocol: Protocol) -> float:
     """The uncompressed model's perplexity on the protocol, computed once and cached in JSON."""
     path = RESULTS / "fp32_reference.json"
-    if path.exists():
+    if path.exists() and not (_fresh and path.name not in _written):
         cached = json.loads(path.read_text())
         if cached["protocol"]["evaluation_sha256"] == protocol.info["evaluation_sha256"]:
             return cached["ppl"]
     log("fp32 reference perplexity ...")
     start = time.perf_counter()
     ppl = perplexity(fresh_model(), protocol.evaluation, DEVICE, BATCH_SIZE)
-    record = {"ppl": ppl, "eval_seconds": time.perf_counter() - start, "protocol": protocol.info, "machine": machine()}
+    record = {"ppl": ppl, "eval_seconds": time.perf_counter() - start, "protocol": protocol.info, "machine": machine(),
+              "provenance": provenance()}
     _write(path, record)
+    _written.add(path.name)
     log(f"fp32 reference ppl {ppl:.4f} ({record['eval_seconds']:.0f} s)")
     return ppl
 
@@ -143,8 +180,16 @@ def plan_to_dict(plan: CompressionPlan) -> dict:
 
 
 def load_run(name: str) -> dict | None:
+    """The stored row, whenever it was written (summaries read every row there is)."""
     path = RUNS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def reusable_run(name: str) -> dict | None:
+    """The stored row if it may stand in for running it: any row, or with fresh only one this process wrote."""
+    if _fresh and f"{name}.json" not in _written:
+        return None
+    return load_run(name)
 
 
 def run_config(
@@ -162,7 +207,7 @@ def run_config(
     rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
     validate also records the perplexity on the validation windows (val_ppl), used to choose options.
     """
-    done = None if rerun else load_run(name)
+    done = None if rerun else reusable_run(name)
     if done is not None:
         log(f"{name}: done already (ppl {done['ppl']:.4f}), skipped")
         return done
@@ -216,8 +261,10 @@ def run_config(
         "peak_rss_bytes_process": peak_rss_bytes(),
         "protocol": protocol.info,
         "machine": machine(),
+        "provenance": provenance(),
     }
     _write(RUNS / f"{name}.json", record)
+    _written.add(f"{name}.json")
     log(f"{name}: ppl {ppl:.4f} (compress {compress_wall:.0f} s, eval {eval_seconds:.0f} s)")
     return record
 
@@ -253,8 +300,9 @@ def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], r
       at `bits` bits (asymmetric, GPTQ / compressed-tensors pack-quantized style).
     - sparsity metadata: 2:4 as a 1-bit-per-weight bitmask (compressed-tensors sparse-24-bitmask;
       NVIDIA's 2-bit index per kept weight costs the same).
-    - adapters: the engine's adapter_bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
-      points plus an fp16 scale per adapter group).
+    - adapters: the adapter file's bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
+      points plus an fp16 scale per adapter group; the export checks its file holds exactly these);
+      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored).
     """
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
     kept = 1.0
@@ -267,12 +315,15 @@ def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], r
     scales = (SCALE_BITS + quant.bits) / quant.group_size if quant is not None else 0.0
     mask = MASK_BITS if plan.sparsity is not None else 0.0
     adapters = 8 * result.adapter_bytes / weights if result is not None else 0.0
+    served = 8 * adapter_served_bytes(result.adapter_params) / weights if result is not None else 0.0
     return {
         "codes": codes,
         "scales_zeros": scales,
         "sparsity_metadata": mask,
-        "adapters": adapters,
+        "adapters": adapters,  # stored: what the adapter file holds
         "total": codes + scales + mask + adapters,
+        "adapters_served": served,  # in an engine's memory: fp16, whatever is stored
+        "total_served_adapter": codes + scales + mask + served,
         "linear_weights": weights,
     }
 

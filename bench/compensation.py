@@ -1,7 +1,7 @@
 """Compensation benchmark (issue 4): held-out perplexity of SmolLM2-135M with EoRA / SVD low-rank
 compensation on top of compression, with effective bits per weight and compensation time.
 
-    .venv/bin/python -m bench.compensation [--threads 2] [--settings gptq3 sparse24 sparse24_gptq4]
+    .venv/bin/python -m bench.compensation [--threads 2] [--settings gptq3 sparse24 sparse24_gptq4] [--fresh]
 
 Per setting (GPTQ 3-bit g64; SparseGPT 2:4; SparseGPT 2:4 + GPTQ 4-bit g64): no compensation (the
 quality benchmark's run, reused), SVD rank 16 / 64, EoRA rank 16 / 64, EoRA global budget equal in
@@ -161,7 +161,7 @@ def sweep_run(protocol: common.Protocol, options: Options) -> dict:
     validation windows existed, are rerun)."""
     base_name, compression = SETTINGS[SWEEP_SETTING]
     name = f"{base_name}__{sweep_name(options)}"
-    run = common.load_run(name)
+    run = common.reusable_run(name)
     if run is None or run.get("val_ppl") is None:
         plan = CompressionPlan(**compression, compensation=sweep_compensation(options))
         run = common.run_config(name, plan, protocol, rerun=True, validate=True)
@@ -212,6 +212,7 @@ def _row(run: dict, base: dict, fp32: float) -> dict:
         "compensate_seconds_per_layer_mean": sum(r["compensate_seconds"] for r in layers) / len(layers),
         "compress_wall_seconds": run["compress_wall_seconds"],
         "stages": run["stages"],
+        "commit": run.get("provenance", {}).get("commit"),  # None: a row from before provenance was recorded
     }
 
 
@@ -282,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wikicalib", action="store_true",
                         help="diagnostic: the --settings / --only rows (and the uncompensated base) calibrated "
                              "in-domain on Wikipedia tokens after the evaluation windows; names prefixed diag_wikicalib_")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun every row asked for (and the fp32 reference, and without --only the damping "
+                             "sweep and its choice) instead of reusing docs/bench/runs/*.json from earlier runs")
     args = parser.parse_args(argv)
+    common.set_fresh(args.fresh)
     common.setup(args.threads)
     protocol = common.Protocol()
     fp32 = common.fp32_reference(protocol)
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.damp is not None and not args.only:
         parser.error("--damp is a diagnostic for named rows: give --only")
     chosen = chosen_options() if args.damp is None else Options(args.damp)
-    if chosen is None and not args.only:
+    if (chosen is None or args.fresh) and args.damp is None and not args.only:  # --fresh re-chooses on validation
         chosen = choose_options(protocol)
     for i, setting in enumerate(args.settings):
         base_name, compression = SETTINGS[setting]

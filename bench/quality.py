@@ -1,7 +1,7 @@
 """Quality benchmark (issue 3): held-out perplexity of SmolLM2-135M under RTN / GPTQ quantization and
 magnitude / Wanda / SparseGPT 2:4 pruning, with the compression wall time of each configuration.
 
-    .venv/bin/python -m bench.quality [--threads 2] [--only NAME ...]
+    .venv/bin/python -m bench.quality [--threads 2] [--only NAME ...] [--fresh]
 
 Quantization: asymmetric, group 64 (576 and 1536 are multiples of 64, not of 128; group 32 would be
 trivially lossless on SmolLM2's Q4_1-grid weights), GPTQ damp 0.01, block 128, no act-order.
@@ -63,6 +63,7 @@ def summarize(fp32: float) -> dict:
                 "compress_wall_seconds": run["compress_wall_seconds"],
                 "eval_seconds": run["eval_seconds"],
                 "bits_per_weight": run["bits"]["total"],
+                "commit": run.get("provenance", {}).get("commit"),  # None: from before provenance was recorded
             }
     margins = {}
     for better, worse in [("gptq4_g64", "rtn4_g64"), ("gptq3_g64", "rtn3_g64"), ("sparsegpt_2of4", "magnitude_2of4"),
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS))
     parser.add_argument("--diagnostics", nargs="*", choices=list(DIAGNOSTICS),
                         help="run these in-domain-calibration diagnostics instead of the protocol")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun every configuration asked for (and the fp32 reference) instead of reusing "
+                             "docs/bench/runs/*.json from earlier runs")
     args = parser.parse_args(argv)
+    common.set_fresh(args.fresh)
     common.setup(args.threads)
     protocol = common.Protocol()
     fp32 = common.fp32_reference(protocol)

@@ -211,7 +211,11 @@ def token_stream(tokenizer, texts: list[str]) -> Tensor:
 
 def make_windows(tokenizer, texts: list[str], num_samples: int, seq_len: int, seed: int) -> Tensor:
     """(num_samples, seq_len) calibration windows at seeded random offsets of the token stream."""
-    stream = token_stream(tokenizer, texts)
+    return stream_windows(token_stream(tokenizer, texts), num_samples, seq_len, seed)
+
+
+def stream_windows(stream: Tensor, num_samples: int, seq_len: int, seed: int) -> Tensor:
+    """make_windows on a token stream (len,) already built."""
     if len(stream) < seq_len + 1:
         raise DataError(
             f"calibration text has {len(stream)} tokens; at least {seq_len + 1} are needed for "

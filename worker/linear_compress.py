@@ -14,7 +14,7 @@ from time import perf_counter
 import torch
 from torch import Tensor, nn
 
-from worker.compression.adapters import adapter_group_size, quantize_adapter
+from worker.compression.adapters import FACTOR_DTYPE, LowRankAdapter, adapter_group_size, stored_adapter
 from worker.compression.eora import eora, eora_decompose, svd_baseline, svd_decompose
 from worker.compression.gptq import gptq_quantize
 from worker.compression.prune import prune
@@ -22,8 +22,9 @@ from worker.compression.quantize import QuantizedWeight, quantize_rtn
 from worker.compression.sparsegpt import sparsegpt_prune
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 
-ADAPTER_BYTES_PER_PARAM = 2  # adapters are stored in fp16 unless adapter_bits quantizes them
-SCALE_BYTES = 2  # fp16 scale per adapter quantization group
+ADAPTER_BYTES_PER_PARAM = FACTOR_DTYPE.itemsize  # adapters are stored in fp16 unless adapter_bits quantizes them
+SCALE_BYTES = FACTOR_DTYPE.itemsize  # one fp16 scale per adapter quantization group
+SERVED_BYTES_PER_PARAM = 2  # vLLM holds LoRA weights in fp16/bf16 whatever the file stores
 
 
 @dataclass
@@ -70,23 +71,18 @@ def compress_weight(
 
 def compensation_factors(
     residual: Tensor, gram: Tensor, spec: CompensationSpec, rank: int, name: str
-) -> tuple[Tensor, Tensor]:
-    """(B (d_out, r), A (r, d_in)) fp32 with B A ~ residual = W - W', by EoRA or plain SVD.
-
-    With spec.adapter_bits, A and B are fake-quantized group-wise and the dequantized values are
-    returned, so evaluation sees exactly what a quantized adapter computes.
+) -> LowRankAdapter:
+    """B (d_out, r), A (r, d_in) with B A ~ residual = W - W', by EoRA or plain SVD, in their stored
+    form: fp16, or with spec.adapter_bits group-wise integer codes and their dequantized fp16 values,
+    so evaluation sees exactly what the exported adapter computes.
     """
     if spec.method == "eora":
         lora_b, lora_a = eora(residual, gram, rank, name=name, damp=spec.damp)
     else:
         lora_b, lora_a = svd_baseline(residual, gram, rank, name=name)
-    if spec.adapter_bits is not None:
-        lora_b = quantize_adapter(lora_b, spec.adapter_bits, spec.adapter_group_size)
-        lora_a = quantize_adapter(lora_a, spec.adapter_bits, spec.adapter_group_size)
-    lora_b, lora_a = lora_b.float(), lora_a.float()
     if not (torch.isfinite(lora_b).all() and torch.isfinite(lora_a).all()):
         raise FloatingPointError(f"{name}: compensation factors have non-finite values")
-    return lora_b, lora_a
+    return stored_adapter(lora_b, lora_a, spec.adapter_bits, spec.adapter_group_size, name)
 
 
 def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str) -> Tensor:
@@ -111,20 +107,31 @@ def objective_norm(weight: Tensor, gram: Tensor, spec: CompensationSpec) -> floa
 
 
 def adapter_size(d_out: int, d_in: int, rank: int, spec: CompensationSpec) -> tuple[int, int]:
-    """(parameters, bytes) of a rank-r adapter at its stored precision.
+    """(parameters, stored bytes) of a rank-r adapter, as worker.export.adapter writes it.
 
-    fp16: 2 bytes per parameter. adapter_bits: codes packed at adapter_bits each, plus per group
-    (quantize_adapter's groups along each factor's last dim) an fp16 scale and a packed zero point.
+    fp16: 2 bytes per parameter. adapter_bits: per factor (B (d_out, r), A (r, d_in)) its codes and
+    its zero points, each packed at adapter_bits into bytes, plus one fp16 scale per group
+    (quantize_adapter's groups along the factor's last dim). Served size: adapter_served_bytes.
     """
     params = rank * (d_out + d_in)
-    if spec.adapter_bits is None:
+    if spec.adapter_bits is None or rank == 0:
         return params, params * ADAPTER_BYTES_PER_PARAM
-    if rank == 0:
-        return 0, 0
-    groups = d_out * (rank // adapter_group_size(rank, spec.adapter_group_size))  # B (d_out, r)
-    groups += rank * (d_in // adapter_group_size(d_in, spec.adapter_group_size))  # A (r, d_in)
-    packed_bits = (params + groups) * spec.adapter_bits  # codes and zero points
-    return params, _ceil_div(packed_bits, 8) + groups * SCALE_BYTES
+    stored = 0
+    for rows, dim in ((d_out, rank), (rank, d_in)):
+        groups = rows * (dim // adapter_group_size(dim, spec.adapter_group_size))
+        stored += packed_bytes(rows * dim, spec.adapter_bits) + packed_bytes(groups, spec.adapter_bits)
+        stored += groups * SCALE_BYTES
+    return params, stored
+
+
+def adapter_served_bytes(params: int) -> int:
+    """Bytes an engine holds for an adapter of `params` parameters (vLLM: fp16, whatever is stored)."""
+    return params * SERVED_BYTES_PER_PARAM
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes of `count` unsigned integers of `bits` bits packed densely (low bits first)."""
+    return _ceil_div(count * bits, 8)
 
 
 def relative_output_error(residual: Tensor, weight: Tensor, gram: Tensor) -> float:
@@ -146,45 +153,53 @@ def relative_output_error(residual: Tensor, weight: Tensor, gram: Tensor) -> flo
 class CompensatedLinear(nn.Module):
     """A compressed Linear plus its low-rank residual path: base(x) + B (A x).
 
-    lora_A (r, d_in) and lora_B (d_out, r) are fp32 buffers (not trained); the low-rank product runs
-    in fp32 and is cast back to the input dtype.
+    lora_A (r, d_in) and lora_B (d_out, r) are fp16 buffers (not trained) holding exactly the values
+    the exported adapter stores; the low-rank product runs in fp32 and the sum is rounded once to the
+    input dtype. `quantized` keeps the integer form for the export when adapter_bits made one.
     """
 
-    def __init__(self, base: nn.Linear, lora_b: Tensor, lora_a: Tensor):
+    def __init__(self, base: nn.Linear, adapter: LowRankAdapter):
         super().__init__()
+        lora_b, lora_a = adapter.lora_b, adapter.lora_a
         if lora_b.shape != (base.out_features, lora_a.shape[0]) or lora_a.shape[1] != base.in_features:
             raise ValueError(
                 f"adapter shapes B {tuple(lora_b.shape)}, A {tuple(lora_a.shape)} do not fit a Linear "
                 f"({base.out_features}, {base.in_features})"
             )
+        if lora_b.dtype != FACTOR_DTYPE or lora_a.dtype != FACTOR_DTYPE:
+            raise TypeError(f"adapter factors must be {FACTOR_DTYPE} (their stored form), got {lora_b.dtype}")
         self.base = base
-        self.register_buffer("lora_A", lora_a.detach().float())  # (r, d_in)
-        self.register_buffer("lora_B", lora_b.detach().float())  # (d_out, r)
+        self.register_buffer("lora_A", lora_a.detach())  # (r, d_in) fp16
+        self.register_buffer("lora_B", lora_b.detach())  # (d_out, r) fp16
+        self.quantized = adapter.quantized
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
+    def adapter(self) -> LowRankAdapter:
+        return LowRankAdapter(self.lora_B, self.lora_A, self.quantized)
+
     def forward(self, x: Tensor) -> Tensor:
-        low_rank = (x.float() @ self.lora_A.T) @ self.lora_B.T  # (..., d_out) fp32
+        low_rank = (x.float() @ self.lora_A.float().T) @ self.lora_B.float().T  # (..., d_out) fp32
         # Add in fp32 and round once, as PEFT's LoRA layer does, so the exported adapter reproduces it exactly.
         return (self.base(x) + low_rank).to(x.dtype)
 
 
-def attach_compensation(root: nn.Module, name: str, lora_b: Tensor, lora_a: Tensor) -> CompensatedLinear:
+def attach_compensation(root: nn.Module, name: str, adapter: LowRankAdapter) -> CompensatedLinear:
     """Replace the Linear at dotted `name` under root by a CompensatedLinear around it."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     base = getattr(parent, child)
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
-    wrapped = CompensatedLinear(base, lora_b, lora_a)
+    wrapped = CompensatedLinear(base, adapter)
     setattr(parent, child, wrapped)
     return wrapped
 
 
-def unwrap_adapters(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-    """Put the plain Linears back and return {full module name: (B (d_out, r), A (r, d_in))}.
+def unwrap_adapters(model: nn.Module) -> dict[str, LowRankAdapter]:
+    """Put the plain Linears back and return {full module name: its stored adapter}.
 
     The names are those of the Linears ("model.layers.0.self_attn.q_proj"), as PEFT's target
     modules and rank_pattern keys want them.
@@ -195,7 +210,7 @@ def unwrap_adapters(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base)
-        adapters[name] = (module.lora_B, module.lora_A)
+        adapters[name] = module.adapter()
     return adapters
 
 

@@ -25,7 +25,7 @@ from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
 
-HELD_OUT_FRACTION = 0.1  # of calibration documents, when no evaluation dataset is given
+HELD_OUT_FRACTION = 0.1  # of calibration documents (or tokens, when they are few), without an evaluation dataset
 
 
 class Reporter(Protocol):
@@ -122,48 +122,83 @@ def _dataset_source(settings: Settings, ref: str, field: str) -> str:
 
 def load_windows(spec: JobSpec, settings: Settings, tokenizer,
                  token: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(calibration windows, evaluation windows, a description of both)."""
-    from worker.data import DataError, contiguous_windows, load_texts, make_windows, token_stream, windows_hash
+    """(calibration windows, evaluation windows, a description of both).
+
+    Without evaluation.dataset the calibration text's last tenth is held back for evaluation: its last
+    tenth of documents when it has ten or more and they hold a whole evaluation window, else the last
+    tenth of its tokens (one document, or a few KB). The held-back slice gives what it has, up to
+    num_windows windows, or one shorter window when it holds less than one; info["notes"] says so
+    whenever evaluation runs on fewer or shorter windows than asked.
+    """
+    from worker.data import (
+        DataError,
+        contiguous_windows,
+        load_texts,
+        make_windows,
+        stream_windows,
+        token_stream,
+        windows_hash,
+    )
 
     cal, ev = spec.calibration, spec.evaluation
     eval_len = ev.seq_len or cal.seq_len
+    notes: list[str] = []
     try:
         texts = load_texts(_dataset_source(settings, cal.dataset, "calibration.dataset"), split=cal.split,
                            text_field=cal.text_field, token=token)
-        if ev.dataset is None:
-            held = max(1, int(len(texts) * HELD_OUT_FRACTION))
-            if len(texts) < 2:
-                raise JobFailure("calibration.dataset has a single document; cannot hold back an evaluation "
-                                 "slice: give evaluation.dataset")
-            texts, eval_texts, eval_source = texts[:-held], texts[-held:], f"last {held} documents of {cal.dataset}"
-        else:
+        if ev.dataset is not None:
             eval_texts = load_texts(_dataset_source(settings, ev.dataset, "evaluation.dataset"), split=ev.split,
                                     text_field=ev.text_field, token=token)
-            eval_source = ev.dataset
-        calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
-        if ev.dataset is None:  # a held-back slice gives what it has, up to num_windows
-            stream = token_stream(tokenizer, eval_texts)
-            count = min(ev.num_windows, len(stream) // eval_len)
-            if count == 0:
-                raise JobFailure(f"the held-back evaluation slice ({eval_source}) has {len(stream)} tokens, "
-                                 f"less than one window of {eval_len}: give evaluation.dataset")
-            evaluation = stream[: count * eval_len].reshape(count, eval_len)
+            calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
+            evaluation, eval_source = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len), ev.dataset
         else:
-            evaluation = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len)
+            held_docs = int(len(texts) * HELD_OUT_FRACTION)
+            held_stream = token_stream(tokenizer, texts[-held_docs:]) if held_docs else None
+            if held_stream is not None and len(held_stream) >= eval_len:
+                calibration = make_windows(tokenizer, texts[:-held_docs], cal.num_samples, cal.seq_len, cal.seed)
+                eval_source = f"last {held_docs} of {len(texts)} documents of the calibration dataset"
+            else:
+                stream = token_stream(tokenizer, texts)
+                held_tokens = int(len(stream) * HELD_OUT_FRACTION)
+                if held_tokens < 2:
+                    raise JobFailure(f"calibration.dataset has {len(stream)} tokens, too few to hold back an "
+                                     "evaluation slice: give evaluation.dataset or more text")
+                held_stream = stream[len(stream) - held_tokens:]
+                calibration = stream_windows(stream[: len(stream) - held_tokens], cal.num_samples, cal.seq_len,
+                                             cal.seed)
+                eval_source = (f"last {held_tokens} of {len(stream)} tokens of the calibration dataset "
+                               f"({len(texts)} document{'s' if len(texts) != 1 else ''}: too few to hold back "
+                               "a tenth of the documents)")
+            evaluation = _held_back_windows(held_stream, ev.num_windows, eval_len, notes)
     except DataError as exc:
         raise JobFailure(f"data: {exc}") from None
     info = {"calibration_windows": list(calibration.shape), "calibration_hash": windows_hash(calibration),
-            "evaluation_windows": list(evaluation.shape), "evaluation_source": eval_source}
+            "evaluation_windows": list(evaluation.shape), "evaluation_source": eval_source, "notes": notes}
     return calibration, evaluation, info
+
+
+def _held_back_windows(stream: torch.Tensor, num_windows: int, seq_len: int, notes: list[str]) -> torch.Tensor:
+    """Up to num_windows non-overlapping windows of the held-back stream; one shorter window if it holds
+    less than one. A note for each shortfall."""
+    count = min(num_windows, len(stream) // seq_len)
+    if count == 0:
+        notes.append(f"evaluation runs on 1 window of {len(stream)} tokens, not {num_windows} of {seq_len}: the "
+                     "held-back slice of the calibration text holds less than one window (give evaluation.dataset "
+                     "for a full evaluation)")
+        return stream.reshape(1, -1)
+    if count < num_windows:
+        notes.append(f"evaluation runs on {count} windows of {seq_len} tokens, not the {num_windows} asked: that "
+                     "is all the held-back slice of the calibration text holds (give evaluation.dataset for more)")
+    return stream[: count * seq_len].reshape(count, seq_len)
 
 
 def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter,
                  token: str | None = None) -> PipelineResult:
     """token: the job's own Hugging Face token (else the server's), for download and Hub upload."""
     from worker.evaluate import perplexity
+    from worker.export import export_model, reference_logits, verify_export
     from worker.hub import resolve_model
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
-    from worker.export import export_model, reference_logits, verify_export
     from worker.sequential import compress_model
     from worker.storage import DestinationOptions, destination_for
 
@@ -184,18 +219,20 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         raise JobFailure(f"model {spec.model.id!r} could not be loaded: {exc}") from None
     n_layers = len(arch.decoder_layers(model))
     timings["load_s"] = time.perf_counter() - started
-    reporter.progress("loading", 3.0, layers=n_layers,
+    reporter.progress("loading", 3.0, layer=0, layers=n_layers,
                       message=f"loaded {arch.family} model with {n_layers} decoder layers on CPU; compute device {device}")
 
     calibration, evaluation, data_info = load_windows(spec, settings, tokenizer, token)
-    reporter.progress("calibration", 5.0, layers=n_layers,
+    for note in data_info["notes"]:
+        reporter.event("calibration", note, level="warning")
+    reporter.progress("calibration", 5.0, layer=0, layers=n_layers,
                       message=f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)}")
     reporter.check_cancelled()
 
     t0 = time.perf_counter()
     ppl_before = perplexity(model, evaluation, device)
     timings["eval_before_s"] = time.perf_counter() - t0
-    reporter.progress("evaluating", 10.0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
+    reporter.progress("evaluating", 10.0, layer=0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
     reporter.check_cancelled()
 
     plan = compression_plan(spec, settings.max_rank)
@@ -217,10 +254,10 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     t0 = time.perf_counter()
     ppl_after = perplexity(model, evaluation, device)
     timings["eval_after_s"] = time.perf_counter() - t0
-    reporter.progress("evaluating", 90.0, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
+    reporter.progress("evaluating", 90.0, layer=n_layers, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
     reporter.check_cancelled()
 
-    reporter.progress("exporting", 92.0, layers=n_layers, message="exporting the compressed checkpoint and adapter")
+    reporter.progress("exporting", 92.0, layer=n_layers, layers=n_layers, message="exporting the compressed checkpoint and adapter")
     verify_windows = calibration[:2, : min(128, calibration.shape[1])]
     reference = reference_logits(model, verify_windows)
     work = settings.data_dir / "work" / str(job_id)
@@ -235,7 +272,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     })
     verified = verify_export(work, reference, verify_windows)
     timings["export_s"] = time.perf_counter() - t0
-    reporter.progress("exporting", 96.0, layers=n_layers,
+    reporter.progress("exporting", 96.0, layer=n_layers, layers=n_layers,
                       message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
     reporter.check_cancelled()
 
@@ -249,7 +286,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1))
     timings["upload_s"] = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
-    reporter.progress("uploading", 99.0, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")
+    reporter.progress("uploading", 99.0, layer=n_layers, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")
     timings["total_s"] = time.perf_counter() - started
 
     metrics = {
@@ -262,6 +299,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "compression": compression_summary(result),
+        "adapter": None if info.adapter is None else info.adapter.sizes(),
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }
@@ -286,6 +324,8 @@ def module_summary(m) -> dict[str, Any]:
 
 
 def compression_summary(result) -> dict[str, Any]:
+    from worker.linear_compress import adapter_served_bytes
+
     errors_before = [m.error_before for m in result.modules.values()]
     errors_after = [m.error_after for m in result.modules.values() if m.error_after is not None]
     return {
@@ -295,7 +335,8 @@ def compression_summary(result) -> dict[str, Any]:
         "max_rank": result.max_rank,
         "per_module": {name: module_summary(m) for name, m in result.modules.items()},
         "adapter_params": result.adapter_params,
-        "adapter_bytes": result.adapter_bytes,
+        "adapter_stored_bytes": result.adapter_bytes,  # what the adapter file holds (checked on export)
+        "adapter_served_bytes": adapter_served_bytes(result.adapter_params),  # fp16 in an engine's memory
         "seconds": {
             "calibration": round(result.calibration_seconds, 3),
             "compression": round(result.compression_seconds, 3),

@@ -330,18 +330,18 @@ class _Run:
         if rank == 0:
             return
         start = perf_counter()
-        lora_b, lora_a = compensation_factors(residual, grams.compensate, spec, rank, report.name)
-        if lora_a.shape[0] < rank:
-            self.short[report.name] = lora_a.shape[0]
-        if lora_a.shape[0] == 0:
+        adapter = compensation_factors(residual, grams.compensate, spec, rank, report.name)
+        if adapter.rank < rank:
+            self.short[report.name] = adapter.rank
+        if adapter.rank == 0:
             return
-        attach_compensation(layer, relative, lora_b, lora_a)
+        attach_compensation(layer, relative, adapter)
         report.compensate_seconds = perf_counter() - start
         self.result.compensation_seconds += report.compensate_seconds
         start = perf_counter()
-        report.error_after = relative_output_error(residual - lora_b @ lora_a, original, grams.compress)
+        report.error_after = relative_output_error(residual - adapter.delta(), original, grams.compress)
         self.result.statistics_seconds += perf_counter() - start
-        report.rank = lora_a.shape[0]
+        report.rank = adapter.rank
         report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
 
     def _allocate_ranks(self) -> dict[str, int]:

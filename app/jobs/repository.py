@@ -120,15 +120,17 @@ def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
 
 def succeed(session: Session, job_id: uuid.UUID, attempt: int, owner: str,
             metrics: dict[str, Any], artifacts: dict[str, Any]) -> bool:
+    # Every layer is done: the progress reads "done", layer n of n, not the last stage's position.
     return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.succeeded, stage="done",
-                       percent=100.0, metrics=metrics, artifacts=artifacts, finished_at=utcnow(),
+                       layer=Job.layers, percent=100.0, metrics=metrics, artifacts=artifacts, finished_at=utcnow(),
                        lease_expires_at=None)
 
 
 def fail(session: Session, job_id: uuid.UUID, attempt: int, owner: str, reason: str,
          metrics: dict[str, Any] | None = None) -> bool:
-    return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.failed, error=reason,
-                       metrics=metrics, finished_at=utcnow(), lease_expires_at=None)
+    # The stage says it failed; layer / layers keep how far it got.
+    return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.failed, stage="failed",
+                       error=reason, metrics=metrics, finished_at=utcnow(), lease_expires_at=None)
 
 
 def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int, owner: str) -> bool:

@@ -178,3 +178,52 @@ def test_eora_job_exports_a_peft_adapter(service, tiny_llama_dir, calibration_tx
     adapter = json.loads((Path(job["artifacts"]["uri"]) / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 4
     assert job["metrics"]["verification"]["adapter"] is True
+
+
+def test_job_from_a_one_line_calibration_file_succeeds(service, tiny_llama_dir, tmp_path):
+    """No blank lines, no newline: one document. The last tenth of its tokens is held back for evaluation,
+    the job says how many windows that gave, and the finished job's progress reads done, 2 of 2 layers."""
+    from tests.fixtures_models import SAMPLE_DOCS
+
+    client, _ = service
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text(" ".join(doc.strip() for doc in SAMPLE_DOCS * 3))
+    spec = spec_for(tiny_llama_dir, one_line)
+    spec["evaluation"]["num_windows"] = 64
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"stage": "done", "layer": 2, "layers": 2, "percent": 100.0}
+    data = job["metrics"]["data"]
+    assert "tokens of the calibration dataset (1 document: too few" in data["evaluation_source"]
+    windows = data["evaluation_windows"][0]
+    assert 1 <= windows < 64 and data["evaluation_windows"][1] == 32
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
+    warned = [e for e in events if e["level"] == "warning" and e["stage"] == "calibration"]
+    assert [e["message"].split(",")[0] for e in warned] == [f"evaluation runs on {windows} windows of 32 tokens"]
+
+
+def test_failed_job_progress_reads_failed(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt)
+    spec["quantization"]["group_size"] = 128  # fails after loading, before the first layer
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "failed"
+    assert (job["progress"]["stage"], job["progress"]["layer"], job["progress"]["layers"]) == ("failed", 0, 2)
+
+
+def test_four_bit_adapter_job_reports_stored_and_served_sizes(service, tiny_llama_dir, calibration_txt):
+    client, _ = service
+    spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4, "adapter_bits": 4})
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    out = Path(job["artifacts"]["uri"])
+    sizes = job["metrics"]["adapter"]
+    stored = sum(entry["bytes"] for name, entry in json.loads((out / "squeeze.json").read_text())["files"].items()
+                 if name == "adapter/adapter_quantized.safetensors")
+    assert sizes["file"] == "adapter/adapter_quantized.safetensors" and not (out / "adapter" / "adapter_model.safetensors").exists()
+    assert sizes["stored_bytes"] == job["metrics"]["compression"]["adapter_stored_bytes"] < stored  # + the header
+    assert sizes["served_bytes"] == 2 * sizes["params"] == job["metrics"]["compression"]["adapter_served_bytes"]
+    # rank 4: B's groups are its rows of 4 codes, so each fp16 scale + zero point costs 5 bits per parameter
+    assert sizes["stored_bits_per_param"] == 8 * sizes["stored_bytes"] / sizes["params"] < 8
+    assert sizes["served_bits_per_param"] == 16
+    assert job["metrics"]["verification"]["adapter"] is True  # reloaded through the card's recipe

@@ -201,3 +201,66 @@ def test_windows_hash_is_stable():
 
 # sha256(b"(3, 4)" + the 12 little-endian int64 values 0..11), computed independently with hashlib.
 EXPECTED_ARANGE_HASH = "4d342c941a8823b03e499d028923f2d6792bf9b1664f3a0f4de493ea7d815438"
+
+
+# The held-back evaluation slice (worker.pipeline.load_windows, no evaluation.dataset).
+
+def held_out_spec(calibration: Path, num_samples: int = 4, seq_len: int = 32, num_windows: int = 8):
+    from app.jobs.spec import JobSpec
+
+    return JobSpec.model_validate({
+        "model": {"id": "tiny"}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
+        "calibration": {"dataset": str(calibration), "num_samples": num_samples, "seq_len": seq_len},
+        "evaluation": {"num_windows": num_windows}})
+
+
+def held_out(tmp_path, tokenizer, text: str, **spec):
+    from app.settings import Settings
+    from worker.pipeline import load_windows
+
+    path = tmp_path / "calibration.txt"
+    path.write_text(text)
+    return load_windows(held_out_spec(path, **spec), Settings(data_dir=tmp_path / "data"), tokenizer)
+
+
+def test_one_line_calibration_file_holds_back_its_last_tenth_of_tokens(tiny_tokenizer, tmp_path):
+    text = " ".join(doc.strip() for doc in SAMPLE_DOCS)  # one line, no blank lines: one document
+    stream = token_stream(tiny_tokenizer, [text])
+    held = int(len(stream) * 0.1)
+    calibration, evaluation, info = held_out(tmp_path, tiny_tokenizer, text, num_windows=64)
+    count = min(64, held // 32)
+    assert count >= 1 and evaluation.shape == (count, 32)
+    assert torch.equal(evaluation.flatten(), stream[len(stream) - held:][: count * 32])
+    assert torch.equal(calibration, data.stream_windows(stream[: len(stream) - held], 4, 32, 0))
+    assert info["evaluation_source"].startswith(f"last {held} of {len(stream)} tokens")
+    assert count < 64  # the slice holds fewer windows than asked, and the job says so
+    assert info["notes"] == [f"evaluation runs on {count} windows of 32 tokens, not the 64 asked: that is all the "
+                             "held-back slice of the calibration text holds (give evaluation.dataset for more)"]
+
+
+def test_a_tiny_file_evaluates_on_one_shorter_window_and_says_so(tiny_tokenizer, tmp_path):
+    text = SAMPLE_DOCS[0].strip()  # ~ 1.3 KB, ~ 760 tokens: a tenth is less than one 128-token window
+    stream = token_stream(tiny_tokenizer, [text])
+    held = int(len(stream) * 0.1)
+    assert held < 128
+    _, evaluation, info = held_out(tmp_path, tiny_tokenizer, text, seq_len=128, num_windows=4)
+    assert evaluation.shape == (1, held) and torch.equal(evaluation[0], stream[len(stream) - held:])
+    assert info["notes"] == [f"evaluation runs on 1 window of {held} tokens, not 4 of 128: the held-back slice of the "
+                             "calibration text holds less than one window (give evaluation.dataset for a full "
+                             "evaluation)"]
+
+
+def test_ten_or_more_documents_hold_back_their_last_tenth(tiny_tokenizer, tmp_path):
+    docs = [f"{doc.strip()} {i}" for i in range(3) for doc in SAMPLE_DOCS][:10]  # ten paragraphs
+    calibration, evaluation, info = held_out(tmp_path, tiny_tokenizer, "\n\n".join(docs), num_windows=2)
+    assert info["evaluation_source"] == "last 1 of 10 documents of the calibration dataset"
+    assert torch.equal(calibration, make_windows(tiny_tokenizer, docs[:9], 4, 32, 0))
+    assert torch.equal(evaluation, token_stream(tiny_tokenizer, docs[9:])[:64].reshape(2, 32))
+    assert info["notes"] == []
+
+
+def test_too_little_text_to_hold_anything_back_fails_readably(tiny_tokenizer, tmp_path):
+    from worker.errors import JobFailure
+
+    with pytest.raises(JobFailure, match="too few to hold back an evaluation slice: give evaluation.dataset"):
+        held_out(tmp_path, tiny_tokenizer, "fox", seq_len=16)

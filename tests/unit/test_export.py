@@ -327,3 +327,25 @@ def test_every_decoder_linear_is_quantized_and_nothing_else(tiny_model_dir, cali
     packed = {key.removesuffix(".weight_packed") for key in stored if key.endswith(".weight_packed")}
     assert packed == set(result.modules)
     assert stored["model.embed_tokens.weight"].dtype == torch.float32
+
+
+def test_what_the_model_card_says_about_loading_is_what_works(tiny_model_dir, calibration_windows, tmp_path):
+    """Asymmetric checkpoints (the default grid): plain from_pretrained fails (compressed-tensors 0.20,
+    transformers 5.24: weight_zero_point shape mismatch); the card's dequantize=True load matches.
+    Symmetric ones load both ways. When a library release changes this, this test says the docs must."""
+    from transformers import AutoModelForCausalLM
+
+    windows = calibration_windows[:VERIFY_WINDOWS]
+    _, reference, asymmetric = compress_and_export(tiny_model_dir, calibration_windows, RTN4, tmp_path / "asym")
+    card = (asymmetric.out_dir / "README.md").read_text()
+    assert "quantization_config=CompressedTensorsConfig(dequantize=True))" in card
+    assert "fails on asymmetric ones (`weight_zero_point` shape mismatch)" in card
+    assert any("plain AutoModelForCausalLM.from_pretrained(path) fails" in note for note in asymmetric.notes)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(asymmetric.out_dir)
+    torch.testing.assert_close(logits_of(cold_load(asymmetric.out_dir), windows), reference, atol=ATOL, rtol=RTOL)
+
+    _, reference, symmetric = compress_and_export(tiny_model_dir, calibration_windows, GPTQ4, tmp_path / "sym")
+    assert not any("plain AutoModelForCausalLM" in note for note in symmetric.notes)
+    plain = AutoModelForCausalLM.from_pretrained(symmetric.out_dir).eval()
+    torch.testing.assert_close(logits_of(plain, windows), reference, atol=ATOL, rtol=RTOL)

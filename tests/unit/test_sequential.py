@@ -199,8 +199,12 @@ def test_sink_tokens_leave_compression_alone_and_compensate_on_the_rest(tiny_lla
     residual = original - q1.base.weight
     for module, gram in ((q1, body_gram), (q0, full_gram)):
         lora_b, lora_a = eora(residual, gram, 8)
-        torch.testing.assert_close(module.lora_B @ module.lora_A, lora_b @ lora_a, rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(q0.lora_B @ q0.lora_A, q1.lora_B @ q1.lora_A, rtol=1e-3, atol=1e-5)
+        # The module holds the fp16 stored form: each factor is rounded to 11 significant bits.
+        stored = module.lora_B.float() @ module.lora_A.float()
+        exact = (lora_b @ lora_a).detach()
+        torch.testing.assert_close(stored, exact, rtol=0, atol=2e-3 * float(exact.abs().max()))
+    delta_0, delta_1 = (q.lora_B.float() @ q.lora_A.float() for q in (q0, q1))
+    assert not torch.allclose(delta_0, delta_1, rtol=1e-2, atol=1e-3 * float(delta_0.abs().max()))
 
 
 def test_sink_tokens_covering_the_window_are_refused(tiny_llama, calibration_windows):
@@ -216,13 +220,13 @@ def test_unwrap_adapters_merged_equals_unmerged(tiny_llama, calibration_windows)
     adapters = unwrap_adapters(tiny_llama)
     assert not any(isinstance(m, CompensatedLinear) for m in tiny_llama.modules())
     assert len(adapters) == 14
-    lora_b, lora_a = adapters["model.layers.0.self_attn.q_proj"]
-    assert lora_b.shape == (64, 4) and lora_a.shape == (4, 64)
+    adapter = adapters["model.layers.0.self_attn.q_proj"]
+    assert adapter.lora_b.shape == (64, 4) and adapter.lora_a.shape == (4, 64)
     with torch.no_grad():
-        for name, (lora_b, lora_a) in adapters.items():
+        for name, adapter in adapters.items():
             linear = tiny_llama.get_submodule(name)
             assert type(linear) is nn.Linear
-            linear.weight += lora_b @ lora_a
+            linear.weight += adapter.delta()
     torch.testing.assert_close(logits(tiny_llama, calibration_windows), compensated, rtol=1e-4, atol=1e-5)
 
 
@@ -230,7 +234,8 @@ def test_quantized_adapters(tiny_llama, calibration_windows):
     spec = compensation(rank=8, adapter_bits=4, adapter_group_size=32)
     result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ3, compensation=spec), CPU)
     adapters = unwrap_adapters(tiny_llama)
-    lora_b, lora_a = adapters["model.layers.1.mlp.down_proj"]  # A (8, 128): groups of 32 along d_in
+    adapter = adapters["model.layers.1.mlp.down_proj"]  # A (8, 128): groups of 32 along d_in
+    lora_b, lora_a = adapter.lora_b, adapter.lora_a
     assert max(len(torch.unique(group)) for group in lora_a.reshape(-1, 32)) <= 16
     assert len(torch.unique(lora_b[0])) <= 16  # B (64, 8): one group per row
     # down_proj (64, 128), r = 8: 1536 params; groups: B 64 x 1 (groups of 8), A 8 x 4 (groups of 32)

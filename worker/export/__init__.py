@@ -5,7 +5,9 @@ Folder written by export_model:
     model.safetensors (or shards + index)  compressed-tensors pack-quantized, or dense with zeros
     tokenizer.json, tokenizer_config.json, ...
     adapter/adapter_config.json            PEFT LoRA config (only when compensation kept a rank > 0)
-    adapter/adapter_model.safetensors
+    adapter/adapter_model.safetensors      fp16 factors, or with adapter_bits instead
+    adapter/adapter_quantized.safetensors  packed integer codes + fp16 scales (the card's recipe
+                                           turns them into adapter_model.safetensors)
     README.md                              model card: loading with transformers, PEFT, vLLM
     squeeze.json                           manifest, written last, with every other file's sha256
 
@@ -68,6 +70,7 @@ def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: C
     _check_adapters(adapters, result)
     checkpoint = save_checkpoint(model, tokenizer, result, plan, out_dir)
     adapter = save_adapter(adapters, out_dir) if adapters else None
+    _check_adapter_bytes(adapter, result)
 
     manifest = build_manifest(result, plan, checkpoint, adapter, manifest_extra)
     (out_dir / CARD_NAME).write_text(model_card(manifest))
@@ -79,7 +82,15 @@ def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: C
 def _check_adapters(adapters: dict, result: CompressionResult) -> None:
     """The adapters in the model are exactly the ones the run reported (name and rank)."""
     reported = {name: m.rank for name, m in result.modules.items() if m.rank > 0}
-    found = {name: a.shape[0] for name, (_, a) in adapters.items()}
+    found = {name: adapter.rank for name, adapter in adapters.items()}
     if found != reported:
         differ = sorted(set(found.items()) ^ set(reported.items()))
         raise ExportError(f"the model's adapters do not match the compression report (first difference: {differ[0]})")
+
+
+def _check_adapter_bytes(adapter: AdapterInfo | None, result: CompressionResult) -> None:
+    """The size the run accounted (rank budgets spend it, benchmarks report it) is what the file holds."""
+    stored = 0 if adapter is None else adapter.stored_bytes
+    if stored != result.adapter_bytes:
+        raise ExportError(f"the adapter file holds {stored:,} bytes of tensors, the compression report counted "
+                          f"{result.adapter_bytes:,}")

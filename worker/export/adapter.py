@@ -1,4 +1,4 @@
-"""The compensation as a PEFT LoRA adapter, written without building a PeftModel.
+'''The compensation as a PEFT LoRA adapter, written without building a PeftModel.
 
 PEFT computes W x + scaling * B (A x) with scaling = lora_alpha / r. Squeeze's compensated Linear
 computes W x + B (A x), so every module gets alpha = its own rank (scaling exactly 1). Ranks may
@@ -9,13 +9,19 @@ vLLM reads each module's rank from the tensor shapes and applies one scaling lor
 alpha = r everywhere that scaling is 1 for every module too.
 
 Modules whose allocated rank is 0 carry no adapter and are not targeted.
-Factors are stored in fp32, bit for bit the ones the job evaluated (CompensatedLinear runs the
-low-rank path in fp32); with adapter_bits they are the dequantized values (PEFT files have no
-quantized-LoRA layout).
-"""
+What is stored is what the job evaluated (CompensatedLinear holds the same fp16 values):
+- fp16 adapters: adapter_model.safetensors, PEFT's own file, fp16 factors.
+- adapter_bits: adapter_quantized.safetensors instead, PEFT has no quantized-LoRA layout. Per
+  factor `<PEFT key>.codes` and `.zeros` (uint8, unsigned integers of `bits` bits packed densely,
+  low bits first, in row-major order) and `.scales` (fp16, (rows, groups)); the metadata entry
+  "squeeze" holds {"bits", "factors": {<PEFT key>: [rows, dim, group_size]}}. DEQUANTIZE_RECIPE
+  (printed in the model card, run as is by the export check) turns it into adapter_model.safetensors.
+The tensor bytes of that file are exactly linear_compress.adapter_size's count (checked on export).
+'''
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +29,41 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from worker.compression.adapters import FACTOR_DTYPE, LowRankAdapter
+from worker.linear_compress import adapter_served_bytes
+
 ADAPTER_DIR = "adapter"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+QUANTIZED_NAME = "adapter_quantized.safetensors"
+QUANTIZED_METADATA_KEY = "squeeze"
 # The base model sits one folder up; PEFT records it, PeftModel.from_pretrained does not need it.
 BASE_MODEL_PATH = ".."
 # vLLM's --max-lora-rank accepts only these values.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+# Turns adapter_quantized.safetensors in `folder` into PEFT's adapter_model.safetensors (fp16), with
+# only torch and safetensors. Same arithmetic as QuantizedFactor.dequantize: fp32 product, one rounding.
+DEQUANTIZE_RECIPE = '''\
+import json, torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+def unpack(packed, bits, count):  # uint8 bytes -> `count` integers of `bits` bits, low bits first
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten()[:count]
+
+with safe_open(f"{folder}/adapter_quantized.safetensors", "pt") as f:
+    meta = json.loads(f.metadata()["squeeze"])
+    factors = {}
+    for key, (rows, dim, group) in meta["factors"].items():
+        codes = unpack(f.get_tensor(key + ".codes"), meta["bits"], rows * dim).float()
+        zeros = unpack(f.get_tensor(key + ".zeros"), meta["bits"], rows * dim // group).float()
+        scales = f.get_tensor(key + ".scales").float().reshape(-1, 1)
+        values = (codes.reshape(-1, group) - zeros.reshape(-1, 1)) * scales
+        factors[key + ".weight"] = values.reshape(rows, dim).to(torch.float16)
+save_file(factors, f"{folder}/adapter_model.safetensors", metadata={"format": "pt"})
+'''
 
 
 @dataclass(frozen=True)
@@ -39,17 +73,31 @@ class AdapterInfo:
     max_rank: int
     ranks: dict[str, int] = field(repr=False)  # full module name -> rank, adapted modules only
     params: int
+    file: str  # the weights file inside path: adapter_model.safetensors, or adapter_quantized.safetensors
+    stored_dtype: str  # "float16", or "int4"/"int8" codes with fp16 group scales
+    stored_bytes: int  # tensor bytes in that file, counted tensor by tensor
+    served_bytes: int  # what an engine holds: fp16, 2 bytes per parameter
+
+    @property
+    def quantized(self) -> bool:
+        return self.file == QUANTIZED_NAME
+
+    def sizes(self) -> dict:
+        """Stored and served bytes, and bits per adapter parameter, for the manifest and job metrics."""
+        return {"params": self.params, "file": f"{self.path}/{self.file}", "stored_dtype": self.stored_dtype,
+                "stored_bytes": self.stored_bytes, "served_bytes": self.served_bytes,
+                "stored_bits_per_param": 8 * self.stored_bytes / self.params,
+                "served_bits_per_param": 8 * self.served_bytes / self.params}
 
 
-def save_adapter(adapters: dict[str, tuple[Tensor, Tensor]], out_dir: Path) -> AdapterInfo:
-    """adapters: {full Linear name: (B (d_out, r), A (r, d_in))}, as unwrap_adapters returns them."""
+def save_adapter(adapters: dict[str, LowRankAdapter], out_dir: Path) -> AdapterInfo:
+    """adapters: {full Linear name: its stored adapter}, as unwrap_adapters returns them."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
-    adapters = {name: (b, a) for name, (b, a) in adapters.items() if a.shape[0] > 0}
+    adapters = {name: adapter for name, adapter in adapters.items() if adapter.rank > 0}
     if not adapters:
         raise ValueError("no module has a rank > 0: there is no adapter to save")
-    ranks = {name: a.shape[0] for name, (_, a) in adapters.items()}
+    ranks = {name: adapter.rank for name, adapter in adapters.items()}
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     others = {name: rank for name, rank in ranks.items() if rank != default_rank}
     config = LoraConfig(
@@ -67,16 +115,87 @@ def save_adapter(adapters: dict[str, tuple[Tensor, Tensor]], out_dir: Path) -> A
     folder = out_dir / ADAPTER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
+    quantized = [adapter.quantized is not None for adapter in adapters.values()]
+    if any(quantized) and not all(quantized):
+        raise ValueError("some adapters are quantized and others not: one adapter file holds one form")
+    if all(quantized):
+        file, stored_dtype = QUANTIZED_NAME, _save_quantized(adapters, folder / QUANTIZED_NAME)
+    else:
+        file, stored_dtype = WEIGHTS_NAME, _save_fp16(adapters, folder / WEIGHTS_NAME)
+    params = sum(adapter.lora_b.numel() + adapter.lora_a.numel() for adapter in adapters.values())
+    return AdapterInfo(path=ADAPTER_DIR, r=default_rank, max_rank=max(ranks.values()), ranks=ranks, params=params,
+                       file=file, stored_dtype=stored_dtype, stored_bytes=tensor_bytes(folder / file),
+                       served_bytes=adapter_served_bytes(params))
+
+
+def peft_key(name: str, factor: str) -> str:
+    """PEFT's saved key of one factor ("A" or "B"): the PeftModel prefix, the module path, no adapter name."""
+    return f"base_model.model.{name}.lora_{factor}"
+
+
+def _save_fp16(adapters: dict[str, LowRankAdapter], path: Path) -> str:
+    from safetensors.torch import save_file
+
     tensors = {}
-    for name, (lora_b, lora_a) in adapters.items():
-        # PEFT's saved key names: the PeftModel prefix, the module path, no adapter name.
-        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_a.detach().to(torch.float32).cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_b.detach().to(torch.float32).cpu().contiguous()
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    params = sum(b.numel() + a.numel() for b, a in adapters.values())
-    return AdapterInfo(path=ADAPTER_DIR, r=default_rank, max_rank=max(ranks.values()), ranks=ranks, params=params)
+    for name, adapter in adapters.items():
+        tensors[f"{peft_key(name, 'A')}.weight"] = _cpu(adapter.lora_a)
+        tensors[f"{peft_key(name, 'B')}.weight"] = _cpu(adapter.lora_b)
+    if any(t.dtype != FACTOR_DTYPE for t in tensors.values()):
+        raise ValueError(f"adapter factors must be {FACTOR_DTYPE}, their stored form")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return str(FACTOR_DTYPE).removeprefix("torch.")
+
+
+def _save_quantized(adapters: dict[str, LowRankAdapter], path: Path) -> str:
+    from safetensors.torch import save_file
+
+    tensors, factors, bits = {}, {}, set()
+    for name, adapter in adapters.items():
+        quantized_b, quantized_a = adapter.quantized
+        for factor, q in (("A", quantized_a), ("B", quantized_b)):
+            key = peft_key(name, factor)
+            rows, dim = q.codes.shape
+            tensors[f"{key}.codes"] = pack_bits(q.codes, q.bits)
+            tensors[f"{key}.zeros"] = pack_bits(q.zeros, q.bits)
+            tensors[f"{key}.scales"] = _cpu(q.scales.to(FACTOR_DTYPE))
+            factors[key] = [rows, dim, q.group_size]
+            bits.add(q.bits)
+    if len(bits) != 1:
+        raise ValueError(f"adapter factors are quantized to different widths {sorted(bits)}")
+    width = bits.pop()
+    save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors}),
+                                       "format": "pt"})
+    return f"int{width} codes and zero points, float16 group scales"
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Unsigned integers (any shape, each < 2^bits) -> uint8 (ceil(numel * bits / 8),), densely packed
+    in row-major order, low bits first. bits divides 8."""
+    if 8 % bits:
+        raise ValueError(f"packing takes 1, 2, 4 or 8 bits, got {bits}")
+    flat = values.detach().cpu().flatten().to(torch.uint8)
+    if flat.numel() and int(flat.max()) >= 2**bits:
+        raise ValueError(f"a value does not fit in {bits} bits")
+    per_byte = 8 // bits
+    padded = torch.zeros(-(-flat.numel() // per_byte) * per_byte, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)  # (per_byte,)
+    return (padded.reshape(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8).contiguous()
+
+
+def tensor_bytes(path: Path) -> int:
+    """Sum of numel * element size over every tensor in a safetensors file (the header not counted)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return sum(handle.get_tensor(key).nbytes for key in handle.keys())
 
 
 def vllm_max_lora_rank(max_rank: int) -> int | None:
     """The smallest --max-lora-rank vLLM accepts that holds max_rank; None if none does."""
     return next((r for r in VLLM_LORA_RANKS if r >= max_rank), None)
+
+
+def _cpu(t: Tensor) -> Tensor:
+    return t.detach().cpu().contiguous()
+

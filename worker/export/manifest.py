@@ -9,7 +9,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from worker.export.adapter import AdapterInfo, vllm_max_lora_rank
+from worker.export.adapter import (
+    ADAPTER_DIR,
+    DEQUANTIZE_RECIPE,
+    QUANTIZED_NAME,
+    WEIGHTS_NAME,
+    AdapterInfo,
+    vllm_max_lora_rank,
+)
 from worker.export.checkpoint import PACK_QUANTIZED, CheckpointInfo
 from worker.plan import CompressionPlan, CompressionResult
 from worker.storage import MANIFEST_NAME, sha256_file
@@ -48,18 +55,29 @@ def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterI
         notes.append(f"{pattern} sparsity is stored as explicit zeros in ordinary weights: compressed-tensors writes "
                      "no sparse formats and vLLM no longer accelerates 2:4 sparsity, so the zeros bring no speed-up "
                      "or memory saving in vLLM; the artifact serves at dense speed.")
-    engines: dict[str, Any] = {"transformers": {"loads": True}, "vllm": vllm}
+    transformers: dict[str, Any] = {"loads": True}
+    if checkpoint.format == PACK_QUANTIZED:
+        transformers["quantization_config"] = "CompressedTensorsConfig(dequantize=True)"
+        if not checkpoint.symmetric:
+            notes.append("asymmetric weights: load with quantization_config=CompressedTensorsConfig(dequantize=True) "
+                         "as the model card shows; a plain AutoModelForCausalLM.from_pretrained(path) fails on "
+                         "the weight_zero_point shapes (compressed-tensors 0.20, transformers 5.24).")
+    engines: dict[str, Any] = {"transformers": transformers, "vllm": vllm}
     if adapter is not None:
         engines["peft"] = {"loads": True, "adapter": adapter.path}
+        if adapter.quantized:
+            engines["peft"]["after"] = "the model card's dequantize recipe (writes adapter_model.safetensors)"
         max_lora_rank = vllm_max_lora_rank(adapter.max_rank)
         if max_lora_rank is None:
             vllm["lora"] = False
             notes.append(f"adapter rank {adapter.max_rank} exceeds vLLM's largest --max-lora-rank (512).")
         else:
             vllm["lora"] = {"enable_lora": True, "max_lora_rank": max_lora_rank}
-        if plan.compensation.adapter_bits is not None:
-            notes.append(f"the adapter was fake-quantized to {plan.compensation.adapter_bits} bits; PEFT files have "
-                         "no quantized-LoRA layout, so adapter_model.safetensors holds the dequantized fp32 factors.")
+        if adapter.quantized:
+            notes.append(f"the adapter is stored as {adapter.stored_dtype} in {ADAPTER_DIR}/{QUANTIZED_NAME} "
+                         f"({adapter.stored_bytes:,} bytes); PEFT and vLLM load fp16 LoRA files, so run the model "
+                         f"card's recipe first: it writes {ADAPTER_DIR}/{WEIGHTS_NAME} (fp16, "
+                         f"{adapter.served_bytes:,} bytes, what an engine holds in memory).")
     return engines, notes
 
 
@@ -96,7 +114,7 @@ def build_manifest(result: CompressionResult, plan: CompressionPlan, checkpoint:
         "plan": asdict(plan),
         "checkpoint": asdict(checkpoint),
         "adapter": None if adapter is None else {"path": adapter.path, "r": adapter.r, "max_rank": adapter.max_rank,
-                                                 "params": adapter.params, "dtype": "float32"},
+                                                 **adapter.sizes()},
         "modules": {
             name: {"rank": m.rank, "error_before": m.error_before, "error_after": m.error_after,
                    "sparsity": m.sparsity, "zero_fraction": m.zero_fraction}
@@ -147,7 +165,10 @@ def model_card(manifest: dict[str, Any]) -> str:
         what.append(f"- sparsity: {pattern} ({sparsity['method']}), stored as zeros in the weights")
     if adapter:
         what.append(f"- compensation: {manifest['plan']['compensation']['method']} low-rank adapter in `adapter/` "
-                    f"(PEFT LoRA, rank up to {adapter['max_rank']}, {adapter['params']:,} parameters)")
+                    f"(PEFT LoRA, rank up to {adapter['max_rank']}, {adapter['params']:,} parameters; stored as "
+                    f"{adapter['stored_dtype']}, {adapter['stored_bytes']:,} bytes = "
+                    f"{adapter['stored_bits_per_param']:.2f} bits per parameter; served in fp16, "
+                    f"{adapter['served_bytes']:,} bytes)")
     evaluation = manifest["evaluation"]
     if evaluation:
         what.append("- evaluation: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in evaluation.items()
@@ -165,10 +186,20 @@ def model_card(manifest: dict[str, Any]) -> str:
              "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
     if quantized:
         lines += ["", "`dequantize=True` (formerly `run_compressed=False`) unpacks the integer weights once at load, "
-                      "so the model runs on any device, CPU included."]
+                      "so the model runs on any device, CPU included. Keep it: without it, transformers loads "
+                      "symmetric checkpoints but fails on asymmetric ones (`weight_zero_point` shape mismatch)."]
+    quantized_adapter = bool(adapter) and adapter["file"].endswith(QUANTIZED_NAME)
+    first = " (after the recipe above)" if quantized_adapter else ""
+    if quantized_adapter:
+        lines += ["", "## The quantized adapter", "",
+                  f"`{adapter['file']}` holds the adapter as {adapter['stored_dtype']} (packed, low bits first). "
+                  f"PEFT and vLLM read fp16 LoRA files: this writes `{ADAPTER_DIR}/{WEIGHTS_NAME}` next to it "
+                  "(only torch and safetensors), the exact fp16 values the compressed model was evaluated with.",
+                  "", "```python", quantized_adapter_recipe(f'{ADAPTER_DIR}'), "```"]
     if adapter:
         lines += ["", "## PEFT (with the compensation adapter)", "", "```python", "from peft import PeftModel",
-                  'model = PeftModel.from_pretrained(model, f"{path}/adapter")  # on the model loaded above', "```",
+                  f'model = PeftModel.from_pretrained(model, f"{{path}}/adapter")  # on the model loaded above{first}',
+                  "```",
                   "", "Attach the adapter to the dequantized model: PEFT wraps plain Linear layers. "
                       "`adapter_config.json` names its base as `..` (the folder above), so load the base first as "
                       "shown rather than through AutoPeftModel."]
@@ -180,6 +211,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         if lora:
             command += f" --enable-lora --max-lora-rank {lora['max_lora_rank']} --lora-modules squeeze=<path>/adapter"
         lines += ["```", command, "```", "", f"Scheme: {vllm['scheme']}."]
+        if lora and quantized_adapter:
+            lines.append(f"Run the recipe above first: vLLM loads `{ADAPTER_DIR}/{WEIGHTS_NAME}`.")
         if lora:
             lines += ["Send requests with `\"model\": \"squeeze\"` to apply the adapter; the base model name serves "
                       "without it."]
@@ -188,6 +221,11 @@ def model_card(manifest: dict[str, Any]) -> str:
     if manifest["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in manifest["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def quantized_adapter_recipe(folder: str) -> str:
+    """The model card's dequantize recipe for the adapter folder at `folder` (a path as Python source)."""
+    return f"folder = {folder!r}  # this artifact's adapter folder\n{DEQUANTIZE_RECIPE}".rstrip("\n")
 
 
 def _fmt(value: Any) -> str:

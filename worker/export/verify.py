@@ -1,21 +1,25 @@
-"""Reload an exported folder cold (transformers, + PEFT when it has an adapter) and compare logits.
+"""Reload an exported folder cold, as its model card says (transformers, + PEFT when it has an
+adapter), and compare logits.
 
 Tolerance, fp32 (the pipeline's dtype): atol = rtol = 1e-4 on every logit. The reloaded weights
 are bit-identical to the in-memory ones (the checkpoint writer checks every packed code, and the
-adapter factors are stored in fp32), so what is left is the order of floating-point operations
-(PEFT's lora_B(lora_A(x)) * 1.0 against Squeeze's x A^T B^T): measured exactly 0 on the tiny test
-models (|logit| <= ~0.7) for RTN/GPTQ 2-8 bits, 2:4 sparsity and mixed-rank EoRA. 1e-4 leaves room
-for other kernels while staying far below what one wrong scale in one group of one layer does to
-the logits (the tests corrupt one and check that verification fails).
-Half precision: the weights still match bit for bit, but CompensatedLinear rounds the low-rank
-term to the model dtype before adding it while PEFT adds it in fp32 and rounds once, so with an
-adapter the logits drift by a few ulps (bf16, tiny model: 0.0073 at |logit| <= 0.7, about 2 ulps).
-Default there: atol = rtol = 4 * eps of the dtype.
+adapter file holds the very fp16 values CompensatedLinear computes with, or codes that the card's
+recipe turns back into them), so what is left is the order of floating-point operations (PEFT's
+lora_B(lora_A(x)) * 1.0 against Squeeze's x A^T B^T): measured exactly 0 on the tiny test models
+(|logit| <= ~0.7) for RTN/GPTQ 2-8 bits, 2:4 sparsity and mixed-rank EoRA. 1e-4 leaves room for
+other kernels while staying far below what one wrong scale in one group of one layer does to the
+logits (the tests corrupt one and check that verification fails).
+Half precision: the weights and the fp16 adapter values match bit for bit too, but PEFT may run the
+low-rank path in the model dtype where CompensatedLinear runs it in fp32 and rounds once; measured
+0 on the tiny model with a mixed-rank EoRA adapter in bf16 and fp16 (2 ulps in bf16 when adapters
+were stored in fp32). Default there: atol = rtol = 4 * eps of the dtype.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ from time import perf_counter
 import torch
 from torch import Tensor, nn
 
-from worker.export.adapter import ADAPTER_DIR
+from worker.export.adapter import ADAPTER_DIR, DEQUANTIZE_RECIPE, QUANTIZED_NAME
 from worker.export.checkpoint import ExportError
 
 FP32_TOLERANCE = 1e-4
@@ -95,8 +99,10 @@ def verify_export(out_dir: Path, reference_logits: Tensor, windows: Tensor, atol
 
 
 def load_export(out_dir: Path) -> nn.Module:
-    """The exported model as a user loads it: transformers (dequantizing compressed-tensors weights),
-    then PEFT when there is an adapter; CPU, eval mode."""
+    """The exported model loaded the way its model card tells users to: transformers, with
+    CompressedTensorsConfig(dequantize=True) when quantized; then PEFT when there is an adapter, after
+    the card's dequantize recipe when the adapter is stored quantized (run on a copy, so the artifact
+    folder keeps exactly the files its manifest lists). CPU, eval mode."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     config = json.loads((out_dir / "config.json").read_text())
@@ -107,9 +113,14 @@ def load_export(out_dir: Path) -> nn.Module:
         # transformers warns that the checkpoint's own quantization_config wins; only `dequantize` is taken
         # from ours, which is the point.
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True, trust_remote_code=False, **kwargs)
-    if (out_dir / ADAPTER_DIR).is_dir():
+        model = AutoModelForCausalLM.from_pretrained(out_dir, **kwargs)
+    adapter_dir = out_dir / ADAPTER_DIR
+    if adapter_dir.is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, out_dir / ADAPTER_DIR, is_trainable=False)
+        with tempfile.TemporaryDirectory() as scratch:
+            if (adapter_dir / QUANTIZED_NAME).is_file():
+                adapter_dir = Path(shutil.copytree(adapter_dir, Path(scratch) / ADAPTER_DIR))
+                exec(compile(DEQUANTIZE_RECIPE, "model card recipe", "exec"), {"folder": str(adapter_dir)})  # noqa: S102
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     return model.eval()
