@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.specs import compensation, quant
 from tests.unit.test_export import ATOL, CPU, RTOL, VERIFY_WINDOWS, cold_load, extra, logits_of
 from worker.compression.adapters import FACTOR_DTYPE, quantize_adapter
-from worker.compression.specs import CompensationSpec, QuantSpec
 from worker.export import export_model, reference_logits, verify_export
 from worker.export.adapter import pack_bits
 from worker.linear_compress import unwrap_adapters
@@ -28,7 +28,7 @@ from worker.models import load_model
 from worker.plan import CompressionPlan
 from worker.sequential import compress_model
 
-GPTQ4 = QuantSpec(method="gptq", bits=4, group_size=32)
+GPTQ4 = quant(method="gptq", bits=4, group_size=32)
 
 
 def file_tensors(path):
@@ -51,7 +51,7 @@ def export_with_adapters(model_dir, windows, compensation, out_dir):
 def test_fp16_adapter_file_holds_the_evaluated_factors_and_the_counted_bytes(tiny_model_dir, calibration_windows,
                                                                             tmp_path):
     result, adapters, reference, info = export_with_adapters(
-        tiny_model_dir, calibration_windows, CompensationSpec(method="eora", rank=8), tmp_path / "out")
+        tiny_model_dir, calibration_windows, compensation(method="eora", rank=8), tmp_path / "out")
     weights, _ = file_tensors(info.out_dir / "adapter" / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float16}
     for name, (lora_b, lora_a, quantized) in adapters.items():
@@ -80,7 +80,7 @@ def card_recipe(card: str) -> str:
 
 def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_factors(
         tiny_model_dir, calibration_windows, tmp_path):
-    spec = CompensationSpec(method="eora", rank=8, adapter_bits=4, adapter_group_size=32)
+    spec = compensation(method="eora", rank=8, adapter_bits=4, adapter_group_size=32)
     result, adapters, reference, info = export_with_adapters(tiny_model_dir, calibration_windows, spec,
                                                              tmp_path / "out")
     out = info.out_dir
@@ -134,7 +134,7 @@ def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_
 
 
 def test_in_memory_factors_are_the_dequantized_stored_codes(tiny_llama, calibration_windows):
-    spec = CompensationSpec(method="svd", rank=6, adapter_bits=8, adapter_group_size=16)
+    spec = compensation(method="svd", rank=6, adapter_bits=8, adapter_group_size=16)
     result = compress_model(tiny_llama, calibration_windows, CompressionPlan(quant=GPTQ4, compensation=spec), CPU)
     adapters = unwrap_adapters(tiny_llama)
     assert len(adapters) == len(result.modules)

@@ -308,7 +308,8 @@ def test_rank_at_the_crossover_is_capped_with_a_note(tiny_llama, calibration_win
     assert len(result.notes) == 1 and "compensation.rank 512 is at or above the dense-delta crossover" in result.notes[0]
     assert "64x64: 31" in result.notes[0]
     adapters = unwrap_adapters(tiny_llama)
-    for name, (lora_b, lora_a) in adapters.items():
+    for name, adapter in adapters.items():
+        lora_b, lora_a = adapter.lora_b, adapter.lora_a
         assert lora_a.shape[0] == result.modules[name].rank
         assert torch.all(lora_a.abs().amax(dim=1) > 0) and torch.all(lora_b.abs().amax(dim=0) > 0), name
     save_adapter(adapters, tmp_path)
