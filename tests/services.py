@@ -76,3 +76,21 @@ def celery_worker(settings, log_path: Path) -> Iterator[subprocess.Popen]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def create_api_key(settings, tenant: str = "tenant-a", admin: bool = False) -> str:
+    """A new API key for the tenant (made when new), straight in the settings' database, which must
+    already be migrated (an embedded app migrates on start; distributed tests call upgrade_database)."""
+    from app.auth import create_key
+    from app.db.session import make_engine, make_sessionmaker, unit_of_work
+
+    engine = make_engine(settings)
+    try:
+        with unit_of_work(make_sessionmaker(engine)) as session:
+            return create_key(session, tenant, admin=admin)
+    finally:
+        engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

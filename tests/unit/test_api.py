@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests.services import bearer, create_api_key
 
 SPEC = {
     "model": {"id": "org/model"},
@@ -19,12 +20,13 @@ SPEC = {
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(data_dir=tmp_path / "data")
+    return Settings(data_dir=tmp_path / "data", auth="on")
 
 
 @pytest.fixture
 def client(settings):
     with TestClient(create_app(settings, run_reaper=False)) as client:
+        client.headers.update(bearer(create_api_key(settings)))
         yield client
 
 
