@@ -60,12 +60,14 @@ class BodySizeLimit:
 
 
 class CrossSiteGuard:
-    """A write (POST, DELETE, ...) must come from this origin or a configured one, and carry what a
-    cross-site HTML form cannot send without a CORS preflight: a bearer header or a JSON body."""
+    """A write (POST, DELETE, ...) must come from this origin or a configured one. With auth off it must
+    also carry what a cross-site HTML form cannot send without a CORS preflight: a bearer header or a
+    JSON body. (With auth on the API key is that header: a request without it is 401.)"""
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
         self.allowed_origins = set(settings.cors_origins)
+        self.require_header = not settings.auth_enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
@@ -78,7 +80,7 @@ class CrossSiteGuard:
                                 f"requests from origin {origin!r} are not allowed to change anything here")
         bearer = headers.get("authorization", "").lower().startswith("bearer ")
         json_body = headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-        if not (bearer or json_body):
+        if self.require_header and not (bearer or json_body):
             return await _reply(scope, receive, send, 403, "cross_site",
                                 "a request that changes something needs 'Authorization: Bearer <key>' or "
                                 "'Content-Type: application/json'")

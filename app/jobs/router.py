@@ -15,10 +15,10 @@ from app.auth import Caller, authenticate
 from app.db.models import JobStatus
 from app.db.session import unit_of_work
 from app.jobs import service, uploads
-from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage
+from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage
 from app.jobs.spec import JobSpec
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 CallerDep = Annotated[Caller, Depends(authenticate)]
 # Event ids are 64-bit (BigInteger): a larger `after` is a 422, not a database error.
 MAX_EVENT_ID = 2**63 - 1

@@ -12,6 +12,26 @@ from app.db.models import Job, JobEvent, JobStatus, Upload
 from app.settings import Settings
 
 
+class ErrorOut(BaseModel):
+    """Every error: a stable code, a readable detail, and for a bad request the fields at fault."""
+
+    error: str
+    detail: str
+    fields: list[str] | None = None
+
+
+ERRORS = {status: {"model": ErrorOut, "description": what} for status, what in (
+    (400, "Bad request (e.g. a cursor this API did not return)"),
+    (401, "Missing, unknown or revoked API key"),
+    (403, "A cross-site write"),
+    (404, "No such job or upload for this caller"),
+    (409, "The job's state does not allow it"),
+    (413, "Request body, upload or upload quota too large"),
+    (422, "Invalid request"),
+    (429, "Too many queued jobs for this tenant (see Retry-After)"),
+)}
+
+
 class Progress(BaseModel):
     stage: str
     layer: int | None
