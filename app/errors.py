@@ -59,6 +59,10 @@ class JobNotFound(SqueezeError):
     status_code = 404
 
 
+class UploadNotFound(JobNotFound):
+    pass
+
+
 class JobStateConflict(SqueezeError):
     code = "conflict"
     status_code = 409

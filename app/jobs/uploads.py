@@ -3,7 +3,6 @@ its quota, deletable, and deleted by the reaper after the retention period."""
 
 from __future__ import annotations
 
-import logging
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,17 +14,12 @@ from sqlalchemy.orm import Session
 from app.auth import Caller
 from app.db.base import utcnow
 from app.db.models import Upload
-from app.errors import InvalidSpec, JobNotFound, TooLarge
+from app.errors import InvalidSpec, TooLarge, UploadNotFound
 from app.settings import Settings
 
-log = logging.getLogger(__name__)
 SUFFIXES = {".txt", ".jsonl", ".parquet"}
 PREFIX = "upload:"
 CHUNK = 1024**2
-
-
-class UploadNotFound(JobNotFound):
-    pass
 
 
 def used_bytes(session: Session, tenant_id: str) -> int:
