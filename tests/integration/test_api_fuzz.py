@@ -8,7 +8,9 @@ Runs in CI with the rest of the suite (`make test`). Examples per operation: SQU
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,7 +29,8 @@ from app.main import create_app
 from app.settings import Settings
 from tests.services import bearer, create_api_key
 
-DATA_DIR = Path(tempfile.mkdtemp(prefix="squeeze-fuzz-"))
+DATA_DIR = Path(tempfile.mkdtemp(prefix="squeeze-fuzz-"))  # made at import: the schema is loaded at collection
+atexit.register(shutil.rmtree, DATA_DIR, True)
 SETTINGS = Settings(data_dir=DATA_DIR, auth="on", allow_local_paths=False, max_queued_jobs_per_tenant=10_000)
 APP = create_app(SETTINGS, run_reaper=False)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
