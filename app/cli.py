@@ -1,8 +1,9 @@
-"""`squeeze serve | worker | migrate | compress`."""
+"""`squeeze serve | worker | migrate | keys | compress`."""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import subprocess
@@ -34,6 +35,53 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_session():
+    from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+
+    settings = Settings()
+    if settings.embedded:
+        upgrade_database(settings)
+    return unit_of_work(make_sessionmaker(make_engine(settings)))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from app import auth
+    from app.errors import InvalidSpec
+
+    with _keys_session() as session:
+        if args.keys_command == "create":
+            try:
+                key = auth.create_key(session, args.tenant, admin=args.admin)
+            except InvalidSpec as exc:
+                print(f"squeeze keys: {exc.detail}", file=sys.stderr)
+                return 2
+            print(key)
+            print(f"key for tenant {args.tenant!r}{' (admin)' if args.admin else ''}: shown once, only its hash "
+                  "is stored", file=sys.stderr)
+        elif args.keys_command == "list":
+            print(f"{'id':<14}{'tenant':<24}{'admin':<7}{'created':<27}revoked")
+            for key in auth.list_keys(session):
+                print(f"{key.id:<14}{key.tenant_id:<24}{'yes' if key.admin else 'no':<7}"
+                      f"{key.created_at.isoformat(timespec='seconds'):<27}"
+                      f"{key.revoked_at.isoformat(timespec='seconds') if key.revoked_at else '-'}")
+        else:
+            revoked = auth.revoke_key(session, args.key_id)
+            if revoked is None:
+                print(f"squeeze keys: no key with id {args.key_id!r}", file=sys.stderr)
+                return 1
+            print(f"key {args.key_id} revoked at {revoked.isoformat(timespec='seconds')}")
+    return 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -43,13 +91,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.data_dir:
         os.environ["SQUEEZE_DATA_DIR"] = str(Path(args.data_dir).resolve())
     settings = Settings()
+    if not settings.auth_enabled and not is_loopback(args.host):
+        print(f"squeeze: refusing to serve on {args.host} without API keys: anyone who can reach it could read "
+              "and cancel every job. Set SQUEEZE_AUTH=on and create keys with `squeeze keys create`, or serve on "
+              "127.0.0.1.", file=sys.stderr)
+        return 2
     upgrade_database(settings)
     worker = None
     if not args.no_worker:
         worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", args.loglevel],
                                   env=os.environ.copy())
     print(f"squeeze: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}, "
-          f"database {'SQLite' if settings.embedded else 'external'}, broker {settings.celery_broker_url.split('://')[0]}",
+          f"database {'SQLite' if settings.embedded else 'external'}, broker {settings.celery_broker_url.split('://')[0]}, "
+          + ("API keys required" if settings.auth_enabled else "auth OFF (no API keys; loopback only)"),
           flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel.lower())
@@ -88,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="alembic upgrade of the configured database")
     migrate.add_argument("revision", nargs="?", default="head")
     migrate.set_defaults(fn=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys: create (printed once), list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="a new key for a tenant (made when new); prints the key once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--admin", action="store_true", help="the key sees every tenant's jobs and uploads")
+    keys_sub.add_parser("list", help="key ids, tenants, admin flag, created and revoked times (never the keys)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (from `keys list`)")
+    revoke.add_argument("key_id")
+    keys.set_defaults(fn=cmd_keys)
 
     compress = sub.add_parser("compress", help="compress a model locally, without the service")
     from app.compress_args import add_compress_arguments

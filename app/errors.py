@@ -30,9 +30,37 @@ class NotSupportedYet(InvalidSpec):
     code = "not_supported_yet"
 
 
+class Unauthorized(SqueezeError):
+    code = "unauthorized"
+    status_code = 401
+
+
+class TooLarge(SqueezeError):
+    code = "too_large"
+    status_code = 413
+
+
+class TooManyQueued(SqueezeError):
+    code = "too_many_queued"
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: int):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class IdempotencyMismatch(SqueezeError):
+    code = "idempotency_key_reused"
+    status_code = 422
+
+
 class JobNotFound(SqueezeError):
     code = "not_found"
     status_code = 404
+
+
+class UploadNotFound(JobNotFound):
+    pass
 
 
 class JobStateConflict(SqueezeError):
@@ -59,9 +87,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SqueezeError)
     async def _domain(_: Request, exc: SqueezeError) -> JSONResponse:
         body = {"error": exc.code, "detail": exc.detail}
+        headers = {}
         if isinstance(exc, InvalidSpec):
             body["fields"] = [exc.field]
-        return JSONResponse(body, status_code=exc.status_code)
+        elif isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        elif isinstance(exc, TooManyQueued):
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -80,5 +113,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code)
+        code = {400: "bad_request", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                413: "too_large"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": code, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=exc.headers)

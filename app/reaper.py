@@ -3,7 +3,8 @@
 - a running job whose lease expired (its worker died) goes back to queued, or fails when its
   attempts are spent;
 - a queued job that was never dispatched (broker down at submit) or not picked up for a long time
-  is sent again. Duplicated messages are harmless: claiming is conditional.
+  is sent again. Duplicated messages are harmless: claiming is conditional;
+- uploads older than the retention period are deleted (row and file).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.base import utcnow
 from app.db.models import JobStatus
 from app.db.session import unit_of_work
-from app.jobs import repository
+from app.jobs import repository, uploads
 from app.queue import Dispatcher
 from app.settings import Settings
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def reap_once(settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher) -> dict[str, int]:
-    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0}
+    counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0, "uploads_expired": 0}
     with unit_of_work(sessions) as session:
         for job in repository.expired_leases(session, utcnow()):
             outcome = repository.release_expired(session, job)
@@ -38,6 +39,8 @@ def reap_once(settings: Settings, sessions: sessionmaker[Session], dispatcher: D
         to_send = repository.jobs_to_dispatch(session, stale)
     for job_id in to_send:
         counts["dispatched"] += dispatcher.dispatch(job_id)
+    with unit_of_work(sessions) as session:
+        counts["uploads_expired"] = uploads.delete_expired(session, settings, utcnow())
     return counts
 
 

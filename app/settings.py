@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,6 +36,22 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     hf_endpoint: str | None = None  # a Hub mirror; None = huggingface_hub's default (HF_ENDPOINT)
     s3_endpoint_url: str | None = None  # S3-compatible store; None = boto3's (AWS_ENDPOINT_URL_S3)
+
+    # Who may call the API. "auto": API keys required in distributed mode; embedded mode runs
+    # without them, and then only on a loopback address (`squeeze serve` refuses otherwise).
+    auth: Literal["on", "off", "auto"] = "auto"
+    # Host header names the API answers to (DNS rebinding); set the public names when serving beyond loopback.
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    # Origins whose pages may call the API (CORS and the cross-site check); empty = same origin only.
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # Request and storage limits.
+    max_request_bytes: int = 1024**2  # any request body but an upload: 413 above it
+    max_upload_bytes: int = 100 * 1024**2  # one calibration upload: 413 above it
+    tenant_upload_quota_bytes: int = 1024**3  # all stored uploads of one tenant: 413 above it
+    upload_retention_hours: float = 7 * 24.0  # the reaper deletes older uploads
+    max_queued_jobs_per_tenant: int = 100  # more queued jobs: 429 with Retry-After
+    queued_retry_after_seconds: int = 30
 
     # Limits checked at submit.
     max_num_samples: int = 4096
@@ -64,6 +82,10 @@ class Settings(BaseSettings):
     @cached_property
     def embedded(self) -> bool:
         return not self.database_url or self.database_url.startswith("sqlite")
+
+    @cached_property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and not self.embedded)
 
     @cached_property
     def sqlalchemy_url(self) -> str:

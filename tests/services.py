@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psycopg
 
 PG_ADMIN = os.environ.get("SQUEEZE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -42,6 +43,7 @@ def settings_env(settings) -> dict[str, str]:
         "SQUEEZE_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds),
         "SQUEEZE_TORCH_THREADS": "1",  # the test process and the worker share 2 cores
         "SQUEEZE_BROKER_POLLING_INTERVAL": "0.1",
+        "SQUEEZE_AUTH": settings.auth,
         # The Hub cannot be reached from test machines: point it at a closed loopback port so the
         # real download code fails at once instead of waiting on DNS.
         "HF_ENDPOINT": "http://127.0.0.1:9",
@@ -73,6 +75,63 @@ def celery_worker(settings, log_path: Path) -> Iterator[subprocess.Popen]:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def create_api_key(settings, tenant: str = "tenant-a", admin: bool = False) -> str:
+    """A new API key for the tenant (made when new), straight in the settings' database, which must
+    already be migrated (an embedded app migrates on start; distributed tests call upgrade_database)."""
+    from app.auth import create_key
+    from app.db.session import make_engine, make_sessionmaker, unit_of_work
+
+    engine = make_engine(settings)
+    try:
+        with unit_of_work(make_sessionmaker(engine)) as session:
+            return create_key(session, tenant, admin=admin)
+    finally:
+        engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def api_server(settings, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`squeeze serve` (with `args`, e.g. --no-worker) in its own process on a free loopback port; yields
+    its base URL once /readyz answers."""
+    port = free_port()
+    full_env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args],
+                                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

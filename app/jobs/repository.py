@@ -11,21 +11,26 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
 
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
-def add_job(session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None = None) -> Job:
+def add_job(
+    session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None = None, *,
+    tenant_id: str = DEFAULT_TENANT, idempotency_key: str | None = None, request_hash: str | None = None,
+) -> Job:
     now = utcnow()
     job = Job(
-        id=uuid.uuid4(), status=JobStatus.queued, spec=spec, attempt=0, max_attempts=max_attempts,
-        stage="queued", percent=0.0, created_at=now, updated_at=now, sealed_token=sealed_token,
+        id=uuid.uuid4(), tenant_id=tenant_id, status=JobStatus.queued, spec=spec, attempt=0,
+        max_attempts=max_attempts, stage="queued", percent=0.0, created_at=now, updated_at=now,
+        sealed_token=sealed_token, idempotency_key=idempotency_key, request_hash=request_hash,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message="job queued"))
@@ -33,15 +38,47 @@ def add_job(session: Session, spec: dict[str, Any], max_attempts: int, sealed_to
     return job
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job | None:
-    return session.get(Job, job_id)
+def add_job_once(
+    session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None, *,
+    tenant_id: str, idempotency_key: str, request_hash: str,
+) -> tuple[Job, bool]:
+    """add_job, unless the tenant already used the idempotency key: then (that job, False). The unique
+    index decides, so concurrent retries, each in its own transaction, all get the one job."""
+    try:
+        with session.begin_nested():  # a savepoint: losing the race rolls back only this insert
+            job = add_job(session, spec, max_attempts, sealed_token, tenant_id=tenant_id,
+                          idempotency_key=idempotency_key, request_hash=request_hash)
+        return job, True
+    except IntegrityError:
+        existing = job_by_idempotency_key(session, tenant_id, idempotency_key)
+        if existing is None:
+            raise
+        return existing, False
+
+
+def job_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> Job | None:
+    """tenant_id None: any tenant's job (workers, admin keys)."""
+    job = session.get(Job, job_id)
+    return job if job is not None and (tenant_id is None or job.tenant_id == tenant_id) else None
+
+
+def count_queued(session: Session, tenant_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status == JobStatus.queued))
 
 
 def list_jobs(
-    session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None
+    session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
+    tenant_id: str | None = None,
 ) -> list[Job]:
     """Newest first; `before` is the (created_at, id) of the last job of the previous page."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     if before is not None:
@@ -50,10 +87,13 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:
+def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
+                tenant_id: str | None = None) -> list[JobEvent]:
     query = (
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
     )
+    if tenant_id is not None:
+        query = query.join(Job, Job.id == JobEvent.job_id).where(Job.tenant_id == tenant_id)
     return list(session.scalars(query))
 
 

@@ -1,85 +1,109 @@
-"""HTTP endpoints for jobs. Each endpoint is the boundary: it owns its unit of work."""
+"""HTTP endpoints for jobs and uploads. Each endpoint is the boundary: it owns its unit of work.
+
+Every endpoint acts for the caller (app/auth.py): another tenant's job or upload is 404, as if it
+did not exist.
+"""
 
 from __future__ import annotations
 
-import shutil
 import uuid
-from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, UploadFile, status
 
+from app.auth import Caller, authenticate
 from app.db.models import JobStatus
 from app.db.session import unit_of_work
-from app.errors import InvalidSpec
-from app.jobs import service
-from app.jobs.schemas import EventOut, EventPage, JobOut, JobPage, UploadOut
+from app.jobs import service, uploads
+from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage
 from app.jobs.spec import JobSpec
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
-UPLOAD_SUFFIXES = {".txt", ".jsonl", ".parquet"}
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
+CallerDep = Annotated[Caller, Depends(authenticate)]
+# Event ids are 64-bit (BigInteger): a larger `after` is a 422, not a database error.
+MAX_EVENT_ID = 2**63 - 1
 
 
-@router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobOut)
-def create_job(spec: JobSpec, request: Request) -> JobOut:
+@router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobOut,
+             responses={200: {"model": JobOut, "description": "The job an earlier request with this Idempotency-Key made"}})
+def create_job(
+    spec: JobSpec, request: Request, response: Response, caller: CallerDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255, description=(
+        "Retries with the same key and body return the first job (200); the same key with another body is 422. "
+        "Keys are kept as long as the job."))] = None,
+) -> JobOut:
     state = request.app.state
     with unit_of_work(state.sessions) as session:
-        job = service.create_job(session, state.settings, spec)
+        job, created = service.create_job(session, state.settings, spec, caller, idempotency_key)
         out = JobOut.of(job)
-    state.dispatcher.dispatch(job.id)  # strictly after commit; the reaper re-sends if this fails
+    if created:
+        state.dispatcher.dispatch(job.id)  # strictly after commit; the reaper re-sends if this fails
+    else:
+        response.status_code = status.HTTP_200_OK
     return out
 
 
 @router.get("/jobs", response_model=JobPage)
 def list_jobs(
-    request: Request,
+    request: Request, caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobPage:
     with unit_of_work(request.app.state.sessions) as session:
-        jobs, next_cursor = service.list_jobs(session, status, limit, cursor)
+        jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor)
         return JobPage(items=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, request: Request) -> JobOut:
+def get_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> JobOut:
     with unit_of_work(request.app.state.sessions) as session:
-        return JobOut.of(service.get_job(session, job_id))
+        return JobOut.of(service.get_job(session, job_id, caller))
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventPage)
 def list_events(
-    job_id: uuid.UUID, request: Request,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling).")] = 0,
+    job_id: uuid.UUID, request: Request, caller: CallerDep,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> EventPage:
     with unit_of_work(request.app.state.sessions) as session:
-        events = service.list_events(session, job_id, after, limit)
+        events = service.list_events(session, job_id, caller, after, limit)
         return EventPage(items=[EventOut.of(e) for e in events], next_after=events[-1].id if events else after)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: uuid.UUID, request: Request) -> JobOut:
+def cancel_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> JobOut:
     with unit_of_work(request.app.state.sessions) as session:
-        return JobOut.of(service.cancel_job(session, job_id))
+        return JobOut.of(service.cancel_job(session, job_id, caller))
 
 
-@router.post("/uploads", status_code=status.HTTP_201_CREATED, response_model=UploadOut)
-def upload_calibration_file(file: UploadFile, request: Request) -> UploadOut:
+@router.post("/uploads", status_code=status.HTTP_201_CREATED, response_model=UploadOut, tags=["uploads"])
+def upload_calibration_file(file: UploadFile, request: Request, caller: CallerDep) -> UploadOut:
     """Store a calibration text file (.txt, .jsonl, .parquet); use the returned `dataset` in a job spec."""
-    suffix = Path(file.filename or "").suffix.lower()
-    if suffix not in UPLOAD_SUFFIXES:
-        raise InvalidSpec("file", f"calibration uploads must be one of {', '.join(sorted(UPLOAD_SUFFIXES))}")
-    settings = request.app.state.settings
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    upload_id = uuid.uuid4().hex
-    partial = settings.uploads_dir / f".{upload_id}{suffix}.partial"
-    with partial.open("wb") as out:
-        shutil.copyfileobj(file.file, out)
-    size = partial.stat().st_size
-    if size == 0:
-        partial.unlink()
-        raise InvalidSpec("file", "the uploaded file is empty")
-    partial.rename(settings.uploads_dir / f"{upload_id}{suffix}")
-    return UploadOut(id=upload_id, dataset=f"{service.UPLOAD_PREFIX}{upload_id}", bytes=size)
+    state = request.app.state
+    with unit_of_work(state.sessions) as session:
+        return UploadOut.of(uploads.store(session, state.settings, caller, file.filename or "", file.file),
+                            state.settings)
+
+
+@router.get("/uploads", response_model=UploadPage, tags=["uploads"])
+def list_uploads(request: Request, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> UploadPage:
+    state = request.app.state
+    with unit_of_work(state.sessions) as session:
+        return UploadPage(items=[UploadOut.of(u, state.settings) for u in uploads.list_for(session, caller, limit)])
+
+
+@router.get("/uploads/{upload_id}", response_model=UploadOut, tags=["uploads"])
+def get_upload(upload_id: uuid.UUID, request: Request, caller: CallerDep) -> UploadOut:
+    state = request.app.state
+    with unit_of_work(state.sessions) as session:
+        return UploadOut.of(uploads.get(session, caller, upload_id.hex), state.settings)
+
+
+@router.delete("/uploads/{upload_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["uploads"])
+def delete_upload(upload_id: uuid.UUID, request: Request, caller: CallerDep) -> Response:
+    state = request.app.state
+    with unit_of_work(state.sessions) as session:
+        uploads.remove(session, state.settings, uploads.get(session, caller, upload_id.hex))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
 
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import Job, JobEvent, JobStatus, Upload
+from app.settings import Settings
+
+
+class ErrorOut(BaseModel):
+    """Every error: a stable code, a readable detail, and for a bad request the fields at fault."""
+
+    error: str
+    detail: str
+    fields: list[str] | None = None
+
+
+ERRORS = {status: {"model": ErrorOut, "description": what} for status, what in (
+    (400, "Bad request (e.g. a cursor this API did not return)"),
+    (401, "Missing, unknown or revoked API key"),
+    (403, "A cross-site write"),
+    (404, "No such job or upload for this caller"),
+    (409, "The job's state does not allow it"),
+    (413, "Request body, upload or upload quota too large"),
+    (422, "Invalid request"),
+    (429, "Too many queued jobs for this tenant (see Retry-After)"),
+)}
 
 
 class Progress(BaseModel):
@@ -20,6 +41,7 @@ class Progress(BaseModel):
 
 class JobOut(BaseModel):
     id: uuid.UUID
+    tenant: str
     status: JobStatus
     attempt: int
     max_attempts: int
@@ -37,7 +59,7 @@ class JobOut(BaseModel):
     @classmethod
     def of(cls, job: Job) -> JobOut:
         return cls(
-            id=job.id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
+            id=job.id, tenant=job.tenant_id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested_at is not None,
             progress=Progress(stage=job.stage, layer=job.layer, layers=job.layers, percent=job.percent),
             spec=job.spec, error=job.error, metrics=job.metrics, artifacts=job.artifacts,
@@ -75,3 +97,14 @@ class UploadOut(BaseModel):
     id: str
     dataset: str
     bytes: int
+    created_at: datetime
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, upload: Upload, settings: Settings) -> UploadOut:
+        return cls(id=upload.id, dataset=f"upload:{upload.id}", bytes=upload.bytes, created_at=upload.created_at,
+                   expires_at=upload.created_at + timedelta(hours=settings.upload_retention_hours))
+
+
+class UploadPage(BaseModel):
+    items: list[UploadOut]

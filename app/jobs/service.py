@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import re
 import uuid
 from datetime import datetime
@@ -10,16 +12,17 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from app.auth import Caller
 from app.db.models import Job, JobEvent, JobStatus
-from app.errors import BadCursor, InvalidSpec, JobNotFound, JobStateConflict
-from app.jobs import repository
+from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound, JobStateConflict, TooManyQueued
+from app.jobs import repository, uploads
 from app.jobs.capabilities import check_supported, destination_scheme
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-UPLOAD_PREFIX = "upload:"
+UPLOAD_PREFIX = uploads.PREFIX
 
 
 def looks_local(ref: str) -> bool:
@@ -69,14 +72,50 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
     check_supported(spec)
 
 
-def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
+def _tenant_filter(caller: Caller) -> str | None:
+    return None if caller.admin else caller.tenant_id
+
+
+def request_hash(spec: JobSpec) -> str:
+    """sha256 of the validated request (defaults filled in, the token included): what a retry must repeat."""
+    token = spec.hf_token.get_secret_value() if spec.hf_token else None
+    canonical = json.dumps({"spec": spec.model_dump(mode="json"), "hf_token": token}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create_job(session: Session, settings: Settings, spec: JobSpec, caller: Caller,
+               idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Returns (job, created). A repeated Idempotency-Key returns the tenant's earlier job for the same
+    request, and is refused for a different one."""
+    if idempotency_key is not None:
+        earlier = repository.job_by_idempotency_key(session, caller.tenant_id, idempotency_key)
+        if earlier is not None:
+            return _same_request(earlier, spec), False
     validate_for_server(settings, spec)
+    uploads.check_dataset_owned(session, caller, "calibration.dataset", spec.calibration.dataset)
+    uploads.check_dataset_owned(session, caller, "evaluation.dataset", spec.evaluation.dataset)
+    queued = repository.count_queued(session, caller.tenant_id)
+    if queued >= settings.max_queued_jobs_per_tenant:
+        raise TooManyQueued(f"{queued} jobs of this tenant are already queued (at most "
+                            f"{settings.max_queued_jobs_per_tenant}); retry when some have started",
+                            settings.queued_retry_after_seconds)
     sealed = seal(settings, spec.hf_token.get_secret_value(), "hf_token") if spec.hf_token else None
-    return repository.add_job(session, spec.model_dump(mode="json"), settings.max_attempts, sealed)
+    stored = spec.model_dump(mode="json")
+    if idempotency_key is None:
+        return repository.add_job(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id), True
+    job, created = repository.add_job_once(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id,
+                                           idempotency_key=idempotency_key, request_hash=request_hash(spec))
+    return (job, True) if created else (_same_request(job, spec), False)
 
 
-def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = repository.get_job(session, job_id)
+def _same_request(job: Job, spec: JobSpec) -> Job:
+    if job.request_hash != request_hash(spec):
+        raise IdempotencyMismatch("this Idempotency-Key was already used with a different request body")
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
+    job = repository.get_job(session, job_id, _tenant_filter(caller))
     if job is None:
         raise JobNotFound(f"no job with id {job_id}")
     return job
@@ -95,20 +134,21 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadCursor("cursor is not one this API returned") from exc
 
 
-def list_jobs(session: Session, status: JobStatus | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+def list_jobs(session: Session, caller: Caller, status: JobStatus | None, limit: int,
+              cursor: str | None) -> tuple[list[Job], str | None]:
     before = decode_cursor(cursor) if cursor else None
-    jobs = repository.list_jobs(session, status, limit + 1, before)
+    jobs = repository.list_jobs(session, status, limit + 1, before, _tenant_filter(caller))
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 
-def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int) -> list[JobEvent]:
-    get_job(session, job_id)
-    return repository.list_events(session, job_id, after, limit)
+def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[JobEvent]:
+    get_job(session, job_id, caller)
+    return repository.list_events(session, job_id, after, limit, _tenant_filter(caller))
 
 
-def cancel_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = get_job(session, job_id)
+def cancel_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
+    job = get_job(session, job_id, caller)
     if job.status in (JobStatus.succeeded, JobStatus.failed):
         raise JobStateConflict(f"job {job_id} already {job.status.value}; nothing to cancel")
     repository.request_cancel(session, job)

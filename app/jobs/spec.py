@@ -12,6 +12,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
+INT64_MAX = 2**63 - 1
+NAME = Field(min_length=1, max_length=255)  # split and field names
+URI = Field(min_length=1, max_length=1024)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -78,7 +83,7 @@ class Sparsity(Strict):
 
 
 class RankBudget(Strict):
-    params: int | None = Field(None, gt=0, description="Total adapter parameters across all Linears.")
+    params: int | None = Field(None, gt=0, le=INT64_MAX, description="Total adapter parameters across all Linears.")
     fraction: float | None = Field(None, gt=0, le=1, description="Budget as a fraction of the Linear parameters.")
     criterion: Literal["relative", "absolute"] = Field(
         "relative", description="Rank units go where they reduce the most output error per parameter: relative "
@@ -130,25 +135,25 @@ class Calibration(Strict):
     dataset: Annotated[str, Field(min_length=1, max_length=1024)] = Field(
         description="Hub dataset id, a local .txt/.jsonl/.parquet file, or upload:<id> from POST /v1/uploads."
     )
-    split: str = "train"
-    text_field: str = "text"
-    num_samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=16)
-    seed: int = 0
+    split: Annotated[str, NAME] = "train"
+    text_field: Annotated[str, NAME] = "text"
+    num_samples: int = Field(128, ge=1, le=INT64_MAX)
+    seq_len: int = Field(512, ge=16, le=INT64_MAX)
+    seed: int = Field(0, ge=0, le=INT64_MAX, description="Fits 64 bits.")
 
 
 class Evaluation(Strict):
-    dataset: str | None = Field(
+    dataset: Annotated[str, URI] | None = Field(
         None, description="Held-out text for perplexity; default: a slice held back from the calibration source."
     )
-    split: str = "validation"
-    text_field: str = "text"
+    split: Annotated[str, NAME] = "validation"
+    text_field: Annotated[str, NAME] = "text"
     num_windows: int = Field(32, ge=1, le=4096)
-    seq_len: int | None = Field(None, ge=16, description="Default: calibration.seq_len.")
+    seq_len: int | None = Field(None, ge=16, le=INT64_MAX, description="Default: calibration.seq_len.")
 
 
 class Destination(Strict):
-    uri: str | None = Field(
+    uri: Annotated[str, Field(max_length=1024)] | None = Field(
         None, description="Local folder (inside the artifact root), s3://bucket/prefix or hf://org/repo. "
         "Default: <artifact root>/<job id>."
     )

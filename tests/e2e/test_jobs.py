@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from worker.export.verify import load_export
-from tests.services import REDIS_URL, celery_worker, fresh_postgres_database
+from tests.services import REDIS_URL, bearer, celery_worker, create_api_key, fresh_postgres_database
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -52,17 +52,19 @@ def service(request, tmp_path_factory):
             settings = Settings(data_dir=data_dir, database_url=url, broker_url=REDIS_URL,
                                 queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}", lease_seconds=20,
                                 local_roots=[tmp_path_factory.getbasetemp()])
+            assert settings.auth_enabled  # distributed mode needs API keys by default
             from app.db.session import upgrade_database
 
             upgrade_database(settings)  # distributed mode: migrations are run by the operator
             yield from _running(settings, data_dir)
     else:
-        settings = Settings(data_dir=data_dir, lease_seconds=20, broker_polling_interval=0.1)
+        settings = Settings(data_dir=data_dir, lease_seconds=20, broker_polling_interval=0.1, auth="on")
         yield from _running(settings, data_dir)
 
 
 def _running(settings, data_dir):
     with TestClient(create_app(settings)) as client:  # embedded: the app migrates SQLite on start
+        client.headers.update(bearer(create_api_key(settings)))
         with celery_worker(settings, data_dir / "worker.log"):
             yield client, settings
 

@@ -37,3 +37,38 @@ def test_upgrade_on_sqlite(tmp_path):
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     engine.dispose()
+
+
+def _job_made_before_tenants_gets_the_default_tenant(url: str) -> None:
+    import uuid
+
+    from sqlalchemy import text
+
+    config = alembic_config(url)
+    command.upgrade(config, "0002")
+    engine = create_engine(url)
+    job_id = uuid.uuid4()
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, status, spec, attempt, max_attempts, stage, percent, created_at, updated_at) "
+                "VALUES (:id, 'queued', '{}', 0, 3, 'queued', 0, :now, :now)"),
+                {"id": job_id.hex if url.startswith("sqlite") else str(job_id), "now": "2026-11-30 12:00:00+00:00"})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT tenant_id FROM jobs")).scalar_one() == "default"
+            assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["default"]
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        command.downgrade(config, "0002")
+        assert "tenant_id" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    finally:
+        engine.dispose()
+
+
+def test_existing_jobs_belong_to_the_default_tenant_on_postgres():
+    with fresh_postgres_database() as url:
+        _job_made_before_tenants_gets_the_default_tenant(url)
+
+
+def test_existing_jobs_belong_to_the_default_tenant_on_sqlite(tmp_path):
+    _job_made_before_tenants_gets_the_default_tenant(f"sqlite:///{tmp_path / 'squeeze.db'}")

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests.services import bearer, create_api_key
 
 SPEC = {
     "model": {"id": "org/model"},
@@ -19,12 +20,13 @@ SPEC = {
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(data_dir=tmp_path / "data")
+    return Settings(data_dir=tmp_path / "data", auth="on")
 
 
 @pytest.fixture
 def client(settings):
     with TestClient(create_app(settings, run_reaper=False)) as client:
+        client.headers.update(bearer(create_api_key(settings)))
         yield client
 
 
@@ -138,7 +140,8 @@ def test_readiness_fails_when_the_broker_is_down(tmp_path):
 def test_dashboard_page_is_served_and_polls_the_jobs_api(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "fetch(`/v1/jobs?limit=50" in response.text and "setInterval(refresh" in response.text
+    assert "api(`/v1/jobs?limit=50" in response.text and "setInterval(refresh" in response.text
+    assert "sessionStorage.getItem(KEY)" in response.text and '"Authorization": `Bearer ${key}`' in response.text
 
 
 def test_job_token_is_sealed_never_returned_and_erased_when_the_job_ends(client, settings):
