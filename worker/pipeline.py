@@ -303,7 +303,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }
-    artifacts = {"uri": published.uri, "files": published.files, "notes": result.notes + info.notes,
+    artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
                  "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
 

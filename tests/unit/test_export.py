@@ -349,3 +349,14 @@ def test_what_the_model_card_says_about_loading_is_what_works(tiny_model_dir, ca
     assert not any("plain AutoModelForCausalLM" in note for note in symmetric.notes)
     plain = AutoModelForCausalLM.from_pretrained(symmetric.out_dir).eval()
     torch.testing.assert_close(logits_of(plain, windows), reference, atol=ATOL, rtol=RTOL)
+
+
+def test_run_notes_reach_the_manifest_and_the_model_card(tiny_model_dir, calibration_windows, tmp_path):
+    """A capped rank request is said in squeeze.json and README.md, before the serving notes."""
+    plan = CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32), compensation=compensation(rank=512))
+    result, _, info = compress_and_export(tiny_model_dir, calibration_windows, plan, tmp_path / "out")
+    assert result.notes and "dense-delta crossover" in result.notes[0]
+    assert info.manifest["notes"][: len(result.notes)] == result.notes
+    saved = json.loads((info.out_dir / "squeeze.json").read_text())
+    assert saved["notes"] == info.manifest["notes"]
+    assert result.notes[0] in (info.out_dir / "README.md").read_text()

@@ -106,7 +106,8 @@ def build_manifest(result: CompressionResult, plan: CompressionPlan, checkpoint:
                    adapter: AdapterInfo | None, manifest_extra: dict[str, Any]) -> dict[str, Any]:
     """Everything but the file checksums (added last, once every other file is written)."""
     check_manifest_extra(manifest_extra)
-    engines, notes = serving(checkpoint, plan, adapter)
+    engines, serving_notes = serving(checkpoint, plan, adapter)
+    notes = result.notes + serving_notes  # what the run itself noted (capped ranks, ...) comes first
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
