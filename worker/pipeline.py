@@ -152,13 +152,22 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
     from worker.export import export_model, reference_logits, verify_export
     from worker.sequential import compress_model
-    from worker.storage import DestinationOptions, destination_for
+    from worker.storage import DestinationOptions, LocalDestination, destination_for
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = pick_device(settings.device)
     timings: dict[str, float] = {}
     started = time.perf_counter()
+
+    destination = destination_for(  # checked before any work: the stored spec may predate today's rules
+        spec.destination.uri, artifacts_dir=settings.artifacts_dir,
+        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo,
+                                   token=SecretStr(token) if token else None),
+        s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
+    )
+    if isinstance(destination, LocalDestination):
+        destination.target(str(job_id))
 
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
     resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
@@ -224,14 +233,9 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
                       message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
     reporter.check_cancelled()
 
-    destination = destination_for(
-        spec.destination.uri, artifacts_dir=settings.artifacts_dir,
-        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo,
-                                   token=SecretStr(token) if token else None),
-        s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
-    )
     t0 = time.perf_counter()
-    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1))
+    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1),
+                                    getattr(reporter, "still_owns", lambda: True))
     timings["upload_s"] = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
     reporter.progress("uploading", 99.0, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")

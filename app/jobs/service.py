@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from app.db.models import Job, JobEvent, JobStatus
 from app.errors import BadCursor, InvalidSpec, JobNotFound, JobStateConflict
 from app.jobs import repository
-from app.jobs.capabilities import check_supported, destination_scheme
+from app.jobs.capabilities import check_supported
+from app.jobs.destinations import DestinationRefused, check_destination
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
@@ -58,14 +59,11 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
             raise InvalidSpec(field, f"at most {settings.max_seq_len} on this server")
     if spec.compensation is not None and spec.compensation.rank is not None and spec.compensation.rank > settings.max_rank:
         raise InvalidSpec("compensation.rank", f"at most {settings.max_rank} on this server")
-    uri = spec.destination.uri
-    if uri is not None and destination_scheme(uri) == "local":
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_absolute():
-            path = settings.artifacts_dir / path
-        if not path.resolve().is_relative_to(settings.artifacts_dir):
-            raise InvalidSpec("destination.uri", f"a local destination must lie inside the artifact root {settings.artifacts_dir}")
     check_supported(spec)
+    try:
+        check_destination(spec.destination.uri, settings.artifacts_dir)
+    except DestinationRefused as exc:
+        raise InvalidSpec("destination.uri", str(exc)) from None
 
 
 def create_job(session: Session, settings: Settings, spec: JobSpec) -> Job:
