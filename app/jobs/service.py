@@ -24,7 +24,8 @@ UPLOAD_PREFIX = "upload:"
 
 
 def looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~", "file://")) or Path(ref).expanduser().exists()
+    """By its spelling only: asking the filesystem would tell a caller which server paths exist."""
+    return ref.startswith(("/", "./", "../", "~", "file://")) or ref in (".", "..")
 
 
 def resolve_upload(settings: Settings, dataset: str) -> Path:
