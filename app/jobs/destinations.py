@@ -3,7 +3,7 @@ stored spec may predate these rules).
 
 - no URI: `<artifact root>/<job id>`, made by the job itself;
 - a local folder (`name`, `a/b`, `file://...`, or an absolute path below the artifact root): a NEW
-  folder below the artifact root, named by plain path components (no `.`, `..`, hidden names, no job
+  folder below the artifact root, named by plain path components (none starting with `.` or `~`, no job
   id as its first component: those are the default folders), reached through real folders only (no
   symlink) that hold no job's artifact, and not existing yet;
 - `s3://bucket[/prefix]` with a valid bucket name; `hf://namespace/repo` (or `hub://`).
@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 OWNER_MARKER = ".squeeze-owner.json"  # in a published local artifact: {"job_id", "attempt"}
 MANIFEST_NAME = "squeeze.json"
 LOCAL_RULE = ("a local destination must be a new folder below the artifact root: a relative path of plain "
-              "names (no '.', '..', hidden names or job ids, at most 255 bytes each) that nothing uses yet")
+              "names (none starting with '.' or '~', no job ids, at most 255 bytes each) that nothing uses yet")
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
@@ -114,7 +114,7 @@ def _relative_below(uri: str, artifacts_dir: Path) -> PurePosixPath:
     raw_parts = [p for p in raw.split("/") if p] if not PurePosixPath(raw).is_absolute() else list(path.parts)
     parts = path.parts
     if (not parts or list(parts) != raw_parts
-            or any(p in (".", "..") or p.startswith(".") or len(p.encode()) > 255 for p in parts)):
+            or any(p.startswith((".", "~")) or len(p.encode()) > 255 for p in parts)):
         raise DestinationRefused(LOCAL_RULE)
     return path
 

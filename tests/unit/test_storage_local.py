@@ -101,7 +101,7 @@ def test_a_stale_attempt_publishes_nothing(tmp_path):
 @pytest.mark.parametrize("uri", [
     "", ".", "./", "..", "../x", "a/../b", "a/./b", "/", "/etc/squeeze", ".hidden", "a/.b",
     "file://", "file://..", "0b6c3a52-4b59-4a6b-8d3e-2f1c9a9b7e11", "0b6c3a52-4b59-4a6b-8d3e-2f1c9a9b7e11/x",
-    "x" * 256, "a\\..\\b", "ok\x00", "link-out/x", "link-out", "a-file", "a-file/x", "done-artifact/x",
+    "x" * 256, "~", "~/x", "a\\..\\b", "ok\x00", "link-out/x", "link-out", "a-file", "a-file/x", "done-artifact/x",
     "existing", "ROOT", "ROOT/", "ROOT/existing", "ROOT/../x",
 ])
 def test_local_destination_rules_refuse_with_one_message(tmp_path, uri):
