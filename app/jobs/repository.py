@@ -135,6 +135,12 @@ def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
 
 
+def claimable(session: Session, job_id: uuid.UUID) -> bool:
+    """Whether a claim could take the job now (a cheap read; the claim itself decides)."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.queued,
+                                               Job.cancel_requested_at.is_(None))) is not None
+
+
 def cancel_overdue(session: Session, job_id: uuid.UUID, grace_seconds: float) -> bool:
     """A cancel was asked more than grace_seconds ago, by the database's clock."""
     return session.scalar(select(Job.id).where(Job.id == job_id, Job.cancel_requested_at < db_now(-grace_seconds))) \

@@ -253,3 +253,26 @@ def test_bad_user_data_fails_readably_and_the_artifacts_name_no_server_path(
                 assert basetemp not in path.read_text(errors="replace"), path
         manifest = json.loads((folder / "squeeze.json").read_text())
         assert manifest["model"]["id"] == "local" and manifest["job"]["calibration"]["dataset"] == "local"
+
+
+def test_cancelled_queued_jobs_cost_the_worker_almost_nothing(server, tiny_llama_dir, calibration_txt):
+    """Their messages are dropped by the worker's main process: no child process is started for them."""
+    client, settings = server
+    cancelled = []
+    for _ in range(30):
+        job = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt)).json()
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelled", "running")
+        cancelled.append(job["id"])
+    submitted = time.monotonic()
+    real = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt)).json()
+    while client.get(f"/v1/jobs/{real['id']}").json()["status"] == "queued":
+        assert time.monotonic() - submitted < 20, "the real job waited behind the cancelled ones"
+        time.sleep(0.05)
+    assert wait_for(client, real["id"])["status"] == "succeeded"
+    statuses = [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in cancelled]
+    log = (settings.data_dir / "worker.log").read_text()
+    dropped = [job_id for job_id in cancelled if f"job {job_id} is not queued (cancelled or already run); "
+               "message dropped" in log]
+    assert set(dropped) == {job_id for job_id, status in zip(cancelled, statuses) if status == "cancelled"
+                            and f"job {job_id}: cancelled" not in log}
+    assert len(dropped) >= 25  # a few may have been claimed before their cancel arrived
