@@ -10,9 +10,9 @@ artifact, never a half-written or duplicated one:
 - Local: the target is `<artifact root>/<job id>`, or a new folder below the root that the job
   names (app.jobs.destinations: the rules are checked again here, the stored spec may predate
   them). The files are staged (hard links, else copies) in a hidden sibling folder
-  `.<name>.staging-<job>-<attempt>` with an owner marker naming the job; the target name is taken
-  with an exclusive mkdir and, only while the database says this attempt still owns the job
-  (`still_owns`), the staging folder is renamed over that empty folder. A target that exists is
+  `.<name>.staging-<job>-<attempt>` with an owner marker naming the job and, only while the
+  database says this attempt still owns the job (`still_owns`), renamed into place in one step
+  (a rename that refuses a non-empty folder that appeared meanwhile). A target that exists is
   replaced only when its owner marker names this same job (an earlier attempt published it);
   anything else fails the job without touching it. Nothing is deleted that this job did not make.
 - S3 (no rename in S3): files go straight to their final keys under `<prefix>/<job_id>/`, and a
@@ -153,20 +153,19 @@ class LocalDestination:
         return PublishedArtifact(uri=str(target), files=list(files))
 
     def _switch(self, staging: Path, target: Path, job_id: str, attempt: int, still_owns) -> None:
-        try:
-            target.mkdir()  # exclusive: the name is ours from here on
-        except FileExistsError:
-            if owner_of(target) != job_id:  # appeared since the check: another job's, or not a job's at all
-                raise DestinationError(f"destination.uri: {LOCAL_RULE}") from None
+        if owner_of(target) == job_id:  # an earlier attempt of this job published here and died before recording it
             self._replace_own(staging, target, job_id, attempt, still_owns)
             return
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise DestinationError(f"destination.uri: {LOCAL_RULE}")
         if not still_owns():
-            target.rmdir()
             raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before publishing")
-        staging.rename(target)  # over the empty folder we just made: readers see nothing, then everything
+        try:  # atomic; refuses a non-empty folder that appeared since the check (POSIX: ENOTEMPTY/EEXIST)
+            staging.rename(target)
+        except OSError:
+            raise DestinationError(f"destination.uri: {LOCAL_RULE}") from None
 
     def _replace_own(self, staging: Path, target: Path, job_id: str, attempt: int, still_owns) -> None:
-        """An earlier attempt of this job published here and died before recording it."""
         previous = target.with_name(f".{target.name}.previous-{job_id}-{attempt}")
         if not still_owns():
             raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before publishing")

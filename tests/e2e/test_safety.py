@@ -269,10 +269,11 @@ def test_cancelled_queued_jobs_cost_the_worker_almost_nothing(server, tiny_llama
         assert time.monotonic() - submitted < 20, "the real job waited behind the cancelled ones"
         time.sleep(0.05)
     assert wait_for(client, real["id"])["status"] == "succeeded"
-    statuses = [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in cancelled]
+    assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in cancelled} == {"cancelled"}
     log = (settings.data_dir / "worker.log").read_text()
-    dropped = [job_id for job_id in cancelled if f"job {job_id} is not queued (cancelled or already run); "
-               "message dropped" in log]
-    assert set(dropped) == {job_id for job_id, status in zip(cancelled, statuses) if status == "cancelled"
-                            and f"job {job_id}: cancelled" not in log}
-    assert len(dropped) >= 25  # a few may have been claimed before their cancel arrived
+    dropped = {job_id for job_id in cancelled
+               if f"job {job_id} is not queued (cancelled or already run); message dropped" in log}
+    # the rest raced their cancel: the check saw them queued, and a child then skipped or stopped them
+    in_a_child = {job_id for job_id in cancelled if f"job {job_id}: skipped" in log or f"job {job_id}: cancelled" in log}
+    assert dropped | in_a_child == set(cancelled) and not dropped & in_a_child
+    assert len(dropped) >= 25

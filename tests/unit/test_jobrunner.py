@@ -67,6 +67,10 @@ def test_failures_carry_a_readable_reason(env, exc, reason):
     outcome, row = run_with(env, raising(exc))
     assert outcome == "failed" and row.status == JobStatus.failed
     assert row.error.startswith(reason)
+    with unit_of_work(env[1]) as s:
+        events = [(e.stage, e.message) for e in repository.list_events(s, row.id, 0, 100)]
+    assert events[-1] == ("failed", row.error)
+    assert not any("/srv/secret/path" in message for _, message in events)  # the exception text stays in the log
 
 
 def test_cancel_between_layers_ends_cancelled(env):

@@ -98,6 +98,19 @@ def test_a_stale_attempt_publishes_nothing(tmp_path):
     assert asked == [True] and list(root.iterdir()) == []
 
 
+def test_a_folder_that_appears_just_before_the_switch_is_not_replaced(tmp_path):
+    root = tmp_path / "artifacts"
+
+    def still_owns():  # runs right before the rename: another job's files appear at the target now
+        write(root / "late", {"model.safetensors": b"theirs"})
+        return True
+
+    with pytest.raises(DestinationError, match="must be a new folder"):
+        destination_for("late", artifacts_dir=root).publish(write(tmp_path / "export", {"a": b"mine"}), "job-5", 1,
+                                                            still_owns)
+    assert tree(root) == {"late/model.safetensors": b"theirs"}  # theirs intact, our staging gone
+
+
 @pytest.mark.parametrize("uri", [
     "", ".", "./", "..", "../x", "a/../b", "a/./b", "/", "/etc/squeeze", ".hidden", "a/.b",
     "file://", "file://..", "0b6c3a52-4b59-4a6b-8d3e-2f1c9a9b7e11", "0b6c3a52-4b59-4a6b-8d3e-2f1c9a9b7e11/x",
