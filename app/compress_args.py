@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from app.jobs.service import looks_local
 from app.jobs.spec import JobSpec
 
 # flag -> (section, field, type)
@@ -68,5 +69,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     if budget:  # the spec refuses min_rank alone, or params with fraction
         data.setdefault("compensation", {})["rank_budget"] = budget
         data["compensation"].pop("rank", None)
+    for section in ("model", "calibration", "evaluation"):  # a relative folder of the caller's, not a Hub id
+        key = "id" if section == "model" else "dataset"
+        ref = (data.get(section) or {}).get(key)
+        if isinstance(ref, str) and not looks_local(ref) and Path(ref).exists():
+            data[section][key] = str(Path(ref).resolve())
     data.setdefault("destination", {})["uri"] = str(args.out.resolve())
     return JobSpec.model_validate(data)

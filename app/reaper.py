@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def reap_once(settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher) -> dict[str, int]:
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0, "uploads_expired": 0}
     with unit_of_work(sessions) as session:
-        for job in repository.expired_leases(session, utcnow()):
+        for job in repository.expired_leases(session):
             outcome = repository.release_expired(session, job)
             if outcome == JobStatus.queued:
                 counts["requeued"] += 1

@@ -46,12 +46,15 @@ def load_texts(
     are refused when `allow_local` is False (e.g. for jobs submitted over HTTP).
     """
     path = Path(source).expanduser()
-    if path.exists():
-        if not allow_local:
+    spelled_local = source.startswith(("/", ".", "~"))
+    if not allow_local:  # decided by the spelling alone: the filesystem is never asked
+        if spelled_local:
             raise DataError(f"local data sources are not allowed here: {source!r}")
+        files = _download_hub_split(source, split, token, cache_dir)
+    elif path.exists():
         path = _check_inside_roots(path, local_roots)
         files = [path] if path.is_file() else _split_files(path, split)
-    elif path.is_absolute() or path.suffix in TEXT_SUFFIXES or source.startswith("."):
+    elif path.is_absolute() or path.suffix in TEXT_SUFFIXES or spelled_local:
         raise DataError(f"data file {source!r} does not exist")
     else:
         files = _download_hub_split(source, split, token, cache_dir)
@@ -64,14 +67,18 @@ def load_texts(
 def read_text_file(path: Path, text_field: str = "text") -> list[str]:
     """Non-empty documents of one file; see load_texts for the formats."""
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        docs = _read_txt(path)
-    elif suffix == ".jsonl":
-        docs = _read_jsonl(path, text_field)
-    elif suffix == ".parquet":
-        docs = _read_parquet(path, text_field)
-    else:
+    readers = {".txt": _read_txt, ".jsonl": lambda p: _read_jsonl(p, text_field),
+               ".parquet": lambda p: _read_parquet(p, text_field)}
+    if suffix not in readers:
         raise DataError(f"{path.name}: unknown file type {suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
+    try:
+        docs = readers[suffix](path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError; its text may name server paths
+        raise DataError(f"{path.name}: not a readable {suffix[1:]} file ({exc.__class__.__name__})") from None
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"{path.name} holds no non-empty documents")
@@ -123,7 +130,7 @@ def _check_inside_roots(path: Path, roots: list[Path] | None) -> Path:
     for root in roots:
         if resolved.is_relative_to(Path(root).resolve()):
             return resolved
-    raise DataError(f"{path} is outside the allowed data folders ({', '.join(str(r) for r in roots)})")
+    raise DataError("the data path is outside the allowed data folders")
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -139,8 +146,9 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     )
     chosen = select_split_files(relative, split)
     if not chosen:
-        raise DataError(
-            f"{folder} has no {'/'.join(TEXT_SUFFIXES)} files for split {split!r}; files found: {relative[:20]}"
+        raise DataError(  # how many, not which: the folder's file names are not the caller's to read
+            f"the dataset folder has no {'/'.join(TEXT_SUFFIXES)} files for split {split!r} "
+            f"({len(relative)} data files of other splits)"
         )
     return [folder / name for name in chosen]
 
@@ -191,7 +199,8 @@ def _download_hub_split(source: str, split: str, token: str | None, cache_dir: P
             )
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, OSError) as exc:
-        raise DataError(f"could not download dataset {repo_id!r} from the Hugging Face Hub: {exc}") from exc
+        raise DataError(f"could not download dataset {repo_id!r} from the Hugging Face Hub ({exc.__class__.__name__}: "
+                        "not found, private without a token, or the Hub is unreachable)") from exc
     return _split_files(root / subfolder if subfolder else root, split)
 
 
@@ -221,6 +230,8 @@ def stream_windows(stream: Tensor, num_samples: int, seq_len: int, seed: int) ->
             f"calibration text has {len(stream)} tokens; at least {seq_len + 1} are needed for "
             f"windows of {seq_len} tokens"
         )
+    if not -(2**63) <= seed < 2**64:
+        raise DataError("calibration.seed must fit in 64 bits")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len + 1, (num_samples,), generator=generator)
     offsets = starts.unsqueeze(1) + torch.arange(seq_len).unsqueeze(0)  # (num_samples, seq_len)

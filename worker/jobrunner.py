@@ -11,16 +11,14 @@ import os
 import signal
 import socket
 import threading
-import traceback
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.base import utcnow
 from app.db.models import Job
 from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository
@@ -40,6 +38,7 @@ class Reporter:
     job_id: uuid.UUID
     attempt: int
     owner: str
+    lease_seconds: float = 120.0
     lost: threading.Event = field(default_factory=threading.Event)
 
     def _write(self, fn, *args, **kwargs) -> None:
@@ -51,8 +50,15 @@ class Reporter:
                 raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
 
     def event(self, stage: str, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
-        with unit_of_work(self.sessions) as session:
-            repository.add_event(session, self.job_id, self.attempt, stage, message, level=level, data=data)
+        self._write(lambda s, j, a, o: repository.add_event(s, j, a, stage, message, level=level, data=data, owner=o))
+
+    def still_owns(self) -> bool:
+        """Checked right before an artifact is switched into place; refreshes the lease as it checks."""
+        try:
+            self._write(repository.mark_publishing, self.lease_seconds)
+        except LostOwnership:
+            return False
+        return True
 
     def progress(self, stage: str, percent: float, layer: int | None = None, layers: int | None = None,
                  message: str | None = None, data: dict[str, Any] | None = None) -> None:
@@ -85,13 +91,12 @@ class Heartbeat(threading.Thread):
                     if not repository.renew_lease(session, r.job_id, r.attempt, r.owner, self.settings.lease_seconds):
                         r.lost.set()
                         return
-                    job = session.get(Job, r.job_id)
-                    asked = job.cancel_requested_at if job else None
-                if asked and utcnow() - asked > timedelta(seconds=self.settings.cancel_grace_seconds):
+                    overdue = repository.cancel_overdue(session, r.job_id, self.settings.cancel_grace_seconds)
+                if overdue:
                     with unit_of_work(r.sessions) as session:
-                        repository.finish_cancelled(session, r.job_id, r.attempt, r.owner)
-                        repository.add_event(session, r.job_id, r.attempt, "cancelled",
-                                             "cancel grace period over; worker process killed", level="warning")
+                        if repository.finish_cancelled(session, r.job_id, r.attempt, r.owner):
+                            repository.add_event(session, r.job_id, r.attempt, "cancelled",
+                                                 "cancel grace period over; worker process killed", level="warning")
                     log.warning("job %s: cancel ignored for %ss, killing this process", r.job_id,
                                 self.settings.cancel_grace_seconds)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -104,9 +109,10 @@ def worker_identity() -> str:
 
 
 def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[Session] | None = None) -> str:
-    """Claim and run one job to its end. Returns the outcome ('succeeded', 'skipped', ...)."""
-    from worker.pipeline import run_pipeline  # torch is imported only once there is work
+    """Claim and run one job to its end. Returns the outcome ('succeeded', 'skipped', ...).
 
+    A message for a job that is not queued (cancelled, or run already) costs one UPDATE: torch and
+    the pipeline are imported only after a claim succeeded."""
     job_id = uuid.UUID(str(job_id))
     engine = None
     if sessions is None:
@@ -121,20 +127,32 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
         if attempt is None:
             log.info("job %s is not queued (or already claimed); skipping", job_id)
             return "skipped"
-        reporter = Reporter(sessions, job_id, attempt, owner)
+        reporter = Reporter(sessions, job_id, attempt, owner, settings.lease_seconds)
+        try:
+            spec = JobSpec.model_validate(spec_data)
+        except ValidationError as exc:  # a spec stored before today's rules: fail once, do not retry
+            reason = f"the stored job spec is no longer valid: {spec_problems(exc)}"
+            return _finish(reporter, repository.fail, "failed", reason, reason, level="error") or "lost"
         heartbeat = Heartbeat(settings, reporter)
         heartbeat.start()
         try:
+            from worker.pipeline import run_pipeline  # torch is imported only once there is work
+
             def pipeline(*args):  # the token is opened inside the run, so a bad one fails the job readably
                 return run_pipeline(*args, token=_open_token(settings, sealed))
 
-            return _run_claimed(job_id, JobSpec.model_validate(spec_data), settings, reporter, pipeline)
+            return _run_claimed(job_id, spec, settings, reporter, pipeline)
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def spec_problems(exc: ValidationError) -> str:
+    """Field and message of each problem, without the offending values (they may be long or secret)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()[:5])
 
 
 def _open_token(settings: Settings, sealed: str | None) -> str | None:
@@ -146,17 +164,21 @@ def _open_token(settings: Settings, sealed: str | None) -> str | None:
         raise JobFailure(f"hf_token: {exc}") from None
 
 
-def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> str:
-    def finish(fn, *args) -> bool:
-        with unit_of_work(reporter.sessions) as session:
-            return fn(session, job_id, reporter.attempt, reporter.owner, *args)
+def _finish(reporter: Reporter, transition, stage: str, message: str, *args, level: str = "info",
+            data: dict[str, Any] | None = None) -> str | None:
+    """The final transition and its event in one unit of work; None when the attempt is no longer ours."""
+    with unit_of_work(reporter.sessions) as session:
+        if not transition(session, reporter.job_id, reporter.attempt, reporter.owner, *args):
+            return None
+        repository.add_event(session, reporter.job_id, reporter.attempt, stage, message, level=level, data=data)
+    return stage
 
+
+def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> str:
     try:
         result = run_pipeline(job_id, spec, settings, reporter)
     except JobCancelled:
-        finish(repository.finish_cancelled)
-        reporter.event("cancelled", "cancelled by request")
-        return "cancelled"
+        return _finish(reporter, repository.finish_cancelled, "cancelled", "cancelled by request") or "lost"
     except LostOwnership as exc:
         log.warning("%s", exc)
         return "lost"
@@ -164,16 +186,11 @@ def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> st
         reason = str(exc)
     except SoftTimeLimitExceeded:
         reason = f"time limit: the job ran longer than {settings.job_soft_time_limit} s and was stopped"
-    except Exception as exc:  # an unexpected error: keep the trace in the log, a readable line on the job
+    except Exception as exc:  # a bug, not bad input: the trace goes to the worker log, never to the user
         log.exception("job %s failed", job_id)
-        reason = f"internal error: {exc.__class__.__name__}: {exc}"
-        reporter.event("failed", "".join(traceback.format_exception_only(exc)).strip(), level="error")
+        reason = f"internal error ({exc.__class__.__name__}); the worker log has the details"
     else:
-        if finish(repository.succeed, result.metrics, result.artifacts):
-            reporter.event("done", "job succeeded", data={"artifacts": result.artifacts})
-            return "succeeded"
-        return "lost"
-    if finish(repository.fail, reason):
-        reporter.event("failed", reason, level="error")
-        return "failed"
-    return "lost"
+        outcome = _finish(reporter, repository.succeed, "done", "job succeeded", result.metrics, result.artifacts,
+                          data={"artifacts": result.artifacts})
+        return "succeeded" if outcome else "lost"
+    return "failed" if _finish(reporter, repository.fail, "failed", reason, reason, level="error") else "lost"

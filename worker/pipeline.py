@@ -17,6 +17,8 @@ from typing import Any, Protocol
 import torch
 from pydantic import SecretStr
 
+from app.errors import InvalidSpec
+from app.jobs.destinations import scheme_of
 from app.jobs.service import UPLOAD_PREFIX, looks_local, resolve_upload
 from app.jobs.spec import Compensation, JobSpec, Quantization, RankBudget, Sparsity
 from app.settings import Settings
@@ -112,12 +114,46 @@ def check_plan_fits(model, arch, plan) -> None:
                              f"by {plan.sparsity.m}; this model has {bad[0]}")
 
 
-def _dataset_source(settings: Settings, ref: str, field: str) -> str:
+def _dataset_source(settings: Settings, ref: str, field: str) -> tuple[str, bool]:
+    """(what load_texts reads, whether it is a local file or folder). A Hub id is never looked up on disk."""
     if ref.startswith(UPLOAD_PREFIX):
-        return str(resolve_upload(settings, ref))
-    if looks_local(ref) and not settings.local_path_permitted(Path(ref)):
+        try:
+            return str(resolve_upload(settings, ref)), True
+        except InvalidSpec as exc:
+            raise JobFailure(str(exc)) from None
+    if not looks_local(ref):
+        return ref, False
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if not settings.local_path_permitted(path):
         raise JobFailure(f"{field} {ref!r}: local paths are not allowed on this server")
-    return ref
+    return str(path), True
+
+
+def _load(settings: Settings, ref: str, field: str, split: str, text_field: str, token: str | None) -> list[str]:
+    from worker.data import load_texts
+
+    source, local = _dataset_source(settings, ref, field)
+    return load_texts(source, split=split, text_field=text_field, allow_local=local, token=token)
+
+
+def public_ref(ref: str | None) -> str | None:
+    """A reference as an artifact may show it: a local path of the server becomes just "local"."""
+    return "local" if ref is not None and looks_local(ref) else ref
+
+
+def public_spec(spec: JobSpec) -> dict[str, Any]:
+    """The job spec for the manifest, without the server's paths (models and artifacts get shared)."""
+    data = spec.model_dump(mode="json")
+    data["model"]["id"] = public_ref(data["model"]["id"])
+    for section in ("calibration", "evaluation"):
+        data[section]["dataset"] = public_ref(data[section]["dataset"])
+    if scheme_of(data["destination"]["uri"]) == "local" and data["destination"]["uri"] is not None:
+        data["destination"]["uri"] = "local"
+    return data
+
+
+def _without_path(exc: Exception, path: Path) -> str:
+    return str(exc).replace(str(path), "the model folder")
 
 
 def load_windows(spec: JobSpec, settings: Settings, tokenizer,
@@ -133,7 +169,6 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer,
     from worker.data import (
         DataError,
         contiguous_windows,
-        load_texts,
         make_windows,
         stream_windows,
         token_stream,
@@ -144,13 +179,11 @@ def load_windows(spec: JobSpec, settings: Settings, tokenizer,
     eval_len = ev.seq_len or cal.seq_len
     notes: list[str] = []
     try:
-        texts = load_texts(_dataset_source(settings, cal.dataset, "calibration.dataset"), split=cal.split,
-                           text_field=cal.text_field, token=token)
+        texts = _load(settings, cal.dataset, "calibration.dataset", cal.split, cal.text_field, token)
         if ev.dataset is not None:
-            eval_texts = load_texts(_dataset_source(settings, ev.dataset, "evaluation.dataset"), split=ev.split,
-                                    text_field=ev.text_field, token=token)
+            eval_texts = _load(settings, ev.dataset, "evaluation.dataset", ev.split, ev.text_field, token)
             calibration = make_windows(tokenizer, texts, cal.num_samples, cal.seq_len, cal.seed)
-            evaluation, eval_source = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len), ev.dataset
+            evaluation, eval_source = contiguous_windows(tokenizer, eval_texts, ev.num_windows, eval_len), public_ref(ev.dataset)
         else:
             held_docs = int(len(texts) * HELD_OUT_FRACTION)
             held_stream = token_stream(tokenizer, texts[-held_docs:]) if held_docs else None
@@ -200,7 +233,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     from worker.hub import resolve_model
     from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
     from worker.sequential import compress_model
-    from worker.storage import DestinationOptions, destination_for
+    from worker.storage import DestinationOptions, LocalDestination, destination_for
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -208,15 +241,24 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
+    destination = destination_for(  # checked before any work: the stored spec may predate today's rules
+        spec.destination.uri, artifacts_dir=settings.artifacts_dir,
+        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo,
+                                   token=SecretStr(token) if token else None),
+        s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
+    )
+    if isinstance(destination, LocalDestination):
+        destination.target(str(job_id))
+
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
     resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
     try:
         model, tokenizer = load_model(resolved.path)
         arch = get_architecture(model)
-    except (ModelLoadError, UnsupportedArchitecture) as exc:
-        raise JobFailure(f"model {spec.model.id!r}: {exc}") from None
+    except (ModelLoadError, UnsupportedArchitecture) as exc:  # messages name the folder: show the caller's id
+        raise JobFailure(f"model {spec.model.id!r}: {_without_path(exc, resolved.path)}") from None
     except (OSError, ValueError) as exc:
-        raise JobFailure(f"model {spec.model.id!r} could not be loaded: {exc}") from None
+        raise JobFailure(f"model {spec.model.id!r} could not be loaded: {_without_path(exc, resolved.path)}") from None
     n_layers = len(arch.decoder_layers(model))
     timings["load_s"] = time.perf_counter() - started
     reporter.progress("loading", 3.0, layer=0, layers=n_layers,
@@ -264,8 +306,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
     info = export_model(model, tokenizer, result, plan, work, {
-        "job": spec.model_dump(mode="json"),
-        "model": {"id": spec.model.id, "revision": resolved.revision, "source": resolved.source},
+        "job": public_spec(spec),
+        "model": {"id": public_ref(spec.model.id), "revision": resolved.revision, "source": resolved.source},
         "calibration": data_info,
         "evaluation": {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
                        "windows": data_info["evaluation_windows"], "source": data_info["evaluation_source"]},
@@ -276,14 +318,9 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
                       message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
     reporter.check_cancelled()
 
-    destination = destination_for(
-        spec.destination.uri, artifacts_dir=settings.artifacts_dir,
-        options=DestinationOptions(private=spec.destination.private, create_repo=spec.destination.create_repo,
-                                   token=SecretStr(token) if token else None),
-        s3_endpoint_url=settings.s3_endpoint_url, hf_endpoint=settings.hf_endpoint, hf_token=settings.hf_token,
-    )
     t0 = time.perf_counter()
-    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1))
+    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1),
+                                    getattr(reporter, "still_owns", lambda: True))
     timings["upload_s"] = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
     reporter.progress("uploading", 99.0, layer=n_layers, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")

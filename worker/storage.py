@@ -7,23 +7,27 @@
 Every destination makes a retried job (same job id, next attempt) end with exactly one complete
 artifact, never a half-written or duplicated one:
 
-- Local: the files are staged (hard links, else copies) in a hidden sibling folder
-  `.<name>.staging-<job>-<attempt>` and renamed into place; an earlier artifact at the target is
-  renamed aside (`.<name>.previous-<job>-<attempt>`) first and removed after. Readers see the old
-  folder, no folder (for the instant between two renames), or the new folder. Staging and
-  previous folders that an earlier attempt of the same job left behind are removed first.
+- Local: the target is `<artifact root>/<job id>`, or a new folder below the root that the job
+  names (app.jobs.destinations: the rules are checked again here, the stored spec may predate
+  them). The files are staged (hard links, else copies) in a hidden sibling folder
+  `.<name>.staging-<job>-<attempt>` with an owner marker naming the job and, only while the
+  database says this attempt still owns the job (`still_owns`), renamed into place in one step
+  (a rename that refuses a non-empty folder that appeared meanwhile). A target that exists is
+  replaced only when its owner marker names this same job (an earlier attempt published it);
+  anything else fails the job without touching it. Nothing is deleted that this job did not make.
 - S3 (no rename in S3): files go straight to their final keys under `<prefix>/<job_id>/`, and a
   completion marker `_SUCCESS` is written LAST. Readers trust a prefix only when `_SUCCESS` is
   there; it lists every file with its size and sha256. A publish first withdraws any marker (an
   earlier attempt's), aborts multipart uploads an interrupted attempt left open under the prefix,
-  uploads (multipart above a threshold), deletes keys under the prefix that are not part of the new
-  file set (leftovers of earlier attempts), checks that every key carries the sha256 of this
-  attempt's file (so a concurrent stale attempt cannot be sealed by our marker), then writes the
-  marker.
+  uploads (multipart above a threshold), deletes keys under the job's own prefix that are not part
+  of the new file set (leftovers of earlier attempts; never a key outside `<prefix>/<job_id>/`),
+  checks that every key carries the sha256 of this attempt's file (so a concurrent stale attempt
+  cannot be sealed by our marker), and writes the marker only while this attempt owns the job.
 - Hub: one commit carries every file (a commit is atomic). Files that the repo's previous
   Squeeze manifest listed and the new artifact lacks are deleted in the same commit; other files in
   the repo are left alone. The commit is made against the head read before it (parent_commit), so
-  a concurrent commit makes ours fail instead of mixing. The returned URI pins the commit SHA.
+  a concurrent commit makes ours fail instead of mixing; it is made only while this attempt owns
+  the job. The returned URI pins the commit SHA.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from pydantic import SecretStr
 
-from worker.errors import JobFailure
+from app.jobs.destinations import (
+    LOCAL_RULE, OWNER_MARKER, DestinationRefused, hub_repo, local_target, owner_of, s3_location, scheme_of,
+)
+from worker.errors import JobFailure, LostOwnership
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +67,14 @@ class PublishedArtifact:
     files: list[str]  # relative posix paths, sorted (the S3 marker not included)
 
 
+def _always_ours() -> bool:
+    return True
+
+
 class Destination(Protocol):
-    def publish(self, local_dir: Path, job_id: str, attempt: int) -> PublishedArtifact: ...
+    def publish(self, local_dir: Path, job_id: str, attempt: int,
+                still_owns: Callable[[], bool] = _always_ours) -> PublishedArtifact:
+        """still_owns() is asked right before the artifact becomes visible; False stops the publish."""
 
 
 @dataclass(frozen=True)
@@ -78,24 +91,19 @@ def destination_for(uri: str | None, *, artifacts_dir: Path, options: Destinatio
                     hf_token: SecretStr | None = None) -> Destination:
     """The destination for a job's destination.uri. s3_endpoint_url None lets boto3 read
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or use AWS); hf_token is the server's fallback token."""
-    if uri is None:
-        return LocalDestination(artifacts_dir, per_job=True)
-    scheme, sep, rest = uri.partition("://")
-    if not sep or scheme == "file":
-        path = Path(uri.removeprefix("file://")).expanduser()
-        return LocalDestination(path if path.is_absolute() else artifacts_dir / path, per_job=False)
-    if scheme == "s3":
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise DestinationError(f"destination {uri!r}: no bucket (expected s3://bucket/prefix)")
-        return S3Destination(bucket, prefix, endpoint_url=s3_endpoint_url)
-    if scheme in ("hf", "hub"):
-        repo_id = rest.strip("/")
-        if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-            raise DestinationError(f"destination {uri!r}: expected hf://<namespace>/<repo>")
-        return HubDestination(repo_id, token=options.token or hf_token, private=options.private,
-                              create_repo=options.create_repo, endpoint=hf_endpoint)
-    raise DestinationError(f"destination {uri!r}: unknown scheme {scheme!r} (use a folder, s3:// or hf://)")
+    try:
+        scheme = scheme_of(uri)
+        if scheme == "local":  # its rules are checked by target(job_id), which knows whose folder is whose
+            return LocalDestination(artifacts_dir, uri)
+        if scheme == "s3":
+            bucket, prefix = s3_location(uri)
+            return S3Destination(bucket, prefix, endpoint_url=s3_endpoint_url)
+        if scheme in ("hf", "hub"):
+            return HubDestination(hub_repo(uri), token=options.token or hf_token, private=options.private,
+                                  create_repo=options.create_repo, endpoint=hf_endpoint)
+    except DestinationRefused as exc:
+        raise DestinationError(f"destination.uri: {exc}") from None
+    raise DestinationError(f"destination.uri: unknown scheme {scheme!r} (use a folder, s3:// or hf://)")
 
 
 def artifact_files(local_dir: Path) -> dict[str, Path]:
@@ -114,30 +122,57 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class LocalDestination:
-    def __init__(self, folder: Path, per_job: bool):
-        self.folder = Path(folder)
-        self.per_job = per_job  # the artifact goes to folder/<job_id> instead of folder itself
+    """A folder below the artifact root: `<root>/<job id>` when uri is None."""
+
+    def __init__(self, artifacts_dir: Path, uri: str | None = None):
+        self.artifacts_dir = Path(artifacts_dir).resolve()
+        self.uri = uri
 
     def target(self, job_id: str) -> Path:
-        return (self.folder / job_id if self.per_job else self.folder).resolve()
+        try:
+            return local_target(self.uri, self.artifacts_dir, job_id=job_id)
+        except DestinationRefused as exc:
+            raise DestinationError(f"destination.uri: {exc}") from None
 
-    def publish(self, local_dir: Path, job_id: str, attempt: int) -> PublishedArtifact:
+    def publish(self, local_dir: Path, job_id: str, attempt: int,
+                still_owns: Callable[[], bool] = _always_ours) -> PublishedArtifact:
         files = artifact_files(local_dir)
         target = self.target(job_id)
         target.parent.mkdir(parents=True, exist_ok=True)
-        for pattern in (f".{target.name}.staging-{job_id}-*", f".{target.name}.previous-{job_id}-*"):
-            for leftover in target.parent.glob(pattern):  # of an earlier attempt that died midway
-                shutil.rmtree(leftover)
+        for leftover in target.parent.glob(f".{target.name}.staging-{job_id}-*"):  # this job's own, of a dead attempt
+            shutil.rmtree(leftover)
         staging = target.with_name(f".{target.name}.staging-{job_id}-{attempt}")
         for relative, path in files.items():
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(path, staging / relative)
-        previous = target.with_name(f".{target.name}.previous-{job_id}-{attempt}")
-        if target.exists():
-            target.rename(previous)
-        staging.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
+        (staging / OWNER_MARKER).write_text(json.dumps({"job_id": job_id, "attempt": attempt}) + "\n")
+        try:
+            self._switch(staging, target, job_id, attempt, still_owns)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already unless the switch did not happen
         return PublishedArtifact(uri=str(target), files=list(files))
+
+    def _switch(self, staging: Path, target: Path, job_id: str, attempt: int, still_owns) -> None:
+        if owner_of(target) == job_id:  # an earlier attempt of this job published here and died before recording it
+            self._replace_own(staging, target, job_id, attempt, still_owns)
+            return
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise DestinationError(f"destination.uri: {LOCAL_RULE}")
+        if not still_owns():
+            raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before publishing")
+        try:  # atomic; refuses a non-empty folder that appeared since the check (POSIX: ENOTEMPTY/EEXIST)
+            staging.rename(target)
+        except OSError:
+            raise DestinationError(f"destination.uri: {LOCAL_RULE}") from None
+
+    def _replace_own(self, staging: Path, target: Path, job_id: str, attempt: int, still_owns) -> None:
+        previous = target.with_name(f".{target.name}.previous-{job_id}-{attempt}")
+        if not still_owns():
+            raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before publishing")
+        target.rename(previous)
+        staging.rename(target)
+        if owner_of(previous) == job_id:
+            shutil.rmtree(previous)
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
@@ -163,7 +198,8 @@ class S3Destination:
     def job_prefix(self, job_id: str) -> str:
         return f"{self.prefix}/{job_id}/" if self.prefix else f"{job_id}/"
 
-    def publish(self, local_dir: Path, job_id: str, attempt: int) -> PublishedArtifact:
+    def publish(self, local_dir: Path, job_id: str, attempt: int,
+                still_owns: Callable[[], bool] = _always_ours) -> PublishedArtifact:
         from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -178,11 +214,13 @@ class S3Destination:
             for relative, path in files.items():
                 self.client.upload_file(str(path), self.bucket, base + relative, Config=self.transfer_config,
                                         ExtraArgs={"Metadata": {SHA256_METADATA: checksums[relative]}})
-            stale = [key for key in self._keys(base) if key[len(base):] not in files]
+            stale = [key for key in self._keys(base) if key.startswith(base) and key[len(base):] not in files]
             for start in range(0, len(stale), 1000):
                 self.client.delete_objects(Bucket=self.bucket, Delete={
                     "Objects": [{"Key": key} for key in stale[start:start + 1000]], "Quiet": True})
             self._check_uploaded(base, checksums)
+            if not still_owns():
+                raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before sealing its S3 artifact")
             marker = {"job_id": job_id, "attempt": attempt, "files": {
                 relative: {"bytes": path.stat().st_size, "sha256": checksums[relative]}
                 for relative, path in files.items()}}
@@ -237,7 +275,8 @@ class HubDestination:
     def __repr__(self) -> str:  # never the token
         return f"HubDestination({self.repo_id!r}, private={self.private}, create_repo={self.create_repo})"
 
-    def publish(self, local_dir: Path, job_id: str, attempt: int) -> PublishedArtifact:
+    def publish(self, local_dir: Path, job_id: str, attempt: int,
+                still_owns: Callable[[], bool] = _always_ours) -> PublishedArtifact:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
         from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -258,9 +297,11 @@ class HubDestination:
             operations = [CommitOperationAdd(path_in_repo=relative, path_or_fileobj=str(path))
                           for relative, path in files.items()]
             operations += [CommitOperationDelete(path_in_repo=relative) for relative in stale]
+            if not still_owns():
+                raise LostOwnership(f"job {job_id} attempt {attempt} lost the job before its Hub commit")
             commit = api.create_commit(self.repo_id, operations, revision=self.branch, parent_commit=head.sha,
                                        commit_message=f"Squeeze job {job_id} (attempt {attempt})")
-        except DestinationError:
+        except (DestinationError, LostOwnership):
             raise
         except Exception as exc:  # HTTP errors, connection errors: the message names neither headers nor token
             raise DestinationError(f"upload to the Hugging Face Hub repo {self.repo_id!r} failed: "

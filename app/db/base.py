@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import DateTime, MetaData
+from sqlalchemy import DateTime, MetaData, literal
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -42,3 +44,31 @@ class UTCDateTime(TypeDecorator):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class db_now(FunctionElement):
+    """The database's clock (plus `seconds`), so every process judges leases by one clock.
+
+    PostgreSQL: statement_timestamp() (not now(): a long transaction would see a stale instant).
+    SQLite: the same text format SQLAlchemy stores ('YYYY-MM-DD HH:MM:SS.ffffff', UTC), so the
+    value compares correctly with stored timestamps and reads back through UTCDateTime.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__(literal(float(seconds)))
+
+
+@compiles(db_now)
+def _db_now_default(element, compiler, **kw):
+    (seconds,) = element.clauses
+    return f"(statement_timestamp() + make_interval(secs => {compiler.process(seconds, **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element, compiler, **kw):
+    (seconds,) = element.clauses
+    offset = compiler.process(seconds, **kw)
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.6f seconds', {offset})) || '000')"

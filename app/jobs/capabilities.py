@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 from app.errors import NotSupportedYet
+from app.jobs.destinations import scheme_of
 from app.jobs.spec import JobSpec
 
 QUANTIZATION_METHODS = {"rtn", "gptq"}
 SPARSITY_METHODS = {"magnitude", "wanda", "sparsegpt"}
 COMPENSATION_METHODS = {"none", "eora", "svd"}
 DESTINATION_SCHEMES = {"local", "s3", "hf", "hub"}
-
-
-def destination_scheme(uri: str | None) -> str:
-    if uri is None or "://" not in uri:
-        return "local"
-    scheme = uri.split("://", 1)[0]
-    return "local" if scheme == "file" else scheme
 
 
 def check_supported(spec: JobSpec) -> None:
@@ -28,7 +22,7 @@ def check_supported(spec: JobSpec) -> None:
     if spec.compensation is not None and spec.compensation.method not in COMPENSATION_METHODS:
         raise NotSupportedYet("compensation.method", f"'{spec.compensation.method}' is not supported yet "
                               f"(supported: {', '.join(sorted(COMPENSATION_METHODS))})")
-    scheme = destination_scheme(spec.destination.uri)
+    scheme = scheme_of(spec.destination.uri)
     if scheme not in DESTINATION_SCHEMES:
         raise NotSupportedYet("destination.uri", f"'{scheme}://' destinations are not supported yet "
                               f"(supported: {', '.join(sorted(DESTINATION_SCHEMES))})")

@@ -8,14 +8,14 @@ caller's unit of work commits.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.base import utcnow
+from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
 
 
@@ -99,11 +99,25 @@ def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
 
 def add_event(
     session: Session, job_id: uuid.UUID, attempt: int, stage: str, message: str,
-    level: str = "info", data: dict[str, Any] | None = None,
-) -> None:
-    session.add(JobEvent(job_id=job_id, attempt=attempt, created_at=utcnow(), stage=stage, level=level,
-                         message=message, data=data))
-    session.flush()
+    level: str = "info", data: dict[str, Any] | None = None, owner: str | None = None,
+) -> bool:
+    """Append one event. With `owner`, only while that worker's attempt still owns the running job
+    (one INSERT ... SELECT: a worker that lost its lease cannot write). Returns whether it was written."""
+    if owner is None:
+        session.add(JobEvent(job_id=job_id, attempt=attempt, created_at=utcnow(), stage=stage, level=level,
+                             message=message, data=data))
+        session.flush()
+        return True
+    columns = JobEvent.__table__.c
+    row = select(
+        literal(job_id, columns.job_id.type), literal(attempt, columns.attempt.type),
+        literal(utcnow(), columns.created_at.type), literal(stage, columns.stage.type),
+        literal(level, columns.level.type), literal(message, columns.message.type),
+        literal(data, columns.data.type),
+    ).where(exists().where(Job.id == job_id, *_owned(attempt, owner)))
+    written = session.execute(insert(JobEvent).from_select(
+        ["job_id", "attempt", "created_at", "stage", "level", "message", "data"], row).returning(JobEvent.id))
+    return written.scalar_one_or_none() is not None
 
 
 def _transition(session: Session, job_id: uuid.UUID, where: list, **values: Any) -> bool:
@@ -119,21 +133,18 @@ def mark_dispatched(session: Session, job_id: uuid.UUID) -> bool:
 
 
 def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> int | None:
-    """queued -> running for the next attempt. Returns that attempt, or None when not ours to run."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.queued or job.cancel_requested_at is not None:
-        return None
-    attempt = job.attempt + 1
-    now = utcnow()
-    ok = _transition(
-        session, job_id, [Job.status == JobStatus.queued, Job.attempt == job.attempt],
-        status=JobStatus.running, attempt=attempt, lease_owner=owner,
-        lease_expires_at=now + timedelta(seconds=lease_seconds), started_at=now, stage="starting",
-        layer=None, layers=None, percent=0.0, error=None,
-    )
-    if not ok:
-        return None
-    add_event(session, job_id, attempt, "starting", f"attempt {attempt} claimed by {owner}")
+    """queued -> running for the next attempt, in one conditional UPDATE (a cancel that committed
+    first wins). Returns that attempt, or None when not ours to run."""
+    attempt = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued, Job.cancel_requested_at.is_(None))
+        .values(status=JobStatus.running, attempt=Job.attempt + 1, lease_owner=owner,
+                lease_expires_at=db_now(lease_seconds), started_at=db_now(), updated_at=utcnow(),
+                stage="starting", layer=None, layers=None, percent=0.0, error=None)
+        .returning(Job.attempt)
+    ).scalar_one_or_none()
+    if attempt is not None:
+        add_event(session, job_id, attempt, "starting", f"attempt {attempt} claimed by a worker")
     return attempt
 
 
@@ -142,8 +153,14 @@ def _owned(attempt: int, owner: str) -> list:
 
 
 def renew_lease(session: Session, job_id: uuid.UUID, attempt: int, owner: str, lease_seconds: float) -> bool:
-    return _transition(session, job_id, _owned(attempt, owner),
-                       lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    return _transition(session, job_id, _owned(attempt, owner), lease_expires_at=db_now(lease_seconds))
+
+
+def mark_publishing(session: Session, job_id: uuid.UUID, attempt: int, owner: str, lease_seconds: float) -> bool:
+    """Right before an artifact is switched into place: the attempt still owns the job, with a fresh
+    lease so it stays ours for the rename that follows."""
+    return _transition(session, job_id, _owned(attempt, owner) + [Job.lease_expires_at > db_now()],
+                       stage="publishing", lease_expires_at=db_now(lease_seconds))
 
 
 def report_progress(
@@ -158,11 +175,23 @@ def cancel_requested(session: Session, job_id: uuid.UUID) -> bool:
     return session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id)) is not None
 
 
+def claimable(session: Session, job_id: uuid.UUID) -> bool:
+    """Whether a claim could take the job now (a cheap read; the claim itself decides)."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.queued,
+                                               Job.cancel_requested_at.is_(None))) is not None
+
+
+def cancel_overdue(session: Session, job_id: uuid.UUID, grace_seconds: float) -> bool:
+    """A cancel was asked more than grace_seconds ago, by the database's clock."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.cancel_requested_at < db_now(-grace_seconds))) \
+        is not None
+
+
 def succeed(session: Session, job_id: uuid.UUID, attempt: int, owner: str,
             metrics: dict[str, Any], artifacts: dict[str, Any]) -> bool:
     # Every layer is done: the progress reads "done", layer n of n, not the last stage's position.
     return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.succeeded, stage="done",
-                       layer=Job.layers, percent=100.0, metrics=metrics, artifacts=artifacts, finished_at=utcnow(),
+                       layer=Job.layers, percent=100.0, metrics=metrics, artifacts=artifacts, finished_at=db_now(),
                        lease_expires_at=None)
 
 
@@ -170,26 +199,36 @@ def fail(session: Session, job_id: uuid.UUID, attempt: int, owner: str, reason: 
          metrics: dict[str, Any] | None = None) -> bool:
     # The stage says it failed; layer / layers keep how far it got.
     return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.failed, stage="failed",
-                       error=reason, metrics=metrics, finished_at=utcnow(), lease_expires_at=None)
+                       error=reason, metrics=metrics, finished_at=db_now(), lease_expires_at=None)
 
 
 def finish_cancelled(session: Session, job_id: uuid.UUID, attempt: int, owner: str) -> bool:
     return _transition(session, job_id, _owned(attempt, owner), status=JobStatus.cancelled, stage="cancelled",
-                       finished_at=utcnow(), lease_expires_at=None)
+                       finished_at=db_now(), lease_expires_at=None)
 
 
 def request_cancel(session: Session, job: Job) -> JobStatus:
-    """Queued jobs are cancelled at once; running ones get a flag their worker checks between layers."""
-    now = utcnow()
-    if job.status == JobStatus.queued:
-        if _transition(session, job.id, [Job.status == JobStatus.queued, Job.attempt == job.attempt],
-                       status=JobStatus.cancelled, stage="cancelled", cancel_requested_at=now, finished_at=now):
-            add_event(session, job.id, job.attempt, "cancelled", "cancelled before it started")
-            return JobStatus.cancelled
-    elif job.status == JobStatus.running:
-        if _transition(session, job.id, [Job.status == JobStatus.running, Job.attempt == job.attempt,
-                                         Job.cancel_requested_at.is_(None)], cancel_requested_at=now):
-            add_event(session, job.id, job.attempt, "cancelling", "cancel requested; the worker stops at the next layer")
+    """One conditional UPDATE, whatever the job's state was when the caller read it: a queued job is
+    cancelled at once, a running one gets the flag its worker checks between layers. A claim racing
+    with it either committed first (the job is running: flag set) or sees the flag and does not claim."""
+    queued = Job.status == JobStatus.queued
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_([JobStatus.queued, JobStatus.running]),
+               Job.cancel_requested_at.is_(None))
+        .values(status=case((queued, literal(JobStatus.cancelled.value)), else_=Job.status),
+                stage=case((queued, literal("cancelled")), else_=Job.stage),
+                finished_at=case((queued, db_now()), else_=Job.finished_at),
+                sealed_token=case((queued, null()), else_=Job.sealed_token),
+                cancel_requested_at=db_now(), updated_at=utcnow())
+        .returning(Job.status, Job.attempt)
+    ).one_or_none()
+    if row is not None:
+        status, attempt = JobStatus(row[0]), row[1]
+        if status == JobStatus.cancelled:
+            add_event(session, job.id, attempt, "cancelled", "cancelled before it started")
+        else:
+            add_event(session, job.id, attempt, "cancelling", "cancel requested; the worker stops at the next layer")
     session.refresh(job)
     return job.status
 
@@ -204,28 +243,29 @@ def jobs_to_dispatch(session: Session, older_than: datetime) -> list[uuid.UUID]:
     return list(session.scalars(query))
 
 
-def expired_leases(session: Session, now: datetime) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
+def expired_leases(session: Session) -> list[Job]:
+    """Running jobs whose lease ran out, by the database's clock."""
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < db_now())))
 
 
 def release_expired(session: Session, job: Job) -> JobStatus | None:
-    """A dead worker's job: back to queued for another attempt, or failed when attempts are spent."""
-    where = [Job.status == JobStatus.running, Job.attempt == job.attempt, Job.lease_expires_at < utcnow()]
-    if job.cancel_requested_at is not None:
-        if _transition(session, job.id, where, status=JobStatus.cancelled, stage="cancelled",
-                       finished_at=utcnow(), lease_expires_at=None):
-            add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled")
-            return JobStatus.cancelled
-        return None
-    if job.attempt >= job.max_attempts:
-        reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
-        if _transition(session, job.id, where, status=JobStatus.failed, error=reason, finished_at=utcnow(),
-                       lease_expires_at=None):
-            add_event(session, job.id, job.attempt, "failed", reason, level="error")
-            return JobStatus.failed
-        return None
-    if _transition(session, job.id, where, status=JobStatus.queued, stage="queued", lease_owner=None,
-                   lease_expires_at=None, dispatched_at=None, layer=None, layers=None, percent=0.0):
+    """A dead worker's job: back to queued for another attempt, or failed when attempts are spent, or
+    cancelled when a cancel was asked. Each outcome is one UPDATE that re-checks, by the database's
+    clock, that the lease of that attempt is still the expired one."""
+    where = [Job.status == JobStatus.running, Job.attempt == job.attempt, Job.lease_expires_at < db_now()]
+    if _transition(session, job.id, where + [Job.cancel_requested_at.is_not(None)], status=JobStatus.cancelled,
+                   stage="cancelled", finished_at=db_now(), lease_expires_at=None):
+        add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled")
+        return JobStatus.cancelled
+    where.append(Job.cancel_requested_at.is_(None))
+    reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
+    if _transition(session, job.id, where + [Job.attempt >= Job.max_attempts], status=JobStatus.failed,
+                   error=reason, finished_at=db_now(), lease_expires_at=None):
+        add_event(session, job.id, job.attempt, "failed", reason, level="error")
+        return JobStatus.failed
+    if _transition(session, job.id, where + [Job.attempt < Job.max_attempts], status=JobStatus.queued,
+                   stage="queued", lease_owner=None, lease_expires_at=None, dispatched_at=None, layer=None,
+                   layers=None, percent=0.0):
         add_event(session, job.id, job.attempt, "queued",
                   f"worker lost (lease expired) on attempt {job.attempt}; requeued", level="warning")
         return JobStatus.queued

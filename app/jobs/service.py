@@ -16,7 +16,8 @@ from app.auth import Caller
 from app.db.models import Job, JobEvent, JobStatus
 from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound, JobStateConflict, TooManyQueued
 from app.jobs import repository, uploads
-from app.jobs.capabilities import check_supported, destination_scheme
+from app.jobs.capabilities import check_supported
+from app.jobs.destinations import DestinationRefused, check_destination
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
@@ -26,7 +27,8 @@ UPLOAD_PREFIX = uploads.PREFIX
 
 
 def looks_local(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~", "file://")) or Path(ref).expanduser().exists()
+    """By its spelling only: asking the filesystem would tell a caller which server paths exist."""
+    return ref.startswith(("/", "./", "../", "~", "file://")) or ref in (".", "..")
 
 
 def resolve_upload(settings: Settings, dataset: str) -> Path:
@@ -62,14 +64,11 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
     too_high = spec.compensation.above_max_rank(settings.max_rank) if spec.compensation is not None else None
     if too_high is not None:
         raise InvalidSpec(*too_high)
-    uri = spec.destination.uri
-    if uri is not None and destination_scheme(uri) == "local":
-        path = Path(uri.removeprefix("file://")).expanduser()
-        if not path.is_absolute():
-            path = settings.artifacts_dir / path
-        if not path.resolve().is_relative_to(settings.artifacts_dir):
-            raise InvalidSpec("destination.uri", f"a local destination must lie inside the artifact root {settings.artifacts_dir}")
     check_supported(spec)
+    try:
+        check_destination(spec.destination.uri, settings.artifacts_dir)
+    except DestinationRefused as exc:
+        raise InvalidSpec("destination.uri", str(exc)) from None
 
 
 def _tenant_filter(caller: Caller) -> str | None:

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from app.settings import Settings
 from tests.hub_standin import HubStandin
-from worker.errors import JobFailure
+from worker.errors import JobFailure, LostOwnership
 from worker.hub import resolve_model
 from worker.models import load_model
 from worker.storage import DestinationError, HubDestination, destination_for
@@ -231,3 +231,11 @@ def test_hub_upload_fails_instead_of_mixing_when_someone_commits_meanwhile(hub, 
     with pytest.raises(DestinationError, match="failed: HfHubHTTPError"):
         destination.publish(artifact(tmp_path / "b", card="v2"), "job-1", 2)
     assert repo.at("main").message == "someone else" and repo.at("main").files["config.json"] == b"theirs"
+
+
+def test_a_stale_attempt_makes_no_hub_commit(hub, tmp_path):
+    destination = HubDestination(REPO, token=SecretStr(TOKEN), endpoint=hub.url)
+    with pytest.raises(LostOwnership):
+        destination.publish(artifact(tmp_path / "a1"), "job-1", 1, still_owns=lambda: False)
+    commits = hub.repos[REPO].commits if REPO in hub.repos else []
+    assert [c for c in commits if c.message.startswith("Squeeze")] == []

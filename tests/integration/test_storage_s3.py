@@ -15,6 +15,7 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 
+from worker.errors import LostOwnership
 from worker.storage import S3_MARKER, DestinationError, S3Destination, destination_for
 
 MiB = 1024**2
@@ -201,3 +202,20 @@ def test_a_missing_bucket_fails_with_a_readable_error(client, tmp_path):
 
 def test_moto_is_served_over_loopback_http(s3_url):
     assert s3_url.startswith("http://127.0.0.1:") and "AWS_ENDPOINT_URL_S3" not in os.environ
+
+
+def test_a_stale_attempt_never_seals_and_keys_outside_the_job_prefix_are_left_alone(client, bucket, tmp_path):
+    neighbours = {"models/job-10": b"a key that is not a folder", "models/job-10/x": b"another job's file",
+                  "models/job-1": b"prefix lookalike", "other/job-1/config.json": b"elsewhere"}
+    for key, content in neighbours.items():
+        client.put_object(Bucket=bucket, Key=key, Body=content)
+    destination = S3Destination(bucket, "models", client=client, transfer_config=SMALL_PARTS)
+    local = write_artifact(tmp_path / "export", {"config.json": b"{}"})
+
+    with pytest.raises(LostOwnership):
+        destination.publish(local, "job-1-stale", 2, still_owns=lambda: False)
+    assert destination.completed("job-1-stale") is None  # no marker: readers never trust it
+
+    destination.publish(local, "job-1", 1)
+    assert {key: body(client, bucket, key) for key in neighbours} == neighbours
+    assert keys(client, bucket, "models/job-1/") == ["models/job-1/_SUCCESS", "models/job-1/config.json"]

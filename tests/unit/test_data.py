@@ -264,3 +264,41 @@ def test_too_little_text_to_hold_anything_back_fails_readably(tiny_tokenizer, tm
 
     with pytest.raises(JobFailure, match="too few to hold back an evaluation slice: give evaluation.dataset"):
         held_out(tmp_path, tiny_tokenizer, "fox", seq_len=16)
+
+
+def test_user_data_problems_are_data_errors_that_name_no_server_path(tmp_path, tiny_tokenizer):
+    bad_utf8 = tmp_path / "latin1.txt"
+    bad_utf8.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"this is not parquet at all")
+    snapshot = make_snapshot(tmp_path / "snap")
+    cases = [
+        (lambda: load_texts(str(bad_utf8)), "latin1.txt: not UTF-8 text (byte 3 cannot be decoded)"),
+        (lambda: load_texts(str(fake)), "fake.parquet: not a readable parquet file (ArrowInvalid)"),
+        (lambda: load_texts(str(snapshot), split="test"),
+         "the dataset folder has no .txt/.jsonl/.parquet files for split 'test' (3 data files of other splits)"),
+        (lambda: make_windows(tiny_tokenizer, SAMPLE_DOCS, 2, 8, 10**30), "calibration.seed must fit in 64 bits"),
+    ]
+    for call, message in cases:
+        with pytest.raises(DataError) as raised:
+            call()
+        assert str(raised.value) == message
+        assert str(tmp_path) not in str(raised.value)
+
+
+def test_without_local_access_the_filesystem_is_never_asked(tmp_path, monkeypatch):
+    """'/etc' and '/etc/passwd' (one a folder, one a file, both exist) and a missing path: one answer."""
+    answers = set()
+    for source in ("/etc", "/etc/passwd", str(tmp_path / "missing.txt"), "./x", "~/y"):
+        with pytest.raises(DataError) as raised:
+            load_texts(source, allow_local=False)
+        answers.add(str(raised.value).replace(repr(source), "<source>"))
+    assert answers == {"local data sources are not allowed here: <source>"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "corpus.txt").write_text("a local file spelled like a Hub id")
+    asked = []
+    monkeypatch.setattr(data, "_download_hub_split", lambda source, *a: asked.append(source) or [])
+    with pytest.raises(DataError, match="holds no non-empty documents"):
+        load_texts("owner/corpus.txt", allow_local=False)
+    assert asked == ["owner/corpus.txt"]  # went to the Hub, not to the file in the worker's folder
