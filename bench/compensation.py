@@ -286,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="rerun every row asked for (and the fp32 reference, and without --only the damping "
                              "sweep and its choice) instead of reusing docs/bench/runs/*.json from earlier runs")
+    parser.add_argument("--no-base", action="store_true",
+                        help="with --only: do not (re)run the uncompensated base row of each setting; the summary's "
+                             "gap-recovered figures then use the stored base row, whatever commit made it")
     args = parser.parse_args(argv)
     common.set_fresh(args.fresh)
     common.setup(args.threads)
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_options(protocol)
         save()
         return 0
+    if args.no_base and not args.only:
+        parser.error("--no-base is for named rows: give --only")
     if args.damp is not None and not args.only:
         parser.error("--damp is a diagnostic for named rows: give --only")
     chosen = chosen_options() if args.damp is None else Options(args.damp)
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = choose_options(protocol)
     for i, setting in enumerate(args.settings):
         base_name, compression = SETTINGS[setting]
-        common.run_config(base_name, CompressionPlan(**compression), protocol)
+        if not args.no_base:
+            common.run_config(base_name, CompressionPlan(**compression), protocol)
         todo = all_variants(budget, chosen)
         if setting == SWEEP_SETTING:
             todo |= {sweep_name(o): {"compensation": sweep_compensation(o)} for o in SWEEP if o.tag}
