@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -17,7 +16,6 @@ from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
 from app.settings import Settings
-
 
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 

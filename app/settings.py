@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator

@@ -9,8 +9,8 @@ process and its held-out perplexity is computed on the same 80 x 512 Wikipedia w
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import time
 import uuid
 from pathlib import Path

@@ -59,7 +59,8 @@ def main() -> int:
     fig, ax = plt.subplots(figsize=(9, 6))
     gptq = [(r["bits"]["total"], r["ppl"], n) for n in ("gptq3_g64", "gptq4_g64", "gptq8_g64") if (r := common.load_run(n))]
     if gptq:
-        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o", label="GPTQ g64 without act-order, no compensation (3/4/8-bit)")
+        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o",
+                label="GPTQ g64 without act-order, no compensation (3/4/8-bit)")
         for b, p, n in gptq:
             ax.annotate(n.split("_")[0], (b, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
     actorder = [(r["bits"]["total"], r["ppl"]) for n in ("gptq3_g64_actorder", "gptq4_g64_actorder")
@@ -141,7 +142,8 @@ def tables() -> str:
                       "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
             for variant, row in setting["rows"].items():
                 b = row["bits"]
-                split = f"{b['total']:.3f} = {b['codes']:.2f}+{b['scales_zeros']:.3f}+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}"
+                split = (f"{b['total']:.3f} = {b['codes']:.2f}+{b['scales_zeros']:.3f}"
+                         f"+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}")
                 gap = "-" if variant == "none" else f"{100 * row['gap_recovered']:.1f}%"
                 val = "-" if row.get("val_ppl") is None else f"{row['val_ppl']:.2f}"
                 lines.append(f"| {variant} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "

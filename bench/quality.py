@@ -11,8 +11,8 @@ Writes docs/bench/runs/<config>.json per configuration (resumable) and docs/benc
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import json
+from dataclasses import replace
 
 import torch
 

@@ -11,7 +11,6 @@ import html
 import re
 import xml.etree.ElementTree as ET
 
-
 _DROP_SECTIONS = {"references", "external links", "see also", "further reading", "notes", "bibliography",
                   "sources", "footnotes", "citations", "notes and references", "references and notes"}
 _DROP_LINK_PREFIXES = {"file", "image", "category", "media"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from app.db.base import Base
 from app.db import models  # noqa: F401  (registers the tables on Base.metadata)
+from app.db.base import Base
 from app.settings import Settings
 
 config = context.config

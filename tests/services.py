@@ -135,3 +135,10 @@ def api_server(settings, log_path: Path, *args: str, env: dict[str, str] | None 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def artifact_dir(settings, job: dict) -> Path:
+    """The folder of a finished job's local artifact: its URI names it below the artifact root."""
+    from worker.storage import local_artifact_path
+
+    return local_artifact_path(job["artifacts"]["uri"], settings.artifacts_dir)

@@ -84,5 +84,6 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[red]failed:[/red] {exc}")
         return 1
     console.print(metrics_table(result.metrics))
-    print(json.dumps({"metrics": result.metrics, "artifacts": result.artifacts}, indent=2))
+    artifacts = {**result.artifacts, "path": str(args.out.resolve())}  # a local run: this machine's own folder
+    print(json.dumps({"metrics": result.metrics, "artifacts": artifacts}, indent=2))
     return 0

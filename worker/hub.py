@@ -45,7 +45,8 @@ def _download(repo_id: str, revision: str, settings: Settings, token: str | None
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except RepositoryNotFoundError:
-        raise JobFailure(f"model {repo_id!r} not found on the Hugging Face Hub (or it is private and no token was given)") from None
+        raise JobFailure(f"model {repo_id!r} not found on the Hugging Face Hub "
+                         "(or it is private and no token was given)") from None
     except RevisionNotFoundError:
         raise JobFailure(f"model {repo_id!r} has no revision {revision!r}") from None
     except GatedRepoError:

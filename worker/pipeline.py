@@ -299,7 +299,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("evaluating", 90.0, layer=n_layers, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
     reporter.check_cancelled()
 
-    reporter.progress("exporting", 92.0, layer=n_layers, layers=n_layers, message="exporting the compressed checkpoint and adapter")
+    reporter.progress("exporting", 92.0, layer=n_layers, layers=n_layers,
+                      message="exporting the compressed checkpoint and adapter")
     verify_windows = calibration[:2, : min(128, calibration.shape[1])]
     reference = reference_logits(model, verify_windows)
     work = settings.data_dir / "work" / str(job_id)
@@ -323,7 +324,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
                                     getattr(reporter, "still_owns", lambda: True))
     timings["upload_s"] = time.perf_counter() - t0
     shutil.rmtree(work, ignore_errors=True)
-    reporter.progress("uploading", 99.0, layer=n_layers, layers=n_layers, message=f"published {len(published.files)} files to {published.uri}")
+    reporter.progress("uploading", 99.0, layer=n_layers, layers=n_layers,
+                      message=f"published {len(published.files)} files to {published.uri}")
     timings["total_s"] = time.perf_counter() - started
 
     metrics = {

@@ -37,14 +37,22 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pydantic import SecretStr
 
 from app.jobs.destinations import (
-    LOCAL_RULE, OWNER_MARKER, DestinationRefused, hub_repo, local_target, owner_of, s3_location, scheme_of,
+    LOCAL_RULE,
+    OWNER_MARKER,
+    DestinationRefused,
+    hub_repo,
+    local_target,
+    owner_of,
+    s3_location,
+    scheme_of,
 )
 from worker.errors import JobFailure, LostOwnership
 
@@ -121,6 +129,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+LOCAL_URI_PREFIX = "local:"  # a local artifact's URI names its folder below the artifact root, never a server path
+
+
+def local_artifact_path(uri: str, artifacts_dir: Path) -> Path:
+    """The folder a `local:<relative>` artifact URI names, on the server that published it."""
+    if not uri.startswith(LOCAL_URI_PREFIX):
+        raise ValueError(f"not a local artifact URI: {uri!r}")
+    return Path(artifacts_dir).resolve() / uri.removeprefix(LOCAL_URI_PREFIX)
+
+
 class LocalDestination:
     """A folder below the artifact root: `<root>/<job id>` when uri is None."""
 
@@ -150,7 +168,8 @@ class LocalDestination:
             self._switch(staging, target, job_id, attempt, still_owns)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already unless the switch did not happen
-        return PublishedArtifact(uri=str(target), files=list(files))
+        return PublishedArtifact(uri=LOCAL_URI_PREFIX + target.relative_to(self.artifacts_dir).as_posix(),
+                                 files=list(files))
 
     def _switch(self, staging: Path, target: Path, job_id: str, attempt: int, still_owns) -> None:
         if owner_of(target) == job_id:  # an earlier attempt of this job published here and died before recording it

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
 
-
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
@@ -260,7 +259,7 @@ def release_expired(session: Session, job: Job) -> JobStatus | None:
     where.append(Job.cancel_requested_at.is_(None))
     reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
     if _transition(session, job.id, where + [Job.attempt >= Job.max_attempts], status=JobStatus.failed,
-                   error=reason, finished_at=db_now(), lease_expires_at=None):
+                   stage="failed", error=reason, finished_at=db_now(), lease_expires_at=None):
         add_event(session, job.id, job.attempt, "failed", reason, level="error")
         return JobStatus.failed
     if _transition(session, job.id, where + [Job.attempt < Job.max_attempts], status=JobStatus.queued,

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-
 INT64_MAX = 2**63 - 1
 NAME = Field(min_length=1, max_length=255)  # split and field names
 URI = Field(min_length=1, max_length=1024)
@@ -182,7 +181,8 @@ class JobSpec(Strict):
         quant = data.get("quantization") if isinstance(data, dict) else None
         if isinstance(quant, dict) and "act_order" not in quant:
             sparsity = data.get("sparsity")
-            sparse_method = sparsity.get("method", Sparsity.model_fields["method"].default) if isinstance(sparsity, dict) else None
+            sparse_method = (sparsity.get("method", Sparsity.model_fields["method"].default)
+                             if isinstance(sparsity, dict) else None)
             method = quant.get("method", Quantization.model_fields["method"].default)
             data = {**data, "quantization": {**quant, "act_order": method == "gptq" and sparse_method != "sparsegpt"}}
         return data

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests.services import REDIS_URL, artifact_dir, bearer, celery_worker, create_api_key, fresh_postgres_database
 from worker.export.verify import load_export
-from tests.services import REDIS_URL, bearer, celery_worker, create_api_key, fresh_postgres_database
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -86,8 +86,8 @@ def test_job_runs_to_success_with_every_layer_reported(service, tiny_llama_dir, 
     assert [e["message"].split()[1] for e in layer_events] == ["1/2", "2/2"]
     assert events[-1]["stage"] == "done"
 
-    out = Path(job["artifacts"]["uri"])
-    assert out.is_relative_to(settings.artifacts_dir)
+    assert job["artifacts"]["uri"] == f"local:{job['id']}"  # named below the artifact root, no server path
+    out = artifact_dir(settings, job)
     assert job["metrics"]["verification"]["max_abs_diff"] <= job["metrics"]["verification"]["atol"]
     manifest = json.loads((out / "squeeze.json").read_text())
     assert manifest["evaluation"]["perplexity_after"] == metrics["perplexity_after"]
@@ -140,12 +140,12 @@ def test_cancel_running_job_stops_between_layers(service, slow_llama_dir, calibr
 
 
 def test_gptq_with_sparsegpt_two_four_job(service, tiny_llama_dir, calibration_txt):
-    client, _ = service
+    client, settings = service
     spec = spec_for(tiny_llama_dir, calibration_txt, sparsity={"method": "sparsegpt", "pattern": "2:4"})
     spec["quantization"]["method"] = "gptq"
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
-    up = load_export(Path(job["artifacts"]["uri"])).model.layers[1].mlp.up_proj.weight.detach()
+    up = load_export(artifact_dir(settings, job)).model.layers[1].mlp.up_proj.weight.detach()
     assert ((up.reshape(-1, 4) != 0).sum(dim=1) <= 2).all()  # at most 2 of every 4 inputs survive
     assert job["metrics"]["compression"]["mean_relative_error_before"] > 0
 
@@ -170,14 +170,14 @@ def test_budget_that_cannot_pay_its_rank_floor_fails_before_work(service, tiny_l
 
 
 def test_eora_job_exports_a_peft_adapter(service, tiny_llama_dir, calibration_txt):
-    client, _ = service
+    client, settings = service
     spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4})
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
     comp = job["metrics"]["compression"]
     assert comp["max_rank"] == 4 and comp["adapter_params"] > 0
     assert comp["mean_relative_error_after"] < comp["mean_relative_error_before"]
-    adapter = json.loads((Path(job["artifacts"]["uri"]) / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((artifact_dir(settings, job) / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 4
     assert job["metrics"]["verification"]["adapter"] is True
 
@@ -214,15 +214,16 @@ def test_failed_job_progress_reads_failed(service, tiny_llama_dir, calibration_t
 
 
 def test_four_bit_adapter_job_reports_stored_and_served_sizes(service, tiny_llama_dir, calibration_txt):
-    client, _ = service
+    client, settings = service
     spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4, "adapter_bits": 4})
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
     assert job["status"] == "succeeded", job
-    out = Path(job["artifacts"]["uri"])
+    out = artifact_dir(settings, job)
     sizes = job["metrics"]["adapter"]
     stored = sum(entry["bytes"] for name, entry in json.loads((out / "squeeze.json").read_text())["files"].items()
                  if name == "adapter/adapter_quantized.safetensors")
-    assert sizes["file"] == "adapter/adapter_quantized.safetensors" and not (out / "adapter" / "adapter_model.safetensors").exists()
+    assert sizes["file"] == "adapter/adapter_quantized.safetensors"
+    assert not (out / "adapter" / "adapter_model.safetensors").exists()
     assert sizes["stored_bytes"] == job["metrics"]["compression"]["adapter_stored_bytes"] < stored  # + the header
     assert sizes["served_bytes"] == 2 * sizes["params"] == job["metrics"]["compression"]["adapter_served_bytes"]
     # rank 4: B's groups are its rows of 4 codes, so each fp16 scale + zero point costs 5 bits per parameter

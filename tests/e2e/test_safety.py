@@ -25,7 +25,7 @@ from app.jobs.destinations import LOCAL_RULE
 from app.queue import Dispatcher
 from app.settings import Settings
 from tests.e2e.test_serve import free_port
-from tests.services import REDIS_URL, ROOT, celery_worker, fresh_postgres_database, settings_env
+from tests.services import REDIS_URL, ROOT, artifact_dir, celery_worker, fresh_postgres_database, settings_env
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -111,7 +111,8 @@ def victims(server, tiny_llama_dir, calibration_txt):
     jobs = [wait_for(client, default.json()["id"]), wait_for(client, named.json()["id"])]
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
     folders = [settings.artifacts_dir / jobs[0]["id"], settings.artifacts_dir / "team" / "victim-model"]
-    assert [Path(j["artifacts"]["uri"]) for j in jobs] == folders
+    assert [artifact_dir(settings, j) for j in jobs] == folders
+    assert [j["artifacts"]["uri"] for j in jobs] == [f"local:{jobs[0]['id']}", "local:team/victim-model"]
     return jobs, {folder: intact(folder) for folder in folders}
 
 
@@ -163,7 +164,7 @@ def test_two_jobs_racing_for_one_new_folder_one_wins_the_other_fails_without_tou
     assert [j["status"] for j in jobs] == ["failed", "succeeded"], jobs
     assert jobs[0]["error"] == f"destination.uri: {LOCAL_RULE}"
     winner = settings.artifacts_dir / "contested" / "model"
-    assert Path(jobs[1]["artifacts"]["uri"]) == winner
+    assert artifact_dir(settings, jobs[1]) == winner
     owner = json.loads((winner / ".squeeze-owner.json").read_text())
     assert owner["job_id"] == jobs[1]["id"]
     assert intact(winner)

@@ -48,7 +48,8 @@ def test_serve_runs_a_job_with_no_external_server(tmp_path, tiny_llama_dir, cali
             job = httpx.get(f"{base}/v1/jobs/{job['id']}").json()
         assert job["status"] == "succeeded", (job, (tmp_path / "serve.log").read_text()[-3000:])
         assert (tmp_path / "data" / "squeeze.db").is_file()
-        assert job["artifacts"]["uri"].startswith(str(tmp_path / "data" / "artifacts"))
+        assert job["artifacts"]["uri"] == f"local:{job['id']}"
+        assert (tmp_path / "data" / "artifacts" / job["id"] / "squeeze.json").is_file()
     finally:
         proc.terminate()
         proc.wait(timeout=60)

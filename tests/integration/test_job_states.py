@@ -95,6 +95,7 @@ def test_lease_expiry_fails_the_job_when_attempts_are_spent(sessions):
         assert repository.release_expired(s, s.get(Job, job_id)) == JobStatus.failed
     job = status(sessions, job_id)
     assert job.status == JobStatus.failed and "attempt 1 of 1" in job.error
+    assert job.stage == "failed"  # the progress reads failed, not the stage the dead worker was in
 
 
 def test_a_live_lease_is_not_reaped(sessions):

@@ -90,7 +90,7 @@ def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_
     assert json.loads(metadata["squeeze"])["bits"] == 4
 
     # Tensor by tensor: dtypes and byte counts are the accounting's, per module and in total.
-    for name, (lora_b, lora_a, (quantized_b, quantized_a)) in adapters.items():
+    for name, (_, _, (quantized_b, quantized_a)) in adapters.items():
         module_bytes = 0
         for factor, q in (("A", quantized_a), ("B", quantized_b)):
             key = f"base_model.model.{name}.lora_{factor}"

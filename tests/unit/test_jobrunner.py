@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import update
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
 
 from app.db.models import Job, JobStatus
 from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database

@@ -10,7 +10,6 @@ from pydantic import SecretStr
 
 from app.jobs.destinations import LOCAL_RULE, OWNER_MARKER, DestinationRefused, check_destination, local_target
 from worker.errors import LostOwnership
-
 from worker.storage import (
     DestinationError,
     DestinationOptions,
@@ -18,6 +17,7 @@ from worker.storage import (
     LocalDestination,
     S3Destination,
     destination_for,
+    local_artifact_path,
 )
 
 
@@ -48,7 +48,8 @@ def test_local_publish_without_uri_goes_to_artifacts_dir_per_job(tmp_path):
 
     published = destination.publish(local, "job-1", 1)
 
-    assert published.uri == str((tmp_path / "artifacts" / "job-1").resolve())
+    assert published.uri == "local:job-1"
+    assert local_artifact_path(published.uri, tmp_path / "artifacts") == (tmp_path / "artifacts" / "job-1").resolve()
     assert published.files == sorted(files) and published_tree(tmp_path / "artifacts" / "job-1") == files
     assert owner(tmp_path / "artifacts" / "job-1") == {"job_id": "job-1", "attempt": 1}
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["job-1"]  # no staging debris
@@ -66,7 +67,7 @@ def test_a_retry_replaces_only_what_an_earlier_attempt_of_the_same_job_published
 
     published = destination_for("my-model", artifacts_dir=root).publish(write(tmp_path / "export", final), "job-2", 2)
 
-    assert published.uri == str(target.resolve()) and published_tree(target) == final
+    assert published.uri == "local:my-model" and published_tree(target) == final
     assert owner(target) == {"job_id": "job-2", "attempt": 2}
     assert sorted(p.name for p in root.iterdir()) == [".my-model.staging-job-9-1", "my-model"]
 

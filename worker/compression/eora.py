@@ -131,7 +131,8 @@ def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
 
 
 def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(B (d_out, r), A (r, d_in)) fp32, r <= rank the real directions available, minimising E||(dW - BA) x||^2 under gram (+ damping)."""
+    """(B (d_out, r), A (r, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram (+ damping); r is at most
+    rank, fewer when fewer real directions exist."""
     b, a = eora_decompose(dw, gram, name, damp).lowrank(rank)
     check_finite(b, "EoRA B", name)
     check_finite(a, "EoRA A", name)
@@ -139,7 +140,8 @@ def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0)
 
 
 def svd_baseline(dw: Tensor, gram: Tensor | None, rank: int, name: str = "") -> tuple[Tensor, Tensor]:
-    """(B, A) from the rank-`rank` SVD of dw (fewer rows when dw has fewer directions); gram is accepted for a common signature and unused."""
+    """(B, A) from the rank-`rank` SVD of dw (fewer rows when dw has fewer directions); gram is accepted
+    for a common signature and unused."""
     return svd_decompose(dw, name).lowrank(rank)
 
 
