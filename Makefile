@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench-data bench clean
+.PHONY: install run test lint bench-data bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check app worker tests bench migrations
+	$(BIN)/mypy worker/compression
 
 bench-data: $(STAMP)
 	$(BIN)/python -m bench.data

@@ -25,13 +25,22 @@ from app.jobs.destinations import LOCAL_RULE
 from app.queue import Dispatcher
 from app.settings import Settings
 from tests.e2e.test_serve import free_port
-from tests.services import REDIS_URL, ROOT, artifact_dir, celery_worker, fresh_postgres_database, settings_env
+from tests.services import (
+    REDIS_URL,
+    ROOT,
+    artifact_dir,
+    bearer,
+    celery_worker,
+    create_api_key,
+    fresh_postgres_database,
+    settings_env,
+)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def api_client(base_url: str) -> httpx.Client:
-    """The one place requests are built: headers every call needs (an API key, later) go here."""
+    """The one place requests are built; the server fixture adds the API key to its headers."""
     return httpx.Client(base_url=base_url, timeout=30)
 
 
@@ -92,6 +101,8 @@ def server(tmp_path_factory):
                             pass
                         assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
                         time.sleep(0.2)
+                    # auth is on in distributed mode: every request carries this tenant's key
+                    client.headers.update(bearer(create_api_key(settings, "tenant-safety")))
                     with celery_worker(settings, data_dir / "worker.log"):
                         yield client, settings
             finally:
@@ -264,11 +275,9 @@ def test_cancelled_queued_jobs_cost_the_worker_almost_nothing(server, tiny_llama
         job = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt)).json()
         assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelled", "running")
         cancelled.append(job["id"])
-    submitted = time.monotonic()
+    # How long the real job waits is measured by bench/cancelled_queue.py, not asserted here (a timed
+    # test flakes on a loaded machine); what is asserted is why it no longer waits: no child process.
     real = client.post("/v1/jobs", json=spec_for(tiny_llama_dir, calibration_txt)).json()
-    while client.get(f"/v1/jobs/{real['id']}").json()["status"] == "queued":
-        assert time.monotonic() - submitted < 20, "the real job waited behind the cancelled ones"
-        time.sleep(0.05)
     assert wait_for(client, real["id"])["status"] == "succeeded"
     assert {client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in cancelled} == {"cancelled"}
     log = (settings.data_dir / "worker.log").read_text()
