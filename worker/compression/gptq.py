@@ -123,18 +123,18 @@ def obs_sweep(
     grid: GroupGrid | None,
     keep: Tensor,
     choose: MaskChooser | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tensor:
     """Fix every column in turn with OBS error feedback.
 
     weight: (d_out, d) fp32 in sweep order, consumed (updated in place). hinv: (d, d) upper Cholesky
     factor of H^-1 in the same order. keep: (d_out, d) bool, True = keep; pruned entries become
     exactly 0 (code = zero point); `choose` may fill it during the sweep (SparseGPT).
-    Returns (values, None) without a grid, (None, codes) with one: values (d_out, d) fp32 pruned
-    and compensated weights; codes (d_out, d) uint8, whose dequantization is the result.
+    Returns, without a grid, the values (d_out, d) fp32: pruned and compensated weights; with one,
+    the codes (d_out, d) uint8, whose dequantization is the result.
     """
     d = weight.shape[1]
-    values = torch.zeros_like(weight) if grid is None else None  # (d_out, d)
-    codes = torch.zeros_like(weight, dtype=torch.uint8) if grid is not None else None
+    # (d_out, d): values without a grid, codes with one
+    out = torch.zeros_like(weight) if grid is None else torch.zeros_like(weight, dtype=torch.uint8)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         block = weight[:, i1:i2].clone()  # (d_out, count): gets this block's updates eagerly
@@ -151,7 +151,7 @@ def obs_sweep(
             col = block[:, i]  # (d_out,)
             if grid is None:
                 q = torch.where(keep_block[:, i], col, torch.zeros_like(col))
-                values[:, j] = q
+                out[:, j] = q
             else:
                 g = grid.col_group[j]
                 if not grid.static and j % grid.group_size == 0:
@@ -161,12 +161,12 @@ def obs_sweep(
                 scale, zero = grid.scales[:, g], grid.zeros[:, g]
                 code = torch.where(keep_block[:, i], quantize_to_codes(col, scale, zero, grid.maxq), zero)
                 q = dequantize_codes(code, scale, zero)
-                codes[:, j] = code
+                out[:, j] = code
             err = (col - q) / hinv_diag[i]  # (d_out,)
             block[:, i:].addr_(err, hinv_block[i, i:], alpha=-1.0)
             errors[:, i] = err
         weight[:, i2:].addmm_(errors, hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of later blocks
-    return values, codes
+    return out
 
 
 def _current_group(
@@ -203,7 +203,7 @@ def gptq_quantize(
         weight, keep = weight[:, perm], keep[:, perm]
         hessian = hessian[perm][:, perm]
     hinv = inverse_hessian_cholesky(hessian, spec.damp, name)
-    _, codes = obs_sweep(weight, hinv, spec.block_size, grid, keep)
+    codes = obs_sweep(weight, hinv, spec.block_size, grid, keep)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     result = pack_result(codes, grid.scales, grid.zeros, grid.group_size, spec.bits, w.dtype)

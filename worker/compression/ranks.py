@@ -39,7 +39,11 @@ def budget_from_fraction(fraction: float, shapes: dict[str, tuple[int, int]]) ->
 def resolve_budget(budget_params: int | None, budget_fraction: float | None,
                    shapes: dict[str, tuple[int, int]]) -> int:
     """The budget in parameters: given as such, or as a fraction of the Linears' own parameters."""
-    return budget_params if budget_params is not None else budget_from_fraction(budget_fraction, shapes)
+    if budget_params is not None:
+        return budget_params
+    if budget_fraction is None:
+        raise ValueError("a rank budget needs budget_params or budget_fraction, got neither")
+    return budget_from_fraction(budget_fraction, shapes)
 
 
 def rank_limits(singular_values: dict[str, Tensor], shapes: dict[str, tuple[int, int]],

@@ -19,7 +19,7 @@ from worker.compression.gptq import (
     obs_sweep,
     prepare,
 )
-from worker.compression.prune import check_sparsity
+from worker.compression.prune import check_sparsity, nm_pattern, unstructured_ratio
 from worker.compression.quantize import QuantizedWeight, pack_result
 from worker.compression.specs import QuantSpec, SparsitySpec
 
@@ -74,19 +74,20 @@ def sparsegpt_prune(
     weight, hessian = prepare(w, gram, name)
     block_size = spec.block_size
     if spec.is_nm:
-        choose = nm_chooser(spec.n, spec.m)
-        block_size = max(spec.m, block_size - block_size % spec.m)  # N:M runs never straddle blocks
+        n, m = nm_pattern(spec)
+        choose = nm_chooser(n, m)
+        block_size = max(m, block_size - block_size % m)  # N:M runs never straddle blocks
     else:
-        choose = unstructured_chooser(spec.ratio)
+        choose = unstructured_chooser(unstructured_ratio(spec))
     grid = new_grid(quant, weight, w.dtype, None) if quant is not None else None
     hinv = inverse_hessian_cholesky(hessian, spec.damp if quant is None else quant.damp, name)
     keep = torch.ones_like(weight, dtype=torch.bool)  # (d_out, d_in), filled in by the sweep
-    values, codes = obs_sweep(weight, hinv, block_size, grid, keep, choose)
+    swept = obs_sweep(weight, hinv, block_size, grid, keep, choose)  # codes with a grid, else values
     quantized = None
     if grid is not None:
-        quantized = pack_result(codes, grid.scales, grid.zeros, grid.group_size, quant.bits, w.dtype)
+        quantized = pack_result(swept, grid.scales, grid.zeros, grid.group_size, grid.spec.bits, w.dtype)
         w_new = quantized.weight
     else:
-        w_new = values.to(w.dtype)
+        w_new = swept.to(w.dtype)
     check_finite(w_new, "pruned weight", name)
     return w_new, keep, quantized
