@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from worker.compression.ranks import allocate_ranks, budget_from_fraction, rank_cap
+from worker.compression.ranks import allocate_ranks, budget_from_fraction, rank_cap, resolve_budget
 
 
 def removed(sigmas: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
@@ -148,3 +148,11 @@ def test_a_budget_beyond_the_caps_stops_at_the_caps():
     shapes = {"q": (64, 64), "up": (128, 64)}
     sigmas = {"q": torch.linspace(2, 1, 64), "up": torch.linspace(2, 1, 64)}
     assert allocate_ranks(sigmas, shapes, 10**15, max_rank=512) == {"q": 31, "up": 42}
+
+
+def test_resolve_budget_takes_params_or_a_fraction_and_refuses_neither():
+    shapes = {"a": (64, 32), "b": (16, 48)}  # 2048 + 768 = 2816 weights
+    assert resolve_budget(1000, None, shapes) == 1000
+    assert resolve_budget(None, 0.5, shapes) == budget_from_fraction(0.5, shapes) == 1408
+    with pytest.raises(ValueError, match="needs budget_params or budget_fraction, got neither"):
+        resolve_budget(None, None, shapes)
