@@ -37,6 +37,7 @@ from tests.services import (
 )
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+TENANT = "tenant-safety"  # the server fixture's key belongs to it
 
 
 def api_client(base_url: str) -> httpx.Client:
@@ -102,7 +103,7 @@ def server(tmp_path_factory):
                         assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
                         time.sleep(0.2)
                     # auth is on in distributed mode: every request carries this tenant's key
-                    client.headers.update(bearer(create_api_key(settings, "tenant-safety")))
+                    client.headers.update(bearer(create_api_key(settings, TENANT)))
                     with celery_worker(settings, data_dir / "worker.log"):
                         yield client, settings
             finally:
@@ -195,7 +196,7 @@ def test_a_stored_spec_that_predates_the_rules_fails_before_work_and_touches_not
     sessions = make_sessionmaker(engine)
     with unit_of_work(sessions) as session:
         job_id = repository.add_job(session, spec_for(tiny_llama_dir, calibration_txt, destination={"uri": uri}),
-                                    settings.max_attempts).id
+                                    settings.max_attempts, tenant_id=TENANT).id
     dispatcher = Dispatcher(settings, sessions)
     assert dispatcher.dispatch(job_id)
     dispatcher.close()
