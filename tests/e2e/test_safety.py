@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,16 +21,14 @@ from app.jobs import repository
 from app.jobs.destinations import LOCAL_RULE
 from app.queue import Dispatcher
 from app.settings import Settings
-from tests.e2e.test_serve import free_port
 from tests.services import (
     REDIS_URL,
-    ROOT,
+    api_server,
     artifact_dir,
     bearer,
     celery_worker,
     create_api_key,
     fresh_postgres_database,
-    settings_env,
 )
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -85,30 +80,11 @@ def server(tmp_path_factory):
         settings = Settings(data_dir=data_dir, database_url=url, broker_url=REDIS_URL, lease_seconds=20,
                             queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}",
                             local_roots=[tmp_path_factory.getbasetemp()])
-        port = free_port()
-        env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
-        log_path = data_dir / "serve.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--port", str(port)],
-                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                with api_client(f"http://127.0.0.1:{port}") as client:
-                    deadline = time.monotonic() + 60
-                    while True:
-                        try:
-                            if client.get("/readyz").status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            pass
-                        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-                        time.sleep(0.2)
-                    # auth is on in distributed mode: every request carries this tenant's key
-                    client.headers.update(bearer(create_api_key(settings, TENANT)))
-                    with celery_worker(settings, data_dir / "worker.log"):
-                        yield client, settings
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
+        with api_server(settings, data_dir / "serve.log", "--no-worker") as base, api_client(base) as client:
+            # auth is on in distributed mode: every request carries this tenant's key
+            client.headers.update(bearer(create_api_key(settings, TENANT)))
+            with celery_worker(settings, data_dir / "worker.log"):
+                yield client, settings
 
 
 @pytest.fixture(scope="module")
