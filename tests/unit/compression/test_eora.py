@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tests.unit.compression.quant_spec import spec_of
 from worker.compression.eora import (
     eora,
     eora_decompose,
@@ -9,19 +10,12 @@ from worker.compression.eora import (
 )
 from worker.compression.gram import accumulate_gram
 from worker.compression.quantize import quantize_rtn
-from worker.compression.specs import CompensationSpec, QuantSpec
+from worker.compression.specs import CompensationSpec
 from worker.linear_compress import (
     compensation_factors,
     compensation_spectrum,
     objective_norm,
 )
-
-
-def spec_of(**fields) -> QuantSpec:
-    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
-    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
-    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
-    return QuantSpec(**{**values, **fields})
 
 
 @pytest.fixture

@@ -1,16 +1,9 @@
 import pytest
 import torch
 
+from tests.unit.compression.quant_spec import spec_of
 from worker.compression.gptq import gptq_quantize, inverse_hessian_cholesky
 from worker.compression.quantize import dequantize, quantize_rtn
-from worker.compression.specs import QuantSpec
-
-
-def spec_of(**fields) -> QuantSpec:
-    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
-    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
-    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
-    return QuantSpec(**{**values, **fields})
 
 
 def output_error(x: torch.Tensor, dw: torch.Tensor) -> float:

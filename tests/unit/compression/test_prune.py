@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests.unit.compression.quant_spec import spec_of
 from worker.compression.gptq import gptq_quantize
 from worker.compression.prune import (
     magnitude_scores,
@@ -13,13 +14,6 @@ from worker.compression.prune import (
 from worker.compression.quantize import dequantize, quantize_rtn
 from worker.compression.sparsegpt import sparsegpt_prune
 from worker.compression.specs import QuantSpec, SparsitySpec
-
-
-def spec_of(**fields) -> QuantSpec:
-    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
-    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
-    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
-    return QuantSpec(**{**values, **fields})
 
 
 def output_error(x: torch.Tensor, dw: torch.Tensor) -> float:

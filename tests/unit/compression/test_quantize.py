@@ -1,15 +1,8 @@
 import pytest
 import torch
 
+from tests.unit.compression.quant_spec import spec_of
 from worker.compression.quantize import dequantize, quantize_rtn
-from worker.compression.specs import QuantSpec
-
-
-def spec_of(**fields) -> QuantSpec:
-    """This file's quantizer settings, every value stated (the job spec's defaults are not the math's):
-    GPTQ 4-bit, groups of 16, asymmetric, damp 0.01, columns in order; a test overrides what it varies."""
-    values = {"method": "gptq", "bits": 4, "group_size": 16, "symmetric": False, "damp": 0.01, "act_order": False}
-    return QuantSpec(**{**values, **fields})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
