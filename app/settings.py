@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     torch_threads: int = 0  # 0 = torch's default
     broker_polling_interval: float = 0.2
     device: str = "auto"  # auto = cuda when available, else cpu
+    # Layer checkpoints a retried attempt resumes from (one folder per job, deleted when the job ends);
+    # empty = <data_dir>/checkpoints. Workers that take over each other's jobs must share it.
+    checkpoint_root: Path | None = None
+    checkpoint_layers: bool = True  # False: a retried job starts again from layer 0
 
     @field_validator("data_dir", mode="after")
     @classmethod
@@ -101,6 +105,10 @@ class Settings(BaseSettings):
     @cached_property
     def artifacts_dir(self) -> Path:
         return (self.artifact_root or self.data_dir / "artifacts").expanduser().resolve()
+
+    @cached_property
+    def checkpoints_dir(self) -> Path:
+        return (self.checkpoint_root or self.data_dir / "checkpoints").expanduser().resolve()
 
     @cached_property
     def uploads_dir(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -141,7 +142,10 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
             def pipeline(*args):  # the token is opened inside the run, so a bad one fails the job readably
                 return run_pipeline(*args, token=_open_token(settings, sealed))
 
-            return _run_claimed(job_id, spec, settings, reporter, pipeline)
+            outcome = _run_claimed(job_id, spec, settings, reporter, pipeline)
+            if outcome != "lost":  # the job ended: nothing will resume from its layer checkpoints
+                shutil.rmtree(settings.checkpoints_dir / str(job_id), ignore_errors=True)
+            return outcome
         finally:
             heartbeat.stopped.set()
             heartbeat.join(timeout=5)

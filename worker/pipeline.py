@@ -6,6 +6,8 @@ that receives progress, events and cancellation checks.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -271,14 +273,28 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
                       message=f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)}")
     reporter.check_cancelled()
 
+    plan = compression_plan(spec, settings.max_rank)
+    check_plan_fits(model, arch, plan)
+    checkpoints, resume = _layer_checkpoints(job_id, spec, settings, reporter, plan, device, resolved.revision,
+                                             data_info["calibration_hash"])
+
     t0 = time.perf_counter()
-    ppl_before = perplexity(model, evaluation, device)
+    if resume is not None and "perplexity_before" in resume.meta:
+        ppl_before = resume.meta["perplexity_before"]
+    else:
+        ppl_before = perplexity(model, evaluation, device)
     timings["eval_before_s"] = time.perf_counter() - t0
     reporter.progress("evaluating", 10.0, layer=0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
     reporter.check_cancelled()
-
-    plan = compression_plan(spec, settings.max_rank)
-    check_plan_fits(model, arch, plan)
+    if checkpoints is not None:
+        checkpoints.meta["perplexity_before"] = ppl_before
+    if resume is not None:
+        walk = "" if resume.walk == "compress" else " of the compensation walk"
+        where = (f"at layer {resume.done + 1} of {n_layers}{walk}" if resume.done < n_layers
+                 else f"after layer {n_layers} of {n_layers}{walk}")
+        reporter.event("compress", f"resumed {where} (attempt {checkpoints.attempt}): {resume.done} finished "
+                                   "layers restored from an earlier attempt's checkpoint",
+                       data={"walk": resume.walk, "layers_restored": resume.done})
 
     def on_layer(report) -> None:
         reporter.progress(report.stage, 10.0 + 75.0 * report.step / report.steps, layer=report.index + 1,
@@ -288,7 +304,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         reporter.check_cancelled()
 
     t0 = time.perf_counter()
-    result = compress_model(model, calibration, plan, device, on_layer=on_layer)
+    result = compress_model(model, calibration, plan, device, on_layer=on_layer, on_module=reporter.check_cancelled,
+                            checkpoints=checkpoints, resume=resume)
     timings["compress_s"] = time.perf_counter() - t0
     for note in result.notes:
         reporter.event("compress", note, level="warning")
@@ -305,25 +322,27 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reference = reference_logits(model, verify_windows)
     work = settings.data_dir / "work" / str(job_id)
     shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    info = export_model(model, tokenizer, result, plan, work, {
-        "job": public_spec(spec),
-        "model": {"id": public_ref(spec.model.id), "revision": resolved.revision, "source": resolved.source},
-        "calibration": data_info,
-        "evaluation": {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
-                       "windows": data_info["evaluation_windows"], "source": data_info["evaluation_source"]},
-    })
-    verified = verify_export(work, reference, verify_windows)
-    timings["export_s"] = time.perf_counter() - t0
-    reporter.progress("exporting", 96.0, layer=n_layers, layers=n_layers,
-                      message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
-    reporter.check_cancelled()
+    try:  # a failed or cancelled job leaves no work folder behind
+        t0 = time.perf_counter()
+        info = export_model(model, tokenizer, result, plan, work, {
+            "job": public_spec(spec),
+            "model": {"id": public_ref(spec.model.id), "revision": resolved.revision, "source": resolved.source},
+            "calibration": data_info,
+            "evaluation": {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
+                           "windows": data_info["evaluation_windows"], "source": data_info["evaluation_source"]},
+        })
+        verified = verify_export(work, reference, verify_windows)
+        timings["export_s"] = time.perf_counter() - t0
+        reporter.progress("exporting", 96.0, layer=n_layers, layers=n_layers,
+                          message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
+        reporter.check_cancelled()
 
-    t0 = time.perf_counter()
-    published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1),
-                                    getattr(reporter, "still_owns", lambda: True))
-    timings["upload_s"] = time.perf_counter() - t0
-    shutil.rmtree(work, ignore_errors=True)
+        t0 = time.perf_counter()
+        published = destination.publish(work, str(job_id), getattr(reporter, "attempt", 1),
+                                        getattr(reporter, "still_owns", lambda: True))
+        timings["upload_s"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     reporter.progress("uploading", 99.0, layer=n_layers, layers=n_layers,
                       message=f"published {len(published.files)} files to {published.uri}")
     timings["total_s"] = time.perf_counter() - started
@@ -345,6 +364,22 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
                  "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
+
+
+def _layer_checkpoints(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter, plan, device,
+                       revision: str | None, calibration_hash: str):
+    """(this attempt's LayerCheckpoints, the state it resumes from or None); (None, None) when the run is
+    not an attempt of a queued job (`squeeze compress`) or checkpoints are off."""
+    attempt = getattr(reporter, "attempt", None)
+    if attempt is None or not settings.checkpoint_layers:
+        return None, None
+    from worker.resume import LayerCheckpoints
+
+    identity = {"spec": spec.model_dump(mode="json"), "revision": revision, "calibration": calibration_hash,
+                "plan": repr(plan), "device": device.type, "torch": torch.__version__}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    checkpoints = LayerCheckpoints(settings.checkpoints_dir / str(job_id), attempt, key)
+    return checkpoints, checkpoints.take_over()
 
 
 def layer_summary(report) -> dict[str, Any]:

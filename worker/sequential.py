@@ -55,6 +55,7 @@ from worker.linear_compress import (
 )
 from worker.models import Architecture, get_architecture
 from worker.plan import CompressionPlan, CompressionResult, LayerReport, ModuleReport
+from worker.resume import LayerCheckpoints, ResumePoint, module_tensors, report_record, restore_module
 
 
 @dataclass
@@ -185,13 +186,20 @@ def compress_model(
     device: torch.device,
     on_layer: Callable[[LayerReport], None] | None = None,
     batch_size: int = 8,
+    on_module: Callable[[], None] | None = None,
+    checkpoints: LayerCheckpoints | None = None,
+    resume: ResumePoint | None = None,
 ) -> CompressionResult:
     """Compress (and compensate) every decoder Linear in place, layer by layer; see the module doc.
 
-    windows: (num_windows, seq_len) token ids. on_layer may raise to cancel; the exception
-    propagates and the model is left partly compressed.
+    windows: (num_windows, seq_len) token ids. on_layer (after each layer) and on_module (after each
+    Linear) may raise to cancel; the exception propagates and the model is left partly compressed.
+    checkpoints: each finished layer is committed there (worker.resume); resume: a committed state of
+    an earlier attempt of the same run, whose finished layers are restored instead of recomputed.
     """
-    return _Run(model, windows, plan, device, on_layer, batch_size).execute()
+    run = _Run(model, windows, plan, device, on_layer, batch_size)
+    run.on_module, run.checkpoints = on_module, checkpoints
+    return run.execute(resume)
 
 
 class _Run:
@@ -214,23 +222,40 @@ class _Run:
         self.objective_norms: dict[str, float] = {}  # budget plans: objective_norm(W) per module
         self.capped: dict[str, int] = {}  # fixed rank at/above the dense-delta crossover: name -> cap
         self.short: dict[str, int] = {}  # fewer real directions than the rank asked: name -> true rank
+        self.ranks: dict[str, int] | None = None  # budget plans: the allocation, once made
+        self.on_module: Callable[[], None] | None = None
+        self.checkpoints: LayerCheckpoints | None = None
 
     @torch.no_grad()
-    def execute(self) -> CompressionResult:
+    def execute(self, resume: ResumePoint | None = None) -> CompressionResult:
         self.model.eval()
-        self._walk("compress", self._compress_layer)
+        walk, done, hidden = ("compress", 0, None) if resume is None else self._restore(resume)
+        if walk == "compress":
+            self._walk("compress", self._compress_layer, done, hidden)
+            done, hidden = 0, None
         if self.plan.uses_budget:
-            ranks = self._allocate_ranks()
-            self._walk("compensate", lambda index, layer, grams: self._compensate_layer(index, layer, grams, ranks))
+            if self.ranks is None:
+                self.ranks = self._allocate_ranks()
+            ranks = self.ranks
+            self._walk("compensate", lambda index, layer, grams: self._compensate_layer(index, layer, grams, ranks),
+                       done, hidden)
         if self.plan.compensates:
             self._rank_notes()
         return self.result
 
-    def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]]) -> None:
+    def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]], first: int = 0,
+              hidden: list[Tensor] | None = None) -> None:
+        """Layers first.. of one walk; hidden: the inputs of layer `first` (restored from a checkpoint)."""
+        if first >= len(self.layers):
+            return
         start = perf_counter()
         inputs = capture_layer_inputs(self.model, self.arch, self.windows, self.batch_size)
+        if hidden is not None:
+            inputs.hidden = hidden
         self.result.calibration_seconds += perf_counter() - start
         for index, layer in enumerate(self.layers):
+            if index < first:
+                continue
             layer_start = perf_counter()
             self._timed("transfer_seconds", layer.to, self.device)
             try:
@@ -242,6 +267,10 @@ class _Run:
                 self._timed("transfer_seconds", layer.to, "cpu")
             self._park_quantized_weights(layer, index)
             self.step += 1
+            if self.checkpoints is not None:
+                last = index == len(self.layers) - 1
+                self.checkpoints.save(stage, index, self._layer_tensors(layer, index), None if last else inputs.hidden,
+                                      self._bookkeeping())
             if self.on_layer is not None:
                 self.on_layer(
                     LayerReport(
@@ -302,6 +331,8 @@ class _Run:
                     self.residuals[name] = residual.to(original.dtype).cpu()
                 self.result.modules[name] = report
                 reports.append(report)
+                if self.on_module is not None:
+                    self.on_module()
         return reports
 
     def _compensate_layer(self, index: int, layer: nn.Module, grams: dict, ranks: dict[str, int]) -> list[ModuleReport]:
@@ -320,6 +351,8 @@ class _Run:
                 self.result.statistics_seconds += perf_counter() - start
                 self._compensate(layer, relative, report, residual, original, group_grams, ranks[name])
                 reports.append(report)
+                if self.on_module is not None:
+                    self.on_module()
         return reports
 
     def _compensate(self, layer, relative, report, residual, original, grams: _Grams, rank: int) -> None:
@@ -405,6 +438,60 @@ class _Run:
                 quantized.codes = quantized.codes.cpu()
                 quantized.scales = quantized.scales.cpu()
                 quantized.zeros = quantized.zeros.cpu()
+
+    def _layer_modules(self, index: int) -> list[tuple[str, str]]:
+        """(relative, full name) of the layer's compressed Linears."""
+        prefix = f"{self.arch.layers}.{index}."
+        return [(name[len(prefix):], name) for name in self.result.modules if name.startswith(prefix)]
+
+    def _layer_tensors(self, layer: nn.Module, index: int) -> dict[str, Tensor]:
+        """What a checkpoint keeps of a finished layer: its modules' tensors, and a budget plan's walk-1
+        residuals and spectra."""
+        tensors = {}
+        for relative, name in self._layer_modules(index):
+            tensors |= module_tensors(relative, layer.get_submodule(relative), self.result.modules[name])
+            if name in self.residuals:
+                tensors[f"{relative}.residual"] = self.residuals[name]
+            if name in self.spectra:
+                tensors[f"{relative}.spectrum"] = self.spectra[name]
+        return tensors
+
+    def _bookkeeping(self) -> dict:
+        """Everything but tensors that the rest of the run reads: reports, counters, notes, ranks."""
+        result = self.result
+        modules = {}
+        for name, report in result.modules.items():
+            index, relative = name[len(self.arch.layers) + 1:].split(".", 1)
+            modules[name] = report_record(report, self.layers[int(index)].get_submodule(relative))
+        seconds = {k: getattr(result, k) for k in ("calibration_seconds", "compression_seconds",
+                                                   "compensation_seconds", "statistics_seconds",
+                                                   "propagation_seconds", "transfer_seconds")}
+        return {"modules": modules, "seconds": seconds, "budget_params": result.budget_params,
+                "notes": list(result.notes), "step": self.step, "capped": self.capped, "short": self.short,
+                "objective_norms": self.objective_norms, "ranks": self.ranks}
+
+    def _restore(self, resume: ResumePoint) -> tuple[str, int, list[Tensor] | None]:
+        """Put an earlier attempt's finished layers back; (walk, first layer to compute, its inputs)."""
+        run = resume.run
+        for name, seconds in run["seconds"].items():
+            setattr(self.result, name, seconds)
+        self.result.budget_params = run["budget_params"]
+        self.result.notes = list(run["notes"])
+        self.step, self.capped, self.short = run["step"], dict(run["capped"]), dict(run["short"])
+        self.objective_norms, self.ranks = dict(run["objective_norms"]), run["ranks"]
+        records = run["modules"]
+        for index in sorted(resume.layers):
+            tensors = resume.layer_tensors(index)
+            layer = self.layers[index]
+            prefix = f"{self.arch.layers}.{index}."
+            for name in [n for n in records if n.startswith(prefix)]:  # in the order the run made them
+                relative = name[len(prefix):]
+                self.result.modules[name] = restore_module(layer, relative, relative, tensors, records[name])
+                if f"{relative}.residual" in tensors:
+                    self.residuals[name] = tensors[f"{relative}.residual"]
+                if f"{relative}.spectrum" in tensors and self.ranks is None:  # not yet allocated
+                    self.spectra[name] = tensors[f"{relative}.spectrum"]
+        return resume.walk, resume.done, resume.hidden()
 
     def _timed(self, total: str, fn, *args) -> None:
         start = perf_counter()

@@ -1,0 +1,218 @@
+"""Layer checkpoints: what a retried attempt of a job resumes from instead of layer 0.
+
+After each decoder layer the sequential pipeline hands the finished layer to LayerCheckpoints: its
+tensors (compressed weights, quantization codes, adapter factors, and for a rank-budget plan's first
+walk the residuals and spectra the allocation needs), the next layer's inputs, and the run's
+bookkeeping (module reports, counters, notes, allocated ranks). A retried attempt restores layers
+0..k-1 from them bit for bit and computes from layer k on exactly what an undisturbed run computes,
+so its artifacts are the same bytes.
+
+One job's folder (Settings.checkpoints_dir / <job id>):
+    attempt-<a>/state.json                         the commit point (written last, by rename)
+    attempt-<a>/<walk>-layer-<i>.safetensors       layer i as that walk left it
+    attempt-<a>/<walk>-inputs-<i>.safetensors      the inputs of layer i in that walk
+Every file is written under a temporary name and renamed; state.json names the files that belong to
+the state, so a crash at any point leaves the previous consistent state, and superseded files are
+deleted only after the new state is committed. The folder holds each finished layer once (the
+same tensors the export is made of) plus one set of activations.
+
+A new attempt takes over the newest earlier attempt's folder by renaming it to its own: a stale
+worker still running that attempt then fails its next write (its folder is gone) instead of mixing
+its layers into the new attempt's state. A state whose key (hash of the spec, model revision and
+calibration windows) differs from the new attempt's is discarded, never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from worker.compression.adapters import LowRankAdapter, QuantizedFactor
+from worker.compression.quantize import QuantizedWeight
+from worker.errors import LostOwnership
+from worker.linear_compress import CompensatedLinear, attach_compensation
+from worker.plan import ModuleReport
+
+STATE_NAME = "state.json"
+FORMAT_VERSION = 1
+_ATTEMPT_PREFIX = "attempt-"
+
+
+@dataclass
+class ResumePoint:
+    """A committed state: `done` layers of `walk` are finished; the rest of the run starts there."""
+
+    folder: Path
+    walk: str  # "compress" or "compensate" (a rank-budget plan's second walk)
+    done: int  # layers of `walk` finished
+    layers: dict[int, str]  # layer index -> file holding its newest tensors
+    inputs: str | None  # file holding the inputs of layer `done` of `walk` (None when the walk is complete)
+    run: dict[str, Any]  # the sequential run's bookkeeping (see worker.sequential)
+    meta: dict[str, Any]  # what the pipeline stored beside it (e.g. the perplexity before)
+
+    def layer_tensors(self, index: int) -> dict[str, Tensor]:
+        return load_file(self.folder / self.layers[index])
+
+    def hidden(self) -> list[Tensor] | None:
+        if self.inputs is None:
+            return None
+        tensors = load_file(self.folder / self.inputs)
+        return [tensors[f"hidden.{b}"] for b in range(len(tensors))]
+
+
+class LayerCheckpoints:
+    """The checkpoints of one attempt of one job; see the module doc."""
+
+    def __init__(self, job_dir: Path, attempt: int, key: str):
+        self.job_dir = job_dir
+        self.attempt = attempt
+        self.key = key
+        self.folder = job_dir / f"{_ATTEMPT_PREFIX}{attempt}"
+        self.meta: dict[str, Any] = {}
+        self._layers: dict[int, str] = {}
+        self._inputs: str | None = None
+
+    def take_over(self) -> ResumePoint | None:
+        """Make this attempt's folder, from the newest earlier attempt's when it holds a state with this
+        key (returned); every other attempt's folder is deleted."""
+        earlier = sorted(self._attempt_folders(), reverse=True)
+        resume = None
+        for attempt, folder in earlier:
+            if attempt >= self.attempt or resume is not None:
+                continue
+            state = _read_state(folder)
+            if state is not None and state["key"] == self.key:
+                os.replace(folder, self.folder)  # the stale worker of `attempt` can no longer write here
+                resume = self._resume_point(state)
+        for attempt, folder in self._attempt_folders():
+            if attempt != self.attempt:
+                shutil.rmtree(folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return resume
+
+    def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: list[Tensor] | None,
+             run: dict[str, Any]) -> None:
+        """Commit layer `index` of `walk` as finished, with the inputs of the next layer (None after the last).
+        Raises LostOwnership when a newer attempt took this attempt's folder over."""
+        if not self.folder.is_dir():
+            raise LostOwnership(f"attempt {self.attempt}: its layer checkpoints were taken over by a newer attempt")
+        layer_file = f"{walk}-layer-{index}.safetensors"
+        _save_tensors(self.folder / layer_file, tensors)
+        inputs_file = None
+        if inputs is not None:
+            inputs_file = f"{walk}-inputs-{index + 1}.safetensors"
+            _save_tensors(self.folder / inputs_file, {f"hidden.{b}": h for b, h in enumerate(inputs)})
+        superseded = {self._layers.get(index), self._inputs} - {layer_file, inputs_file, None}
+        self._layers[index] = layer_file
+        self._inputs = inputs_file
+        state = {"format_version": FORMAT_VERSION, "key": self.key, "walk": walk, "done": index + 1,
+                 "layers": {str(i): name for i, name in self._layers.items()}, "inputs": inputs_file,
+                 "run": run, "meta": self.meta}
+        _write_atomically(self.folder / STATE_NAME, json.dumps(state).encode())
+        for name in superseded:
+            (self.folder / name).unlink(missing_ok=True)
+
+    def _resume_point(self, state: dict[str, Any]) -> ResumePoint:
+        self._layers = {int(i): name for i, name in state["layers"].items()}
+        self._inputs = state["inputs"]
+        self.meta = dict(state["meta"])
+        return ResumePoint(self.folder, state["walk"], state["done"], dict(self._layers), state["inputs"],
+                           state["run"], self.meta)
+
+    def _attempt_folders(self) -> list[tuple[int, Path]]:
+        if not self.job_dir.is_dir():
+            return []
+        found = []
+        for path in self.job_dir.iterdir():
+            suffix = path.name.removeprefix(_ATTEMPT_PREFIX)
+            if path.name.startswith(_ATTEMPT_PREFIX) and suffix.isdigit() and path.is_dir():
+                found.append((int(suffix), path))
+        return found
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if state.get("format_version") == FORMAT_VERSION else None
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- what one layer's modules hold, as tensors and JSON, and back --------------------------------------
+
+
+def module_tensors(prefix: str, module: nn.Module, report: ModuleReport) -> dict[str, Tensor]:
+    """The tensors that rebuild one compressed (and possibly compensated) Linear exactly."""
+    linear = module.base if isinstance(module, CompensatedLinear) else module
+    tensors = {f"{prefix}.weight": linear.weight}
+    if report.quantized is not None:
+        q = report.quantized
+        tensors |= {f"{prefix}.codes": q.codes, f"{prefix}.scales": q.scales, f"{prefix}.zeros": q.zeros}
+    if isinstance(module, CompensatedLinear):
+        tensors |= {f"{prefix}.lora_A": module.lora_A, f"{prefix}.lora_B": module.lora_B}
+        if module.quantized is not None:
+            for side, factor in zip("BA", module.quantized, strict=True):
+                tensors |= {f"{prefix}.q{side}.codes": factor.codes, f"{prefix}.q{side}.scales": factor.scales,
+                            f"{prefix}.q{side}.zeros": factor.zeros}
+    return tensors
+
+
+def report_record(report: ModuleReport, module: nn.Module) -> dict[str, Any]:
+    """A module report as JSON (floats round-trip exactly), without its tensors."""
+    record = {f.name: getattr(report, f.name) for f in fields(ModuleReport) if f.name != "quantized"}
+    record["shape"] = list(report.shape)
+    record["quantized"] = None if report.quantized is None else {"group_size": report.quantized.group_size,
+                                                                 "bits": report.quantized.bits}
+    adapter_quantized = module.quantized if isinstance(module, CompensatedLinear) else None
+    record["adapter_quantized"] = None if adapter_quantized is None else [
+        {"group_size": f.group_size, "bits": f.bits} for f in adapter_quantized]
+    return record
+
+
+def restore_module(layer: nn.Module, relative: str, prefix: str, tensors: dict[str, Tensor],
+                   record: dict[str, Any]) -> ModuleReport:
+    """Put the checkpointed weight (and adapter) into the fresh Linear at `relative`; its report back."""
+    linear = layer.get_submodule(relative)
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{prefix}: expected a plain Linear to restore into, found {type(linear).__name__}")
+    with torch.no_grad():
+        linear.weight.copy_(tensors[f"{prefix}.weight"])
+    quantized = None
+    if record["quantized"] is not None:
+        quantized = QuantizedWeight(weight=linear.weight.detach(), codes=tensors[f"{prefix}.codes"],
+                                    scales=tensors[f"{prefix}.scales"], zeros=tensors[f"{prefix}.zeros"],
+                                    **record["quantized"])
+    if f"{prefix}.lora_A" in tensors:
+        factors = None
+        if record["adapter_quantized"] is not None:
+            factors = tuple(
+                QuantizedFactor(codes=tensors[f"{prefix}.q{side}.codes"], scales=tensors[f"{prefix}.q{side}.scales"],
+                                zeros=tensors[f"{prefix}.q{side}.zeros"], **meta)
+                for side, meta in zip("BA", record["adapter_quantized"], strict=True))
+        attach_compensation(layer, relative, LowRankAdapter(tensors[f"{prefix}.lora_B"], tensors[f"{prefix}.lora_A"],
+                                                            factors))
+    values = {k: v for k, v in record.items() if k not in ("quantized", "adapter_quantized")}
+    return ModuleReport(**{**values, "shape": tuple(record["shape"]), "quantized": quantized})
