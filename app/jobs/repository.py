@@ -131,6 +131,24 @@ def mark_dispatched(session: Session, job_id: uuid.UUID) -> bool:
     return _transition(session, job_id, [Job.status == JobStatus.queued], dispatched_at=utcnow())
 
 
+def take_dispatch(session: Session, job_id: uuid.UUID, older_than: datetime) -> datetime | None:
+    """Before a re-send: mark the job sent, if it is still queued and unsent (or sent before
+    older_than). Of several reapers passing at once only one gets the stamp, and only it sends."""
+    stamp = utcnow()
+    taken = _transition(
+        session, job_id,
+        [Job.status == JobStatus.queued, Job.cancel_requested_at.is_(None),
+         or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than)],
+        dispatched_at=stamp,
+    )
+    return stamp if taken else None
+
+
+def give_back_dispatch(session: Session, job_id: uuid.UUID, stamp: datetime) -> bool:
+    """The send after take_dispatch failed: the job is unsent again, for the next pass."""
+    return _transition(session, job_id, [Job.dispatched_at == stamp], dispatched_at=None)
+
+
 def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> int | None:
     """queued -> running for the next attempt, in one conditional UPDATE (a cancel that committed
     first wins). Returns that attempt, or None when not ours to run."""
@@ -244,7 +262,8 @@ def jobs_to_dispatch(session: Session, older_than: datetime) -> list[uuid.UUID]:
 
 def expired_leases(session: Session) -> list[Job]:
     """Running jobs whose lease ran out, by the database's clock."""
-    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < db_now())))
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < db_now())
+                                .order_by(Job.id)))
 
 
 def release_expired(session: Session, job: Job) -> JobStatus | None:

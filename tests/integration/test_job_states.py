@@ -130,6 +130,21 @@ def test_undispatched_and_stale_queued_jobs_are_found_for_redispatch(sessions):
         assert job_id in repository.jobs_to_dispatch(s, utcnow() + timedelta(seconds=1))
 
 
+def test_of_two_reapers_re_sending_a_job_only_one_takes_it(sessions):
+    job_id = new_job(sessions)
+    stale = utcnow() - timedelta(seconds=60)
+    with unit_of_work(sessions) as s:
+        stamp = repository.take_dispatch(s, job_id, stale)
+    with unit_of_work(sessions) as s:
+        assert stamp is not None and repository.take_dispatch(s, job_id, stale) is None
+        assert job_id not in repository.jobs_to_dispatch(s, stale)
+    with unit_of_work(sessions) as s:  # its send failed: unsent again, for the next pass
+        assert repository.give_back_dispatch(s, job_id, stamp)
+    with unit_of_work(sessions) as s:
+        assert status(sessions, job_id).dispatched_at is None
+        assert repository.take_dispatch(s, job_id, stale) is not None
+
+
 def test_lease_expiry_is_judged_by_the_database_clock(sessions, monkeypatch):
     """A process whose clock runs an hour fast (or slow) neither expires a live lease nor keeps a dead one."""
     job_id = new_job(sessions)
