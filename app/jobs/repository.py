@@ -269,22 +269,38 @@ def expired_leases(session: Session) -> list[Job]:
 def release_expired(session: Session, job: Job) -> JobStatus | None:
     """A dead worker's job: back to queued for another attempt, or failed when attempts are spent, or
     cancelled when a cancel was asked. Each outcome is one UPDATE that re-checks, by the database's
-    clock, that the lease of that attempt is still the expired one."""
+    clock, that the lease of that attempt is still the expired one, so racing reapers write it once.
+
+    `job` is the row as read before (expired_leases): its stage and layer are where the dead attempt
+    was last seen. The requeue resets them, so its event keeps them (message and data)."""
     where = [Job.status == JobStatus.running, Job.attempt == job.attempt, Job.lease_expires_at < db_now()]
+    # Read before any UPDATE: an UPDATE also refreshes `job` when it sits in this session.
+    seen, seen_at = {"stage": job.stage, "layer": job.layer, "layers": job.layers}, last_seen(job)
     if _transition(session, job.id, where + [Job.cancel_requested_at.is_not(None)], status=JobStatus.cancelled,
                    stage="cancelled", finished_at=db_now(), lease_expires_at=None):
-        add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled")
+        add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled", data=seen)
         return JobStatus.cancelled
     where.append(Job.cancel_requested_at.is_(None))
-    reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
+    # Only a lease expiry ends an attempt without ending the job, so every attempt so far was lost.
+    times = "1 time" if job.attempt == 1 else f"{job.attempt} times"
+    reason = (f"worker lost {times} (lease expired on each attempt); last seen {seen_at}; "
+              f"giving up after {job.attempt} of {job.max_attempts} attempts")
     if _transition(session, job.id, where + [Job.attempt >= Job.max_attempts], status=JobStatus.failed,
                    stage="failed", error=reason, finished_at=db_now(), lease_expires_at=None):
-        add_event(session, job.id, job.attempt, "failed", reason, level="error")
+        add_event(session, job.id, job.attempt, "failed", reason, level="error", data=seen)
         return JobStatus.failed
     if _transition(session, job.id, where + [Job.attempt < Job.max_attempts], status=JobStatus.queued,
                    stage="queued", lease_owner=None, lease_expires_at=None, dispatched_at=None, layer=None,
                    layers=None, percent=0.0):
         add_event(session, job.id, job.attempt, "queued",
-                  f"worker lost (lease expired) on attempt {job.attempt}; requeued", level="warning")
+                  f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}, last seen {seen_at}; "
+                  "requeued", level="warning", data=seen)
         return JobStatus.queued
     return None
+
+
+def last_seen(job: Job) -> str:
+    """Where a running job was: 'at layer 3 of 12, stage compress', or 'at stage loading' before the layers."""
+    if job.layer is not None and job.layers is not None:
+        return f"at layer {job.layer} of {job.layers}, stage {job.stage}"
+    return f"at stage {job.stage}"

@@ -94,8 +94,31 @@ def test_lease_expiry_fails_the_job_when_attempts_are_spent(sessions):
     with unit_of_work(sessions) as s:
         assert repository.release_expired(s, s.get(Job, job_id)) == JobStatus.failed
     job = status(sessions, job_id)
-    assert job.status == JobStatus.failed and "attempt 1 of 1" in job.error
+    assert job.status == JobStatus.failed and "worker lost 1 time" in job.error and "1 of 1 attempts" in job.error
     assert job.stage == "failed"  # the progress reads failed, not the stage the dead worker was in
+
+
+def test_the_failure_reason_says_where_the_lost_attempts_were(sessions):
+    job_id = new_job(sessions, max_attempts=2)
+    for attempt, (stage, layer, layers) in enumerate([("compress", 2, 4), ("loading", None, None)], start=1):
+        with unit_of_work(sessions) as s:
+            assert repository.claim(s, job_id, f"w{attempt}", 60) == attempt
+            assert repository.report_progress(s, job_id, attempt, f"w{attempt}", stage=stage, layer=layer,
+                                              layers=layers, percent=10)
+        expire_lease(sessions, job_id)
+        with unit_of_work(sessions) as s:
+            repository.release_expired(s, s.get(Job, job_id))
+    job = status(sessions, job_id)
+    assert job.status == JobStatus.failed
+    assert job.error == ("worker lost 2 times (lease expired on each attempt); last seen at stage loading; "
+                         "giving up after 2 of 2 attempts")
+    with unit_of_work(sessions) as s:  # the requeue reset layer and stage: its event keeps them
+        lost = [e for e in repository.list_events(s, job_id, 0, 100) if "worker lost" in e.message]
+    assert [(e.attempt, e.stage, e.data) for e in lost] == [
+        (1, "queued", {"stage": "compress", "layer": 2, "layers": 4}),
+        (2, "failed", {"stage": "loading", "layer": None, "layers": None})]
+    assert lost[0].message == ("worker lost (lease expired) on attempt 1 of 2, last seen at layer 2 of 4, "
+                               "stage compress; requeued")
 
 
 def test_a_live_lease_is_not_reaped(sessions):
