@@ -99,6 +99,10 @@ def _start_child(command: str, loglevel: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "app.cli", command, "--loglevel", loglevel], env=os.environ.copy())
 
 
+def _exit_through_finally(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -123,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"database {'SQLite' if settings.embedded else 'external'}, broker {settings.celery_broker_url.split('://')[0]}, "
           + ("API keys required" if settings.auth_enabled else "auth OFF (no API keys; loopback only)"),
           flush=True)
+    # uvicorn handles SIGTERM, shuts down, then raises it again for the handler that was there before:
+    # the default one would end the process here, before `finally` stops the children.
+    signal.signal(signal.SIGTERM, _exit_through_finally)
     try:
         uvicorn.run(create_app(settings, run_reaper=False), host=args.host, port=args.port,
                     log_level=args.loglevel.lower())
