@@ -1,4 +1,4 @@
-"""`squeeze serve | worker | migrate | keys | compress`."""
+"""`squeeze serve | worker | reaper | migrate | keys | compress`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     app.worker_main(_worker_argv(settings, args.loglevel))
     return 0
+
+
+def cmd_reaper(args: argparse.Namespace) -> int:
+    import logging
+
+    from app.db.session import upgrade_database
+    from app.reaper import run_reaper_process
+
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if settings.embedded:
+        upgrade_database(settings)  # distributed mode: migrations are run by the operator
+    return run_reaper_process(settings)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -82,6 +95,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _start_child(command: str, loglevel: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", command, "--loglevel", loglevel], env=os.environ.copy())
+
+
+def _exit_through_finally(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,23 +118,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "127.0.0.1.", file=sys.stderr)
         return 2
     upgrade_database(settings)
-    worker = None
+    children = []
     if not args.no_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", args.loglevel],
-                                  env=os.environ.copy())
+        children.append(_start_child("worker", args.loglevel))
+    if not args.no_reaper:  # its own process, not a thread of the API's: several `serve`s may run it
+        children.append(_start_child("reaper", args.loglevel))
     print(f"squeeze: API on http://{args.host}:{args.port} (docs at /docs), data in {settings.data_dir}, "
           f"database {'SQLite' if settings.embedded else 'external'}, broker {settings.celery_broker_url.split('://')[0]}, "
           + ("API keys required" if settings.auth_enabled else "auth OFF (no API keys; loopback only)"),
           flush=True)
+    # uvicorn handles SIGTERM, shuts down, then raises it again for the handler that was there before:
+    # the default one would end the process here, before `finally` stops the children.
+    signal.signal(signal.SIGTERM, _exit_through_finally)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.loglevel.lower())
+        uvicorn.run(create_app(settings, run_reaper=False), host=args.host, port=args.port,
+                    log_level=args.loglevel.lower())
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
             try:
-                worker.wait(timeout=30)
+                child.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                child.kill()
     return 0
 
 
@@ -127,17 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="squeeze", description="LLM compression as a service.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the API and, unless --no-worker, a worker (embedded by default)")
+    serve = sub.add_parser("serve", help="run the API, a reaper and, unless --no-worker, a worker (embedded by "
+                                         "default)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", help="embedded data folder (default ./.squeeze, or SQUEEZE_DATA_DIR)")
-    serve.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    serve.add_argument("--no-worker", action="store_true", help="no worker (workers run elsewhere)")
+    serve.add_argument("--no-reaper", action="store_true", help="no reaper (`squeeze reaper` runs elsewhere)")
     serve.add_argument("--loglevel", default="INFO")
     serve.set_defaults(fn=cmd_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker for the configured broker")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(fn=cmd_worker)
+
+    reaper = sub.add_parser("reaper", help="requeue jobs of dead workers, re-send lost messages, expire uploads, "
+                                           "every SQUEEZE_REAPER_INTERVAL_SECONDS until SIGTERM")
+    reaper.add_argument("--loglevel", default="INFO")
+    reaper.set_defaults(fn=cmd_reaper)
 
     migrate = sub.add_parser("migrate", help="alembic upgrade of the configured database")
     migrate.add_argument("revision", nargs="?", default="head")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,27 @@ class Dispatcher:
 
     def dispatch(self, job_id: uuid.UUID) -> bool:
         """Send the wake-up message and record it. A failure leaves the job for the reaper to re-send."""
+        if not self._send(job_id):
+            return False
+        with unit_of_work(self.sessions) as session:
+            repository.mark_dispatched(session, job_id)
+        return True
+
+    def redispatch(self, job_id: uuid.UUID, older_than: datetime) -> bool:
+        """The reaper's re-send of a job left unsent (or sent before older_than). The job is marked sent
+        first, by a conditional UPDATE, so that of reapers passing at the same time only one sends; a
+        failed send marks it unsent again."""
+        with unit_of_work(self.sessions) as session:
+            stamp = repository.take_dispatch(session, job_id, older_than)
+        if stamp is None:
+            return False
+        if self._send(job_id):
+            return True
+        with unit_of_work(self.sessions) as session:
+            repository.give_back_dispatch(session, job_id, stamp)
+        return False
+
+    def _send(self, job_id: uuid.UUID) -> bool:
         try:
             self.celery.send_task(
                 RUN_JOB, args=[str(job_id)], queue=self.settings.queue_name,
@@ -31,8 +53,6 @@ class Dispatcher:
         except Exception as exc:  # the broker is down: the job stays queued and unsent
             log.warning("could not send job %s to the broker: %s", job_id, exc)
             return False
-        with unit_of_work(self.sessions) as session:
-            repository.mark_dispatched(session, job_id)
         return True
 
     def ping(self) -> None:

@@ -5,11 +5,18 @@
 - a queued job that was never dispatched (broker down at submit) or not picked up for a long time
   is sent again. Duplicated messages are harmless: claiming is conditional;
 - uploads older than the retention period are deleted (row and file).
+
+It runs as its own process (`squeeze reaper`, which `squeeze serve` starts beside the API) or as a
+thread inside an API process (`create_app`'s default). Any number may run at once against one
+database: every change is a conditional UPDATE or DELETE that one of them wins (a re-send too: the
+job is marked sent before the message goes), and each job is released in its own transaction.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from datetime import timedelta
 
@@ -17,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import JobStatus
-from app.db.session import unit_of_work
+from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository, uploads
 from app.queue import Dispatcher
 from app.settings import Settings
@@ -26,31 +33,46 @@ log = logging.getLogger(__name__)
 
 
 def reap_once(settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher) -> dict[str, int]:
+    """One pass. Counts only what this pass changed, not what a reaper beside it did."""
     counts = {"requeued": 0, "failed": 0, "cancelled": 0, "dispatched": 0, "uploads_expired": 0}
     with unit_of_work(sessions) as session:
-        for job in repository.expired_leases(session):
+        expired = repository.expired_leases(session)
+    for job in expired:
+        with unit_of_work(sessions) as session:
             outcome = repository.release_expired(session, job)
-            if outcome == JobStatus.queued:
-                counts["requeued"] += 1
-            elif outcome is not None:
-                counts[outcome.value] += 1
+        if outcome == JobStatus.queued:
+            counts["requeued"] += 1
+        elif outcome is not None:
+            counts[outcome.value] += 1
+    stale = utcnow() - timedelta(seconds=settings.redispatch_after_seconds)
     with unit_of_work(sessions) as session:
-        stale = utcnow() - timedelta(seconds=settings.redispatch_after_seconds)
         to_send = repository.jobs_to_dispatch(session, stale)
     for job_id in to_send:
-        counts["dispatched"] += dispatcher.dispatch(job_id)
+        counts["dispatched"] += dispatcher.redispatch(job_id, stale)
     with unit_of_work(sessions) as session:
         counts["uploads_expired"] = uploads.delete_expired(session, settings, utcnow())
     return counts
 
 
+def reap_until(stop: threading.Event, settings: Settings, sessions: sessionmaker[Session],
+               dispatcher: Dispatcher) -> None:
+    """A pass every reaper_interval_seconds until `stop` is set; a failed pass is logged and retried."""
+    while not stop.wait(settings.reaper_interval_seconds):
+        try:
+            counts = reap_once(settings, sessions, dispatcher)
+            if any(counts.values()):
+                log.info("reaper: %s", counts)
+        except Exception:
+            log.exception("reaper pass failed")
+
+
 class Reaper:
-    """Runs reap_once every reaper_interval_seconds in a daemon thread of the API process."""
+    """reap_until in a daemon thread (of the API process, or of `squeeze reaper`)."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher):
-        self.settings, self.sessions, self.dispatcher = settings, sessions, dispatcher
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="squeeze-reaper", daemon=True)
+        self._thread = threading.Thread(target=reap_until, args=(self._stop, settings, sessions, dispatcher),
+                                        name="squeeze-reaper", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -59,11 +81,24 @@ class Reaper:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_seconds):
-            try:
-                counts = reap_once(self.settings, self.sessions, self.dispatcher)
-                if any(counts.values()):
-                    log.info("reaper: %s", counts)
-            except Exception:
-                log.exception("reaper pass failed")
+
+def run_reaper_process(settings: Settings) -> int:
+    """`squeeze reaper`: passes until SIGTERM or SIGINT, then a clean exit (a pass in progress finishes)."""
+    # Blocked before any thread starts, so every thread inherits the mask and the signals reach only
+    # sigwait below: no handler runs in the middle of a pass.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    dispatcher = Dispatcher(settings, sessions)
+    stop = threading.Event()
+    loop = threading.Thread(target=reap_until, args=(stop, settings, sessions, dispatcher), name="squeeze-reaper")
+    loop.start()
+    log.info("reaper: a pass every %ss (pid %d)", settings.reaper_interval_seconds, os.getpid())
+    received = signal.sigwait(stop_signals)
+    log.info("reaper: %s, stopping", signal.Signals(received).name)
+    stop.set()
+    loop.join()
+    dispatcher.close()
+    engine.dispose()
+    return 0

@@ -58,9 +58,10 @@ def settings_env(settings) -> dict[str, str]:
 
 
 @contextmanager
-def celery_worker(settings, log_path: Path) -> Iterator[subprocess.Popen]:
-    """`squeeze worker` in its own process, as in production."""
-    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def celery_worker(settings, log_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`squeeze worker` in its own process, as in production. extra_env: more variables for it, e.g.
+    tests.faults.fault_env(...)."""
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--loglevel", "INFO"],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

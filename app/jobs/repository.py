@@ -131,6 +131,24 @@ def mark_dispatched(session: Session, job_id: uuid.UUID) -> bool:
     return _transition(session, job_id, [Job.status == JobStatus.queued], dispatched_at=utcnow())
 
 
+def take_dispatch(session: Session, job_id: uuid.UUID, older_than: datetime) -> datetime | None:
+    """Before a re-send: mark the job sent, if it is still queued and unsent (or sent before
+    older_than). Of several reapers passing at once only one gets the stamp, and only it sends."""
+    stamp = utcnow()
+    taken = _transition(
+        session, job_id,
+        [Job.status == JobStatus.queued, Job.cancel_requested_at.is_(None),
+         or_(Job.dispatched_at.is_(None), Job.dispatched_at < older_than)],
+        dispatched_at=stamp,
+    )
+    return stamp if taken else None
+
+
+def give_back_dispatch(session: Session, job_id: uuid.UUID, stamp: datetime) -> bool:
+    """The send after take_dispatch failed: the job is unsent again, for the next pass."""
+    return _transition(session, job_id, [Job.dispatched_at == stamp], dispatched_at=None)
+
+
 def claim(session: Session, job_id: uuid.UUID, owner: str, lease_seconds: float) -> int | None:
     """queued -> running for the next attempt, in one conditional UPDATE (a cancel that committed
     first wins). Returns that attempt, or None when not ours to run."""
@@ -244,28 +262,45 @@ def jobs_to_dispatch(session: Session, older_than: datetime) -> list[uuid.UUID]:
 
 def expired_leases(session: Session) -> list[Job]:
     """Running jobs whose lease ran out, by the database's clock."""
-    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < db_now())))
+    return list(session.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < db_now())
+                                .order_by(Job.id)))
 
 
 def release_expired(session: Session, job: Job) -> JobStatus | None:
     """A dead worker's job: back to queued for another attempt, or failed when attempts are spent, or
     cancelled when a cancel was asked. Each outcome is one UPDATE that re-checks, by the database's
-    clock, that the lease of that attempt is still the expired one."""
+    clock, that the lease of that attempt is still the expired one, so racing reapers write it once.
+
+    `job` is the row as read before (expired_leases): its stage and layer are where the dead attempt
+    was last seen. The requeue resets them, so its event keeps them (message and data)."""
     where = [Job.status == JobStatus.running, Job.attempt == job.attempt, Job.lease_expires_at < db_now()]
+    # Read before any UPDATE: an UPDATE also refreshes `job` when it sits in this session.
+    seen, seen_at = {"stage": job.stage, "layer": job.layer, "layers": job.layers}, last_seen(job)
     if _transition(session, job.id, where + [Job.cancel_requested_at.is_not(None)], status=JobStatus.cancelled,
                    stage="cancelled", finished_at=db_now(), lease_expires_at=None):
-        add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled")
+        add_event(session, job.id, job.attempt, "cancelled", "worker gone after cancel; job cancelled", data=seen)
         return JobStatus.cancelled
     where.append(Job.cancel_requested_at.is_(None))
-    reason = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}; giving up"
+    # Only a lease expiry ends an attempt without ending the job, so every attempt so far was lost.
+    times = "1 time" if job.attempt == 1 else f"{job.attempt} times"
+    reason = (f"worker lost {times} (lease expired on each attempt); last seen {seen_at}; "
+              f"giving up after {job.attempt} of {job.max_attempts} attempts")
     if _transition(session, job.id, where + [Job.attempt >= Job.max_attempts], status=JobStatus.failed,
                    stage="failed", error=reason, finished_at=db_now(), lease_expires_at=None):
-        add_event(session, job.id, job.attempt, "failed", reason, level="error")
+        add_event(session, job.id, job.attempt, "failed", reason, level="error", data=seen)
         return JobStatus.failed
     if _transition(session, job.id, where + [Job.attempt < Job.max_attempts], status=JobStatus.queued,
                    stage="queued", lease_owner=None, lease_expires_at=None, dispatched_at=None, layer=None,
                    layers=None, percent=0.0):
         add_event(session, job.id, job.attempt, "queued",
-                  f"worker lost (lease expired) on attempt {job.attempt}; requeued", level="warning")
+                  f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}, last seen {seen_at}; "
+                  "requeued", level="warning", data=seen)
         return JobStatus.queued
     return None
+
+
+def last_seen(job: Job) -> str:
+    """Where a running job was: 'at layer 3 of 12, stage compress', or 'at stage loading' before the layers."""
+    if job.layer is not None and job.layers is not None:
+        return f"at layer {job.layer} of {job.layers}, stage {job.stage}"
+    return f"at stage {job.stage}"

@@ -75,9 +75,12 @@ def list_for(session: Session, caller: Caller, limit: int) -> list[Upload]:
     return list(session.scalars(query))
 
 
-def remove(session: Session, settings: Settings, upload: Upload) -> None:
-    session.execute(delete(Upload).where(Upload.id == upload.id))
+def remove(session: Session, settings: Settings, upload: Upload) -> bool:
+    """Deletes the row, then the file; False when the row was gone already (another reaper took it)."""
+    if session.execute(delete(Upload).where(Upload.id == upload.id)).rowcount != 1:
+        return False
     (settings.uploads_dir / upload.filename).unlink(missing_ok=True)
+    return True
 
 
 def check_dataset_owned(session: Session, caller: Caller, field: str, dataset: str | None) -> None:
@@ -91,7 +94,5 @@ def check_dataset_owned(session: Session, caller: Caller, field: str, dataset: s
 
 def delete_expired(session: Session, settings: Settings, now: datetime) -> int:
     cutoff = now - timedelta(hours=settings.upload_retention_hours)
-    expired = list(session.scalars(select(Upload).where(Upload.created_at < cutoff)))
-    for upload in expired:
-        remove(session, settings, upload)
-    return len(expired)
+    expired = list(session.scalars(select(Upload).where(Upload.created_at < cutoff).order_by(Upload.id)))
+    return sum(remove(session, settings, upload) for upload in expired)

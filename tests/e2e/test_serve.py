@@ -1,4 +1,4 @@
-"""`squeeze serve` — what `make run` calls — runs the API and a worker from one command, embedded."""
+"""`squeeze serve` — what `make run` calls — runs the API, a worker and a reaper from one command, embedded."""
 
 from __future__ import annotations
 
@@ -7,9 +7,17 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import httpx
+from sqlalchemy import update
 
+from app.db.base import db_now
+from app.db.models import Job
+from app.db.session import make_engine, make_sessionmaker, unit_of_work
+from app.jobs import repository
+from app.settings import Settings
 from tests.services import ROOT
 
 
@@ -54,3 +62,49 @@ def test_serve_runs_a_job_with_no_external_server(tmp_path, tiny_llama_dir, cali
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+def test_serve_runs_the_reaper_as_a_child_process_and_stops_it(tmp_path):
+    """The API process runs no reaper thread under serve: the requeue below is the child's work."""
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "data")
+    env = {**os.environ, "SQUEEZE_REAPER_INTERVAL_SECONDS": "0.2", "SQUEEZE_DATABASE_URL": "", "SQUEEZE_BROKER_URL": ""}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--no-worker", "--port", str(port),
+                             "--data-dir", str(settings.data_dir)], cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        (reaper,) = [pid for pid in _children(proc.pid) if b"reaper" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        spec = {"model": {"id": "org/model"}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
+                "calibration": {"dataset": "org/data"}}
+        job = httpx.post(f"{base}/v1/jobs", json=spec).json()
+        engine = make_engine(settings)
+        with unit_of_work(make_sessionmaker(engine)) as s:  # a worker took it and died
+            assert repository.claim(s, uuid.UUID(job["id"]), "dead", 60) == 1
+            s.execute(update(Job).where(Job.id == uuid.UUID(job["id"])).values(lease_expires_at=db_now(-1)))
+        engine.dispose()
+        deadline = time.monotonic() + 30
+        while (job := httpx.get(f"{base}/v1/jobs/{job['id']}").json())["status"] != "queued":
+            assert time.monotonic() < deadline, (job, log.read_text()[-3000:])
+            time.sleep(0.2)
+        assert job["attempt"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not Path(f"/proc/{reaper}").exists(), "serve left its reaper running"
+    assert "reaper: SIGTERM, stopping" in log.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]

@@ -94,8 +94,31 @@ def test_lease_expiry_fails_the_job_when_attempts_are_spent(sessions):
     with unit_of_work(sessions) as s:
         assert repository.release_expired(s, s.get(Job, job_id)) == JobStatus.failed
     job = status(sessions, job_id)
-    assert job.status == JobStatus.failed and "attempt 1 of 1" in job.error
+    assert job.status == JobStatus.failed and "worker lost 1 time" in job.error and "1 of 1 attempts" in job.error
     assert job.stage == "failed"  # the progress reads failed, not the stage the dead worker was in
+
+
+def test_the_failure_reason_says_where_the_lost_attempts_were(sessions):
+    job_id = new_job(sessions, max_attempts=2)
+    for attempt, (stage, layer, layers) in enumerate([("compress", 2, 4), ("loading", None, None)], start=1):
+        with unit_of_work(sessions) as s:
+            assert repository.claim(s, job_id, f"w{attempt}", 60) == attempt
+            assert repository.report_progress(s, job_id, attempt, f"w{attempt}", stage=stage, layer=layer,
+                                              layers=layers, percent=10)
+        expire_lease(sessions, job_id)
+        with unit_of_work(sessions) as s:
+            repository.release_expired(s, s.get(Job, job_id))
+    job = status(sessions, job_id)
+    assert job.status == JobStatus.failed
+    assert job.error == ("worker lost 2 times (lease expired on each attempt); last seen at stage loading; "
+                         "giving up after 2 of 2 attempts")
+    with unit_of_work(sessions) as s:  # the requeue reset layer and stage: its event keeps them
+        lost = [e for e in repository.list_events(s, job_id, 0, 100) if "worker lost" in e.message]
+    assert [(e.attempt, e.stage, e.data) for e in lost] == [
+        (1, "queued", {"stage": "compress", "layer": 2, "layers": 4}),
+        (2, "failed", {"stage": "loading", "layer": None, "layers": None})]
+    assert lost[0].message == ("worker lost (lease expired) on attempt 1 of 2, last seen at layer 2 of 4, "
+                               "stage compress; requeued")
 
 
 def test_a_live_lease_is_not_reaped(sessions):
@@ -128,6 +151,21 @@ def test_undispatched_and_stale_queued_jobs_are_found_for_redispatch(sessions):
     with unit_of_work(sessions) as s:
         assert job_id not in repository.jobs_to_dispatch(s, utcnow() - timedelta(seconds=60))
         assert job_id in repository.jobs_to_dispatch(s, utcnow() + timedelta(seconds=1))
+
+
+def test_of_two_reapers_re_sending_a_job_only_one_takes_it(sessions):
+    job_id = new_job(sessions)
+    stale = utcnow() - timedelta(seconds=60)
+    with unit_of_work(sessions) as s:
+        stamp = repository.take_dispatch(s, job_id, stale)
+    with unit_of_work(sessions) as s:
+        assert stamp is not None and repository.take_dispatch(s, job_id, stale) is None
+        assert job_id not in repository.jobs_to_dispatch(s, stale)
+    with unit_of_work(sessions) as s:  # its send failed: unsent again, for the next pass
+        assert repository.give_back_dispatch(s, job_id, stamp)
+    with unit_of_work(sessions) as s:
+        assert status(sessions, job_id).dispatched_at is None
+        assert repository.take_dispatch(s, job_id, stale) is not None
 
 
 def test_lease_expiry_is_judged_by_the_database_clock(sessions, monkeypatch):
