@@ -4,7 +4,8 @@
   attempts are spent;
 - a queued job that was never dispatched (broker down at submit) or not picked up for a long time
   is sent again. Duplicated messages are harmless: claiming is conditional;
-- uploads older than the retention period are deleted (row and file).
+- uploads older than the retention period are deleted (row and file);
+- a job it fails or cancels loses its layer checkpoints (when they are on a disk this process sees).
 
 It runs as its own process (`squeeze reaper`, which `squeeze serve` starts beside the API) or as a
 thread inside an API process (`create_app`'s default). Any number may run at once against one
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 from datetime import timedelta
@@ -44,6 +46,8 @@ def reap_once(settings: Settings, sessions: sessionmaker[Session], dispatcher: D
             counts["requeued"] += 1
         elif outcome is not None:
             counts[outcome.value] += 1
+            # the job ended with its worker dead: nothing resumes from its layer checkpoints (on this disk)
+            shutil.rmtree(settings.checkpoints_dir / str(job.id), ignore_errors=True)
     stale = utcnow() - timedelta(seconds=settings.redispatch_after_seconds)
     with unit_of_work(sessions) as session:
         to_send = repository.jobs_to_dispatch(session, stale)

@@ -292,9 +292,11 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         walk = "" if resume.walk == "compress" else " of the compensation walk"
         where = (f"at layer {resume.done + 1} of {n_layers}{walk}" if resume.done < n_layers
                  else f"after layer {n_layers} of {n_layers}{walk}")
-        reporter.event("compress", f"resumed {where} (attempt {checkpoints.attempt}): {resume.done} finished "
-                                   "layers restored from an earlier attempt's checkpoint",
-                       data={"walk": resume.walk, "layers_restored": resume.done})
+        steps = n_layers * (2 if plan.uses_budget else 1)
+        reporter.progress(resume.walk, 10.0 + 75.0 * resume.run["step"] / steps, layer=resume.done, layers=n_layers,
+                          message=f"resumed {where} (attempt {checkpoints.attempt}): {resume.done} finished layers "
+                                  "restored from an earlier attempt's checkpoint",
+                          data={"walk": resume.walk, "layers_restored": resume.done})
 
     def on_layer(report) -> None:
         reporter.progress(report.stage, 10.0 + 75.0 * report.step / report.steps, layer=report.index + 1,

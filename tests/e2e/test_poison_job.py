@@ -43,3 +43,6 @@ def test_poison_job_fails_after_max_attempts_and_the_job_behind_it_succeeds(tmp_
         (attempt, stage, {"stage": "compress", "layer": 1, "layers": 2})
         for attempt, stage in ((1, "queued"), (2, "queued"), (3, "failed"))]
     assert log.read_text().count("exited with 'signal 9 (SIGKILL)'") == 3
+    # attempts 2 and 3 resumed from attempt 1's checkpoint of layer 1; the reaper deleted it at the end
+    assert sum(e["message"].startswith("resumed at layer 2 of 2") for e in events) == 2
+    assert not (settings.checkpoints_dir / poison["id"]).exists()

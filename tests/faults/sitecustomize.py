@@ -9,13 +9,16 @@ SQUEEZE_TEST_FAULT holds comma-separated key=value pairs:
 
     kill_at_layer=K   SIGKILL the process while it compresses decoder layer K (1-based): layers
                       1..K-1 are done and reported (the job reads "layer K-1 of n"), layer K is on
-                      the device, half done. Required.
+                      the device, half done.
+    slow_linear=S     sleep S seconds before compressing each Linear (a long layer, e.g. to cancel
+                      inside one). One of kill_at_layer and slow_linear is required.
     model=TEXT        only jobs whose spec's model.id contains TEXT (default: every job).
     max_attempt=N     only the job's attempts 1..N (default: every attempt); 1 kills the first
                       attempt and lets the retry run, e.g. to test a resume.
 
     SQUEEZE_TEST_FAULT="kill_at_layer=2,model=poison"          every attempt of a "poison" model dies
     SQUEEZE_TEST_FAULT="kill_at_layer=3,max_attempt=1"         the first attempt of any job dies
+    SQUEEZE_TEST_FAULT="slow_linear=2"                         every layer takes 7 x 2 s longer
 
 SIGKILL of a prefork child: the Celery main process logs "exited with 'signal 9 (SIGKILL)'", acknowledges
 the message (task_reject_on_worker_lost is off), starts a new child and takes the next message; the
@@ -29,12 +32,14 @@ import importlib.abc
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Fault:
-    kill_at_layer: int
+    kill_at_layer: int | None = None
+    slow_linear: float | None = None
     model: str | None = None
     max_attempt: int | None = None
 
@@ -47,12 +52,14 @@ def parse_fault(text: str) -> Fault:
     for pair in text.split(","):
         key, sep, value = pair.strip().partition("=")
         if not sep or key not in Fault.__dataclass_fields__:
-            raise ValueError(f"SQUEEZE_TEST_FAULT: {pair!r} is not one of kill_at_layer=K, model=TEXT, max_attempt=N")
+            raise ValueError(f"SQUEEZE_TEST_FAULT: {pair!r} is not one of kill_at_layer=K, slow_linear=S, "
+                             "model=TEXT, max_attempt=N")
         values[key] = value
-    if "kill_at_layer" not in values:
-        raise ValueError("SQUEEZE_TEST_FAULT: kill_at_layer=K is required")
-    return Fault(kill_at_layer=int(values["kill_at_layer"]), model=values.get("model"),
-                 max_attempt=int(values["max_attempt"]) if "max_attempt" in values else None)
+    if "kill_at_layer" not in values and "slow_linear" not in values:
+        raise ValueError("SQUEEZE_TEST_FAULT: kill_at_layer=K or slow_linear=S is required")
+    return Fault(kill_at_layer=int(values["kill_at_layer"]) if "kill_at_layer" in values else None,
+                 slow_linear=float(values["slow_linear"]) if "slow_linear" in values else None,
+                 model=values.get("model"), max_attempt=int(values["max_attempt"]) if "max_attempt" in values else None)
 
 
 class _State:
@@ -84,11 +91,20 @@ def _patch_sequential(module, fault: Fault) -> None:
             _State.compressing = False
 
     def faulty_forward_layer(layer, inputs, index, *args, **kwargs):
-        if _State.armed and _State.compressing and index == fault.kill_at_layer - 1:
+        if _State.armed and _State.compressing and fault.kill_at_layer is not None and index == fault.kill_at_layer - 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return forward_layer(layer, inputs, index, *args, **kwargs)
 
     module.compress_model, module.forward_layer = faulty_compress_model, faulty_forward_layer
+    if fault.slow_linear is not None:
+        compress_weight = module.compress_weight
+
+        def slow_compress_weight(*args, **kwargs):
+            if _State.armed:
+                time.sleep(fault.slow_linear)
+            return compress_weight(*args, **kwargs)
+
+        module.compress_weight = slow_compress_weight
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
