@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = 60.0  # after this a cancelled job's worker process is killed
     job_soft_time_limit: int = 6 * 3600
     job_time_limit: int = 6 * 3600 + 300
+    # A worker whose database goes away retries each write (progress, events, cancel checks, lease,
+    # outcome) this long with backoff; past it the job is left to its lease and the reaper.
+    db_retry_seconds: float = 60.0
 
     # Worker process.
     worker_concurrency: int = 1
