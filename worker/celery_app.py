@@ -51,6 +51,9 @@ def celery_config(settings: Settings) -> dict:
         "result_backend": None,
         "task_acks_late": True,
         "task_reject_on_worker_lost": False,  # the lease reaper, not the broker, retries lost jobs
+        # A running job goes on when the broker connection drops (Redis restarts): its state is in the
+        # database, and the broker only wakes workers. (Celery 6 would cancel it by default.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_tasks_per_child": 1,  # one job per process: its memory (and GPU memory) goes with it
