@@ -5,7 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.db.session import lost_connection
 
 
 class SqueezeError(Exception):
@@ -110,6 +113,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             {"error": "invalid_request", "detail": "; ".join(problems), "fields": fields}, status_code=422
         )
+
+    @app.exception_handler(DBAPIError)
+    async def _database(_: Request, exc: DBAPIError) -> JSONResponse:
+        if not lost_connection(exc):
+            raise exc  # a bug, not an outage: the server's own handler logs it and answers 500
+        return JSONResponse({"error": ServiceUnavailable.code, "detail": "database unreachable; try again shortly"},
+                            status_code=ServiceUnavailable.status_code, headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

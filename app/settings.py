@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = 60.0  # after this a cancelled job's worker process is killed
     job_soft_time_limit: int = 6 * 3600
     job_time_limit: int = 6 * 3600 + 300
+    # A worker whose database goes away retries each write (progress, events, cancel checks, lease,
+    # outcome) this long with backoff; past it the job is left to its lease and the reaper.
+    db_retry_seconds: float = 60.0
+    # Redis connect and command timeout: bounds how long a submit waits on a broker that is down or
+    # hung (one publish retry, then the job stays queued and the reaper re-sends it).
+    broker_timeout_seconds: float = 5.0
 
     # Worker process.
     worker_concurrency: int = 1

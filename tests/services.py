@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,56 @@ def fresh_postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# The local servers .ci/run starts, which outage tests stop and start again.
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+LOCAL_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_SERVER = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
+                "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
+
+
+def local_servers_controllable() -> bool:
+    """Whether the tests use the local Redis and PostgreSQL cluster and may stop and start them."""
+    return (REDIS_URL == LOCAL_REDIS and PG_ADMIN == LOCAL_PG_ADMIN and shutil.which("redis-server") is not None
+            and shutil.which("pg_ctlcluster") is not None and len(os.listdir("/etc/postgresql")) == 1)
+
+
+def _wait_until(command: list[str], expect: str, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while expect not in subprocess.run(command, capture_output=True, text=True).stdout:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not come back within {timeout:g} s")
+        time.sleep(0.05)
+
+
+@contextmanager
+def redis_stopped() -> Iterator[None]:
+    """The local Redis is down for the body (its data is lost, as when a server without persistence
+    restarts), and up and answering afterwards whatever happens. Other users of the server see the
+    outage too: keep the body short."""
+    subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"], capture_output=True)
+    try:
+        yield
+    finally:
+        os.makedirs("/var/lib/redis", exist_ok=True)
+        os.makedirs("/var/log/redis", exist_ok=True)
+        subprocess.run(REDIS_SERVER, check=True, capture_output=True)
+        _wait_until(["redis-cli", "-h", "127.0.0.1", "-p", "6379", "ping"], "PONG", "redis")
+
+
+@contextmanager
+def postgres_stopped() -> Iterator[None]:
+    """The local PostgreSQL cluster is down for the body (a fast shutdown: open sessions are ended, as
+    in a restart or failover), and accepting connections afterwards whatever happens. Keep it short."""
+    version = os.listdir("/etc/postgresql")[0]
+    control = ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+    subprocess.run([*control, "stop"], check=True, capture_output=True)  # fast mode, the default
+    try:
+        yield
+    finally:
+        subprocess.run([*control, "start"], check=True, capture_output=True)
+        _wait_until(["pg_isready", "-h", "127.0.0.1", "-p", "5432"], "accepting connections", "postgresql")
 
 
 def settings_env(settings) -> dict[str, str]:

@@ -30,13 +30,19 @@ def celery_config(settings: Settings) -> dict:
             "polling_interval": settings.broker_polling_interval,
         }
     elif url.startswith(("redis://", "rediss://")):
-        # Unacked messages come back after this; keep it above the hard time limit.
-        transport_options = {"visibility_timeout": settings.job_time_limit + 600}
+        # Unacked messages come back after this; keep it above the hard time limit. The socket
+        # timeouts bound a publish to a Redis that is down or hung (without them it can wait forever).
+        transport_options = {"visibility_timeout": settings.job_time_limit + 600,
+                             "socket_connect_timeout": settings.broker_timeout_seconds,
+                             "socket_timeout": settings.broker_timeout_seconds}
     return {
         "broker_url": url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.queue_name,
+        # A send tries twice, then gives up: the job is already committed and the reaper re-sends it.
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                                      "interval_max": 0.2},
         "task_queues": [Queue(settings.queue_name)],
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -45,6 +51,9 @@ def celery_config(settings: Settings) -> dict:
         "result_backend": None,
         "task_acks_late": True,
         "task_reject_on_worker_lost": False,  # the lease reaper, not the broker, retries lost jobs
+        # A running job goes on when the broker connection drops (Redis restarts): its state is in the
+        # database, and the broker only wakes workers. (Celery 6 would cancel it by default.)
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": settings.worker_concurrency,
         "worker_max_tasks_per_child": 1,  # one job per process: its memory (and GPU memory) goes with it

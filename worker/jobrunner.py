@@ -1,7 +1,9 @@
 """The lifecycle around one job: claim, lease heartbeat, progress, cancellation, outcome.
 
 No Celery here: the task calls `run_job(job_id, settings)`, and so can a test. No database session
-is held while the pipeline computes; every write is its own short unit of work.
+is held while the pipeline computes; every write is its own short unit of work, retried while the
+database is unreachable (a restart, a failover) for up to `db_retry_seconds`. A retried write is the
+same conditional UPDATE, so it still applies only while this attempt owns the job.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job
-from app.db.session import make_engine, make_sessionmaker, unit_of_work
+from app.db.session import DatabaseUnreachable, make_engine, make_sessionmaker, retry_while_unreachable, unit_of_work
 from app.jobs import repository
 from app.jobs.spec import JobSpec
 from app.secrets import unseal
@@ -29,6 +31,14 @@ from app.settings import Settings
 from worker.errors import JobCancelled, JobFailure, LostOwnership
 
 log = logging.getLogger(__name__)
+
+
+def retrying(sessions: sessionmaker[Session], seconds: float, work, what: str):
+    """work(session) in its own unit of work, repeated while the database is unreachable."""
+    def unit():
+        with unit_of_work(sessions) as session:
+            return work(session)
+    return retry_while_unreachable(unit, seconds, what)
 
 
 @dataclass
@@ -40,15 +50,19 @@ class Reporter:
     attempt: int
     owner: str
     lease_seconds: float = 120.0
+    db_retry_seconds: float = 60.0
     lost: threading.Event = field(default_factory=threading.Event)
+
+    def retrying(self, work, what: str):
+        return retrying(self.sessions, self.db_retry_seconds, work, f"job {self.job_id}: {what}")
 
     def _write(self, fn, *args, **kwargs) -> None:
         if self.lost.is_set():
             raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
-        with unit_of_work(self.sessions) as session:
-            if fn(session, self.job_id, self.attempt, self.owner, *args, **kwargs) is False:
-                self.lost.set()
-                raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
+        written = self.retrying(lambda s: fn(s, self.job_id, self.attempt, self.owner, *args, **kwargs), "write")
+        if written is False:
+            self.lost.set()
+            raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
 
     def event(self, stage: str, message: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
         self._write(lambda s, j, a, o: repository.add_event(s, j, a, stage, message, level=level, data=data, owner=o))
@@ -71,9 +85,8 @@ class Reporter:
     def check_cancelled(self) -> None:
         if self.lost.is_set():
             raise LostOwnership(f"job {self.job_id} attempt {self.attempt} is no longer ours")
-        with unit_of_work(self.sessions) as session:
-            if repository.cancel_requested(session, self.job_id):
-                raise JobCancelled()
+        if self.retrying(lambda s: repository.cancel_requested(s, self.job_id), "cancel check"):
+            raise JobCancelled()
 
 
 class Heartbeat(threading.Thread):
@@ -88,21 +101,29 @@ class Heartbeat(threading.Thread):
         r = self.reporter
         while not self.stopped.wait(self.settings.lease_seconds / 4):
             try:
-                with unit_of_work(r.sessions) as session:
-                    if not repository.renew_lease(session, r.job_id, r.attempt, r.owner, self.settings.lease_seconds):
-                        r.lost.set()
-                        return
-                    overdue = repository.cancel_overdue(session, r.job_id, self.settings.cancel_grace_seconds)
+                renewed, overdue = r.retrying(self._renew, "lease renewal")
+                if not renewed:
+                    r.lost.set()
+                    return
                 if overdue:
-                    with unit_of_work(r.sessions) as session:
-                        if repository.finish_cancelled(session, r.job_id, r.attempt, r.owner):
-                            repository.add_event(session, r.job_id, r.attempt, "cancelled",
-                                                 "cancel grace period over; worker process killed", level="warning")
+                    r.retrying(self._finish_cancelled, "cancel after grace period")
                     log.warning("job %s: cancel ignored for %ss, killing this process", r.job_id,
                                 self.settings.cancel_grace_seconds)
                     os.kill(os.getpid(), signal.SIGKILL)
             except Exception:
                 log.exception("heartbeat for job %s failed; will retry", r.job_id)
+
+    def _renew(self, session: Session) -> tuple[bool, bool]:
+        r = self.reporter
+        if not repository.renew_lease(session, r.job_id, r.attempt, r.owner, self.settings.lease_seconds):
+            return False, False
+        return True, repository.cancel_overdue(session, r.job_id, self.settings.cancel_grace_seconds)
+
+    def _finish_cancelled(self, session: Session) -> None:
+        r = self.reporter
+        if repository.finish_cancelled(session, r.job_id, r.attempt, r.owner):
+            repository.add_event(session, r.job_id, r.attempt, "cancelled",
+                                 "cancel grace period over; worker process killed", level="warning")
 
 
 def worker_identity() -> str:
@@ -121,14 +142,12 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
         sessions = make_sessionmaker(engine)
     owner = worker_identity()
     try:
-        with unit_of_work(sessions) as session:
-            attempt = repository.claim(session, job_id, owner, settings.lease_seconds)
-            job = session.get(Job, job_id) if attempt is not None else None
-            spec_data, sealed = (job.spec, job.sealed_token) if job is not None else (None, None)
+        attempt, spec_data, sealed = retrying(sessions, settings.db_retry_seconds,
+                                              lambda s: _claim(s, job_id, owner, settings), f"job {job_id}: claim")
         if attempt is None:
             log.info("job %s is not queued (or already claimed); skipping", job_id)
             return "skipped"
-        reporter = Reporter(sessions, job_id, attempt, owner, settings.lease_seconds)
+        reporter = Reporter(sessions, job_id, attempt, owner, settings.lease_seconds, settings.db_retry_seconds)
         try:
             spec = JobSpec.model_validate(spec_data)
         except ValidationError as exc:  # a spec stored before today's rules: fail once, do not retry
@@ -154,6 +173,15 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
             engine.dispose()
 
 
+def _claim(session: Session, job_id: uuid.UUID, owner: str, settings: Settings):
+    """(attempt, spec, sealed token) of a claim this worker won; (None, None, None) otherwise."""
+    attempt = repository.claim(session, job_id, owner, settings.lease_seconds)
+    if attempt is None:
+        return None, None, None
+    job = session.get(Job, job_id)
+    return attempt, job.spec, job.sealed_token
+
+
 def spec_problems(exc: ValidationError) -> str:
     """Field and message of each problem, without the offending values (they may be long or secret)."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()[:5])
@@ -171,11 +199,12 @@ def _open_token(settings: Settings, sealed: str | None) -> str | None:
 def _finish(reporter: Reporter, transition, stage: str, message: str, *args, level: str = "info",
             data: dict[str, Any] | None = None) -> str | None:
     """The final transition and its event in one unit of work; None when the attempt is no longer ours."""
-    with unit_of_work(reporter.sessions) as session:
+    def finish(session: Session) -> str | None:
         if not transition(session, reporter.job_id, reporter.attempt, reporter.owner, *args):
             return None
         repository.add_event(session, reporter.job_id, reporter.attempt, stage, message, level=level, data=data)
-    return stage
+        return stage
+    return reporter.retrying(finish, f"{stage} transition")
 
 
 def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> str:
@@ -185,6 +214,9 @@ def _run_claimed(job_id, spec, settings, reporter: Reporter, run_pipeline) -> st
         return _finish(reporter, repository.finish_cancelled, "cancelled", "cancelled by request") or "lost"
     except LostOwnership as exc:
         log.warning("%s", exc)
+        return "lost"
+    except DatabaseUnreachable as exc:  # not the job's fault: its lease expires and the reaper queues it again
+        log.error("%s; leaving the job to its lease", exc)
         return "lost"
     except JobFailure as exc:
         reason = str(exc)

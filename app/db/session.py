@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_engine(settings: Settings, **options) -> Engine:
@@ -28,6 +35,7 @@ def make_engine(settings: Settings, **options) -> Engine:
             cursor.close()
 
         return engine
+    # pre-ping: a pooled connection that died with a database restart is replaced at checkout
     return create_engine(url, pool_pre_ping=True, **options)
 
 
@@ -47,6 +55,44 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+class DatabaseUnreachable(Exception):
+    """The database stayed unreachable for longer than a retrying caller waits."""
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """The database went away (restart, failover, network), as opposed to an error of the statement."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:  # the connection broke under a statement
+        return True
+    # No connection to be had: refused or reset (no SQLSTATE), class 08 (connection exception) or
+    # 57P (the server is shutting down or starting up). SQLite's errors carry no sqlstate attribute.
+    sqlstate = getattr(exc.orig, "sqlstate", "")
+    return isinstance(exc, OperationalError) and (sqlstate is None or sqlstate.startswith(("08", "57P")))
+
+
+def retry_while_unreachable(work: Callable[[], T], seconds: float, what: str = "database call") -> T:
+    """work(), repeated with backoff (0.1 s doubling to 2 s) while the database is unreachable, for up to
+    `seconds`; then DatabaseUnreachable. Any other error is raised at once. `work` must be a whole unit
+    of work (each try a fresh transaction on a fresh connection) that is safe to repeat: a read, or a
+    conditional UPDATE that a repeat cannot apply twice."""
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    while True:
+        try:
+            return work()
+        except DBAPIError as exc:
+            if not lost_connection(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise DatabaseUnreachable(f"{what}: database unreachable for {seconds:g} s "
+                                          f"({exc.orig.__class__.__name__})") from exc
+            log.warning("%s: database unreachable (%s), retrying in %.1f s", what, exc.orig.__class__.__name__,
+                        delay)
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"

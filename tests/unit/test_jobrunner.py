@@ -9,7 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
 from app.db.models import Job, JobStatus
-from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.db.session import DatabaseUnreachable, make_engine, make_sessionmaker, unit_of_work, upgrade_database
 from app.jobs import repository
 from app.jobs.spec import JobSpec
 from app.settings import Settings
@@ -126,3 +126,9 @@ def test_events_and_the_final_write_of_a_lost_attempt_are_refused(env):
     assert outcome == "lost" and row.status == JobStatus.running
     with unit_of_work(sessions) as s:
         assert "from the stale attempt" not in [e.message for e in repository.list_events(s, reporter.job_id, 0, 100)]
+
+
+def test_a_database_outage_past_the_retry_bound_leaves_the_job_to_its_lease(env):
+    outcome, row = run_with(env, raising(DatabaseUnreachable("job x: write: database unreachable for 60 s")))
+    assert outcome == "lost"
+    assert row.status == JobStatus.running and row.error is None  # not failed: the reaper requeues it
