@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.adapters import FACTOR_DTYPE, LowRankAdapter, adapter_group_size, stored_adapter
-from worker.compression.eora import eora, eora_decompose, svd_baseline, svd_decompose
+from worker.compression.eora import Eigenspace, eora, eora_decompose, gram_eigenspace, svd_baseline, svd_decompose
 from worker.compression.gptq import gptq_quantize
 from worker.compression.prune import prune
 from worker.compression.quantize import QuantizedWeight, quantize_rtn
@@ -69,15 +69,20 @@ def compress_weight(
     return CompressedWeight(new_weight, quantized, mask, perf_counter() - start)
 
 
+def compensation_eigenspace(gram: Tensor, spec: CompensationSpec, name: str) -> Eigenspace | None:
+    """The Gram's eigendecomposition EoRA projects onto, made once per input group; None for SVD."""
+    return gram_eigenspace(gram, name, damp=spec.damp) if spec.method == "eora" else None
+
+
 def compensation_factors(
-    residual: Tensor, gram: Tensor, spec: CompensationSpec, rank: int, name: str
+    residual: Tensor, gram: Tensor, spec: CompensationSpec, rank: int, name: str, space: Eigenspace | None = None
 ) -> LowRankAdapter:
     """B (d_out, r), A (r, d_in) with B A ~ residual = W - W', by EoRA or plain SVD, in their stored
     form: fp16, or with spec.adapter_bits group-wise integer codes and their dequantized fp16 values,
-    so evaluation sees exactly what the exported adapter computes.
+    so evaluation sees exactly what the exported adapter computes. space: compensation_eigenspace(gram).
     """
     if spec.method == "eora":
-        lora_b, lora_a = eora(residual, gram, rank, name=name, damp=spec.damp)
+        lora_b, lora_a = eora(residual, gram, rank, name=name, damp=spec.damp, space=space)
     else:
         lora_b, lora_a = svd_baseline(residual, gram, rank, name=name)
     if not (torch.isfinite(lora_b).all() and torch.isfinite(lora_a).all()):
@@ -85,12 +90,13 @@ def compensation_factors(
     return stored_adapter(lora_b, lora_a, spec.adapter_bits, spec.adapter_group_size, name)
 
 
-def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str) -> Tensor:
+def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str,
+                          space: Eigenspace | None = None) -> Tensor:
     """(p,) fp32 descending singular values of the decomposition compensation_factors cuts: sigma_i^2
     is what its i-th rank removes from the objective it minimises (EoRA: calibration-weighted error
     under the damped Gram; SVD: Frobenius error). The rank budget spends parameters by them."""
     if spec.method == "eora":
-        return eora_decompose(residual, gram, name, damp=spec.damp).singular_values
+        return eora_decompose(residual, gram, name, damp=spec.damp, space=space).singular_values
     return svd_decompose(residual, name).singular_values
 
 

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from worker.compression.eora import Eigenspace
 from worker.compression.gram import accumulate_gram
 from worker.compression.ranks import (
     allocate_ranks,
@@ -47,6 +48,7 @@ from worker.compression.specs import SparsitySpec
 from worker.linear_compress import (
     adapter_size,
     attach_compensation,
+    compensation_eigenspace,
     compensation_factors,
     compensation_spectrum,
     compress_weight,
@@ -127,10 +129,12 @@ def forward_layer(layer: nn.Module, inputs: LayerInputs, index: int, device: tor
 
 class _Grams(NamedTuple):
     """One input group's second moments: what the compression weighs its error by, and what the
-    compensation does (the same tensor unless sink_tokens > 0)."""
+    compensation does (the same tensor unless sink_tokens > 0), with the latter's eigendecomposition
+    made once for every module of the group (EoRA)."""
 
     compress: Tensor  # (d_in, d_in) fp64
     compensate: Tensor  # (d_in, d_in) fp64
+    space: Eigenspace | None = None
 
 
 class _GramAccumulator:
@@ -291,7 +295,13 @@ class _Run:
                 raise FloatingPointError(f"{name}: non-finite inputs (Gram matrix); an earlier module is broken")
             if skip and acc.body_tokens == 0:
                 raise ValueError(f"{name}: sink_tokens={skip} leaves no calibration token for the compensation")
-            grams[group] = _Grams(acc.gram, acc.body if skip else acc.gram)
+            compensate = acc.body if skip else acc.gram
+            space = None
+            if self.plan.compensates:
+                start = perf_counter()
+                space = compensation_eigenspace(compensate, self.plan.compensation, name)
+                self.result.compensation_seconds += perf_counter() - start
+            grams[group] = _Grams(acc.gram, compensate, space)
         return grams
 
     def _compress_layer(self, index: int, layer: nn.Module, grams: dict) -> list[ModuleReport]:
@@ -325,7 +335,8 @@ class _Run:
                 elif plan.uses_budget:
                     start = perf_counter()
                     spec = plan.compensation
-                    self.spectra[name] = compensation_spectrum(residual, group_grams.compensate, spec, name).cpu()
+                    self.spectra[name] = compensation_spectrum(residual, group_grams.compensate, spec, name,
+                                                                group_grams.space).cpu()
                     self.objective_norms[name] = objective_norm(original, group_grams.compensate, spec)
                     self.result.compensation_seconds += perf_counter() - start
                     self.residuals[name] = residual.to(original.dtype).cpu()
@@ -363,7 +374,7 @@ class _Run:
         if rank == 0:
             return
         start = perf_counter()
-        adapter = compensation_factors(residual, grams.compensate, spec, rank, report.name)
+        adapter = compensation_factors(residual, grams.compensate, spec, rank, report.name, grams.space)
         if adapter.rank < rank:
             self.short[report.name] = adapter.rank
         if adapter.rank == 0:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -56,12 +57,20 @@ def test_killed_worker_job_resumes_from_its_last_layer_with_identical_artifacts(
             # kill the whole worker at once, main process and pool child, as a lost machine would
             for pid in _children(first.pid) + [first.pid]:
                 os.kill(pid, signal.SIGKILL)
-            killed_after = running["progress"]["layer"]
+            killed_after, killed_at = running["progress"]["layer"], time.monotonic()
         requeued = wait_for(client, job["id"], lambda j: j["status"] != "running", timeout=30)
+        requeued_at = time.monotonic()
         assert requeued["status"] == "queued" and requeued["attempt"] == 1, requeued
         assert (settings.checkpoints_dir / job["id"]).is_dir()  # kept for the next attempt
         with celery_worker(settings, tmp_path / "worker2.log"):
+            started_at = time.monotonic()
+            wait_for(client, job["id"], lambda j: j["status"] in TERMINAL
+                     or (j["attempt"] == 2 and (j["progress"]["layer"] or 0) > killed_after))
+            progressing_at = time.monotonic()
             resumed = wait_for(client, job["id"], lambda j: j["status"] in TERMINAL)
+            print(f"{settings.embedded and 'embedded' or 'distributed'}: killed after layer {killed_after}; requeued "
+                  f"{requeued_at - killed_at:.1f} s later (lease {settings.lease_seconds:g} s); a new worker past "
+                  f"that layer {progressing_at - started_at:.1f} s after it started")
             undisturbed = client.post("/v1/jobs", json=spec).json()
             undisturbed = wait_for(client, undisturbed["id"], lambda j: j["status"] in TERMINAL)
         assert resumed["status"] == "succeeded" and resumed["attempt"] == 2, resumed

@@ -411,3 +411,24 @@ def test_budget_criteria_allocate_differently_and_both_spend_the_budget(tiny_lla
         assert 0 < result.adapter_params <= 5000
         ranks[criterion] = result.ranks
     assert ranks["absolute"] != ranks["relative"]
+
+
+@pytest.mark.parametrize("spec", [compensation(rank=8), compensation(budget_params=5000)], ids=["rank", "budget"])
+def test_each_gram_is_decomposed_once_per_walk(spec, tiny_llama, calibration_windows, monkeypatch):
+    """q/k/v and gate/up share a Gram and its eigendecomposition: 4 per LLaMA layer, not 7."""
+    import worker.sequential as sequential
+
+    calls = []
+    decompose = sequential.compensation_eigenspace
+
+    def counted(gram, spec, name):
+        calls.append(name)
+        return decompose(gram, spec, name)
+
+    monkeypatch.setattr(sequential, "compensation_eigenspace", counted)
+    plan = CompressionPlan(quant=GPTQ3, compensation=spec)
+    compress_model(tiny_llama, calibration_windows, plan, CPU)
+    walks = 2 if plan.uses_budget else 1
+    groups = len(get_architecture(tiny_llama).linear_groups)
+    assert groups == 4 and len(calls) == walks * len(tiny_llama.model.layers) * groups
+    assert len(set(calls)) == len(tiny_llama.model.layers) * groups

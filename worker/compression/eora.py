@@ -8,7 +8,8 @@ directions are dropped (never clamped): the adapter then does nothing along them
 direction is absent. The SVD baseline (ZeroQuant-V2 / LoRC) minimises ||dW - BA||_F instead.
 
 Decompose once (eora_decompose / svd_decompose), read the singular values for rank allocation,
-then cut the factors at any rank with .lowrank(rank).
+then cut the factors at any rank with .lowrank(rank). The Gram's eigendecomposition (gram_eigenspace)
+is the costly part at large widths; modules sharing an input pass it in once computed.
 """
 
 from __future__ import annotations
@@ -93,8 +94,18 @@ def gram_noise(gram: Tensor) -> float:
     return gram.shape[0] * torch.finfo(gram.dtype).eps * trace
 
 
-def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) -> LowRankFactors:
-    """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in).
+@dataclass(frozen=True)
+class Eigenspace:
+    """The eigen-directions of a (damped) Gram that EoRA projects onto: S ~ Q diag(l) Q^T over the
+    kept directions. One per Gram: modules that share an input (q/k/v, gate/up) share it."""
+
+    q: Tensor  # (d_in, k) fp64, orthonormal columns
+    root: Tensor  # (k,) fp64, sqrt(l) of the kept directions
+    damp: float
+
+
+def gram_eigenspace(gram: Tensor, name: str = "", damp: float = 0.0) -> Eigenspace:
+    """The eigendecomposition eora_decompose projects onto, of gram (d_in, d_in).
 
     damp > 0 adds damp * mean(diag(gram)) to the diagonal first (as GPTQ damps its Hessian): weak,
     poorly estimated eigen-directions are then amplified less by the back-projection. Undamped,
@@ -102,8 +113,10 @@ def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) 
     (the damped spectrum is never cut: each eigenvalue is >= damp * mean(diag)). Pass the Gram in
     the precision it was accumulated in: the noise bound is taken from its dtype.
     """
-    _check(dw, gram, name)
-    d_in = dw.shape[1]
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"{name}: expected a square gram, got shape {tuple(gram.shape)}")
+    check_finite(gram, "gram", name)
+    d_in = gram.shape[0]
     s64 = gram.to(torch.float64)
     s64 = (s64 + s64.T) / 2  # (d_in, d_in); accumulation leaves tiny asymmetries
     mean_diag = s64.diagonal().mean()
@@ -114,13 +127,28 @@ def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0) 
         kept = eigvals > 0 if mean_diag > 0 else torch.zeros_like(eigvals, dtype=torch.bool)
     else:
         kept = eigvals > gram_noise(gram)
-    root = eigvals[kept].sqrt()  # (k,)
-    q = eigvecs[:, kept]  # (d_in, k)
+    return Eigenspace(q=eigvecs[:, kept], root=eigvals[kept].sqrt(), damp=damp)
+
+
+def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0,
+                   space: Eigenspace | None = None) -> LowRankFactors:
+    """Eigenspace-projected SVD of dw (d_out, d_in) under input second moment gram (d_in, d_in).
+
+    space: gram_eigenspace(gram, damp=damp), when the caller decomposed this Gram already (once per
+    shared input); computed here otherwise. See gram_eigenspace for damp and the cut.
+    """
+    _check(dw, gram, name)
+    if space is None:
+        space = gram_eigenspace(gram, name, damp)
+    elif space.damp != damp or space.q.shape[0] != dw.shape[1]:
+        raise ValueError(f"{name}: the eigenspace given is of another Gram (damp {space.damp}, "
+                         f"d_in {space.q.shape[0]}) than this call's (damp {damp}, d_in {dw.shape[1]})")
+    q, root = space.q, space.root  # (d_in, k), (k,)
     projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k) = dW Q diag(sqrt l)
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)  # (d_out, p), (p,), (p, k)
     check_finite(s, "projected singular values", name)
     back = (q / root.unsqueeze(0)).T  # (k, d_in) = diag(1/sqrt l) Q^T
-    return _real_directions(u, s, vh, back.contiguous(), d_in, dw.dtype)
+    return _real_directions(u, s, vh, back.contiguous(), dw.shape[1], dw.dtype)
 
 
 def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
@@ -130,10 +158,11 @@ def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
     return _real_directions(u, s, vh, None, dw.shape[1], dw.dtype)
 
 
-def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0) -> tuple[Tensor, Tensor]:
+def eora(dw: Tensor, gram: Tensor, rank: int, name: str = "", damp: float = 0.0,
+         space: Eigenspace | None = None) -> tuple[Tensor, Tensor]:
     """(B (d_out, r), A (r, d_in)) fp32 minimising E||(dW - BA) x||^2 under gram (+ damping); r is at most
-    rank, fewer when fewer real directions exist."""
-    b, a = eora_decompose(dw, gram, name, damp).lowrank(rank)
+    rank, fewer when fewer real directions exist. space: see eora_decompose."""
+    b, a = eora_decompose(dw, gram, name, damp, space).lowrank(rank)
     check_finite(b, "EoRA B", name)
     check_finite(a, "EoRA A", name)
     return b, a

@@ -5,6 +5,7 @@ from tests.unit.compression.quant_spec import spec_of
 from worker.compression.eora import (
     eora,
     eora_decompose,
+    gram_eigenspace,
     projected_singular_values,
     svd_baseline,
 )
@@ -129,6 +130,21 @@ def test_decompose_once_then_cut(gram, dw):
         assert torch.equal(b, b_ref) and torch.equal(a, a_ref)
     b, a = factors.truncated(3).lowrank(5)
     assert b.shape == (32, 3) and torch.equal(b, factors.lowrank(3)[0])
+
+
+@pytest.mark.parametrize("damp", [0.0, 1.0])
+def test_one_eigenspace_serves_every_module_of_a_gram(gram, dw, damp):
+    """Modules sharing an input (q/k/v) decompose their Gram once: the same factors, bit for bit."""
+    space = gram_eigenspace(gram, "m", damp)
+    for residual in (dw, 2 * dw.flip(0), dw[:7]):  # other modules' errors, other d_out
+        given = eora_decompose(residual, gram, "m", damp, space)
+        own = eora_decompose(residual, gram, "m", damp)
+        for part in ("u", "s", "vh", "back"):
+            assert torch.equal(getattr(given, part), getattr(own, part)), part
+    with pytest.raises(ValueError, match="another Gram"):
+        eora_decompose(dw, gram, "m", damp + 0.5, space)
+    with pytest.raises(ValueError, match="another Gram"):
+        eora_decompose(dw[:, :32], gram[:32, :32], "m", damp, space)
 
 
 def test_non_finite_inputs_raise_with_name(gram, dw):
