@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse
 from sqlalchemy import text
 
+from app.dashboard.router import install_dashboard
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
 from app.errors import ServiceUnavailable, install_error_handlers
 from app.http_guards import install_guards
@@ -16,8 +15,6 @@ from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
 from app.settings import Settings
-
-DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
 
 def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> FastAPI:
@@ -52,10 +49,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     install_error_handlers(app)
     install_guards(app, settings)
     app.include_router(jobs_router)
-
-    @app.get("/", include_in_schema=False)
-    def dashboard() -> FileResponse:
-        return FileResponse(DASHBOARD)
+    install_dashboard(app)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
