@@ -137,11 +137,13 @@ def test_readiness_fails_when_the_broker_is_down(tmp_path):
         assert job.status_code == 201 and job.json()["status"] == "queued"
 
 
-def test_dashboard_page_is_served_and_polls_the_jobs_api(client):
+def test_dashboard_page_is_served_and_keeps_the_key_in_the_tab(client):
     response = client.get("/")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "api(`/v1/jobs?limit=50" in response.text and "setInterval(refresh" in response.text
-    assert "sessionStorage.getItem(KEY)" in response.text and '"Authorization": `Bearer ${key}`' in response.text
+    assert '<script type="module" src="/static/app.js">' in response.text
+    script = client.get("/static/api.js").text
+    assert "sessionStorage.getItem(KEY)" in script and '"Authorization": `Bearer ${key}`' in script
+    assert "localStorage" not in script and "innerHTML" not in script
 
 
 def test_job_token_is_sealed_never_returned_and_erased_when_the_job_ends(client, settings):

@@ -1,0 +1,196 @@
+// One job: progress with ETA, the live event log, and once done its metrics, chart, sizes and artifacts.
+import {api, bytes, duration, el, jobDuration, methodSummary, nominalBits, poll, TERMINAL} from "./api.js";
+import {moduleErrorChart} from "./charts.js";
+
+function eta(job) {
+  const p = job.progress.percent;
+  if (job.status !== "running" || !job.started_at || p < 5) return "estimating…";
+  const elapsed = (Date.now() - Date.parse(job.started_at)) / 1000;
+  return `about ${duration(elapsed * (100 - p) / p)} left`;
+}
+
+function card(label, value, id) {
+  return el("div", {class: "card"}, el("div", {class: "label"}, label), el("div", {class: "value", id}, value));
+}
+
+function fmt(value, digits = 4) {
+  return value === null || value === undefined ? "–" : Number(value).toPrecision(digits);
+}
+
+function layerOf(name) {
+  const match = name.match(/\.(\d+)\./);
+  return match ? Number(match[1]) : 0;
+}
+
+// "rank 4: 80 modules; rank 2: 4 modules", most common first.
+function rankSummary(modules) {
+  const counts = new Map();
+  for (const m of modules) counts.set(m.rank, (counts.get(m.rank) || 0) + 1);
+  return [...counts].sort((a, b) => b[1] - a[1])
+    .map(([rank, n]) => `rank ${rank}: ${n} module${n === 1 ? "" : "s"}`).join("; ");
+}
+
+function failure(job) {
+  const where = job.progress.stage && job.progress.stage !== "failed" ? ` while ${job.progress.stage}` : "";
+  return el("div", {class: "failure", id: "failure"},
+    el("strong", {}, `This job failed${where} (attempt ${job.attempt} of ${job.max_attempts}).`), " ",
+    el("span", {}, job.error || "No reason was recorded."));
+}
+
+function metricsSection(job) {
+  const m = job.metrics, c = m.compression || {};
+  const modules = Object.entries(c.per_module || {}).map(([name, s]) => ({name, layer: layerOf(name), ...s}));
+  const section = el("section", {id: "results"},
+    el("h2", {}, "Quality"),
+    el("div", {class: "cards"},
+      card("perplexity before", m.perplexity_before.toFixed(3), "ppl-before"),
+      card("perplexity after", m.perplexity_after.toFixed(3), "ppl-after"),
+      card("after / before", fmt(m.perplexity_ratio)),
+      card("mean relative error before compensation", fmt(c.mean_relative_error_before, 3)),
+      card("mean relative error after compensation", fmt(c.mean_relative_error_after, 3)),
+      card("export check: max |logit diff|", fmt(m.verification && m.verification.max_abs_diff, 3))));
+  if (modules.length) {
+    const anyAfter = modules.some(x => x.error_after !== null);
+    section.append(el("h2", {}, "Relative output error per module"),
+      el("div", {class: "legend"}, el("span", {}, el("span", {class: "swatch before"}), "before compensation (compressed only)"),
+        anyAfter ? el("span", {}, el("span", {class: "swatch after"}), "after compensation") : el("span", {class: "muted"}, "no compensation in this job")),
+      el("div", {id: "module-chart"}, moduleErrorChart(modules)),
+      el("h2", {}, "Ranks"),
+      el("p", {id: "rank-summary"}, rankSummary(modules)),
+      el("details", {}, el("summary", {}, `Per module: errors, rank and zeros (${modules.length} modules)`),
+        el("div", {class: "scroll"}, el("table", {id: "modules"},
+        el("thead", {}, el("tr", {}, el("th", {}, "module"), el("th", {class: "num"}, "error before"),
+          el("th", {class: "num"}, "error after"), el("th", {class: "num"}, "reduction"), el("th", {class: "num"}, "rank"),
+          el("th", {class: "num"}, "zeros"))),
+        el("tbody", {}, modules.map(x => el("tr", {},
+          el("td", {class: "ids"}, x.name), el("td", {class: "num"}, fmt(x.error_before, 3)),
+          el("td", {class: "num"}, fmt(x.error_after, 3)),
+          el("td", {class: "num"}, x.error_after === null ? "–" : `${(100 * (1 - x.error_after / x.error_before)).toFixed(1)}%`),
+          el("td", {class: "num"}, x.rank), el("td", {class: "num"}, `${(100 * x.zero_fraction).toFixed(1)}%`))))))));
+  }
+  section.append(sizeSection(job), servingSection(job), timingSection(m));
+  return section;
+}
+
+function sizeSection(job) {
+  const q = job.spec.quantization, a = job.metrics.adapter;
+  const rows = [
+    ["weights (codes)", q ? `${q.bits}-bit codes, ${q.group_size === -1 ? "per output channel" : `groups of ${q.group_size}`}, `
+      + `${q.symmetric ? "symmetric" : "asymmetric"}` : "not quantized (16-bit weights)",
+      "bytes not in the job's metrics (squeeze.json in the artifact lists every file's bytes)"],
+    ["scales and zero points", q ? "one scale (and zero point) per group" : "none",
+      "bytes not in the job's metrics"],
+    ["adapter, stored", a ? `${a.params.toLocaleString()} params as ${a.stored_dtype}` : "no adapter",
+      a ? `${bytes(a.stored_bytes)} (${a.stored_bits_per_param.toFixed(2)} bits/param), counted from ${a.file}` : "–"],
+    ["adapter, served", a ? "as an engine holds it in memory (fp16)" : "no adapter",
+      a ? `${bytes(a.served_bytes)} (${a.served_bits_per_param.toFixed(2)} bits/param)` : "–"],
+  ];
+  return el("section", {id: "sizes"}, el("h2", {}, "Size breakdown"),
+    el("div", {class: "scroll"}, el("table", {},
+      el("thead", {}, el("tr", {}, el("th", {}, "part"), el("th", {}, "what"), el("th", {}, "size"))),
+      el("tbody", {}, rows.map(r => el("tr", {}, r.map(v => el("td", {}, v))))))),
+    el("p", {class: "muted"}, `Nominal weight bits from the spec: ${nominalBits(job.spec)}. Stored bits/weight of the `
+      + "checkpoint is not reported in job metrics yet."));
+}
+
+function artifactLink(uri) {
+  const hub = uri.match(/^hf:\/\/([^@]+)/);
+  return hub ? el("a", {href: `https://huggingface.co/${hub[1]}`, rel: "noopener noreferrer", target: "_blank"}, uri)
+    : el("code", {}, uri);
+}
+
+function servingSection(job) {
+  const art = job.artifacts || {};
+  return el("section", {id: "artifacts"},
+    el("h2", {}, "Artifact and serving"),
+    el("p", {}, "Published to ", art.uri ? artifactLink(art.uri) : "–",
+      art.adapter ? ` (PEFT adapter in ${art.adapter}/)` : ""),
+    el("p", {class: "muted"}, "Which engines serve it: the notes below (from the export) say where an engine cannot; "
+      + "squeeze.json's “serving” table in the artifact lists transformers, vLLM and PEFT one by one."),
+    el("ul", {class: "notes", id: "notes"}, (art.notes || []).map(n => el("li", {}, n))),
+    el("details", {}, el("summary", {}, `${(art.files || []).length} files`),
+      el("ul", {class: "ids"}, (art.files || []).map(f => el("li", {}, f)))));
+}
+
+function timingSection(m) {
+  const t = m.timings || {};
+  return el("section", {}, el("h2", {}, "Timings"),
+    el("div", {class: "cards"}, Object.entries(t).map(([k, v]) => card(k.replace(/_s$/, ""), duration(v)))));
+}
+
+export function jobView(root, id) {
+  const title = el("h1", {}, "Job ", el("span", {class: "ids"}, id));
+  const head = el("div", {id: "job-head"});
+  const fill = el("div");
+  const bar = el("div", {class: "bar big", id: "progress-bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": 100}, fill);
+  const progressText = el("div", {id: "progress-text"});
+  const actions = el("div", {class: "actions"});
+  const body = el("div", {id: "job-body"});
+  const log = el("div", {class: "log", id: "events", "aria-live": "polite"});
+  root.append(title, head, bar, progressText, actions, body, el("h2", {}, "Events"), log);
+
+  let lastShown = "", lastState = "", after = 0, finished = false;
+
+  function render(job) {
+    const p = job.progress;
+    head.replaceChildren(
+      el("p", {}, el("span", {class: `status status-${job.status}`, id: "job-status"}, job.status),
+        job.cancel_requested && !TERMINAL.has(job.status) ? " (cancel requested)" : "",
+        ` · ${methodSummary(job.spec)} · created ${new Date(job.created_at).toLocaleString()}`
+        + (job.started_at ? ` · ran ${duration(jobDuration(job))}` : "")),
+      el("p", {}, "Model ", el("span", {class: "ids", id: "job-model"}, job.spec.model.id),
+        ` @ ${job.spec.model.revision}`));
+    fill.style.width = `${p.percent}%`;
+    bar.setAttribute("aria-valuenow", p.percent);
+    progressText.textContent = `${p.stage}` + (p.layers ? ` · layer ${p.layer || 0} of ${p.layers}` : "")
+      + ` · ${p.percent.toFixed(0)}%` + (job.status === "running" ? ` · ${eta(job)}` : "");
+    const cancellable = (job.status === "queued" || job.status === "running") && !job.cancel_requested;
+    actions.replaceChildren(
+      cancellable ? el("button", {type: "button", id: "cancel"}, "Cancel") : "",
+      el("a", {href: `/submit?from=${job.id}`, id: "resubmit"}, "Submit again with changes"),
+      el("a", {href: `/compare?model=${encodeURIComponent(job.spec.model.id)}`}, "Compare with this model's jobs"));
+    actions.querySelector("#cancel")?.addEventListener("click", async event => {
+      event.target.disabled = true;
+      try { render(await api(`/v1/jobs/${id}/cancel`, {method: "POST"})); } catch (error) { progressText.textContent = error.message; }
+      poller.now();
+    });
+    // The results only change when the job does: rebuild them on a status change, not on every poll.
+    if (job.status !== lastShown) {
+      body.replaceChildren(
+        job.status === "failed" ? failure(job) : "",
+        job.status === "succeeded" && job.metrics ? metricsSection(job) : "");
+      lastShown = job.status;
+    }
+  }
+
+  async function appendEvents() {
+    const page = await api(`/v1/jobs/${id}/events?after=${after}`);
+    const follow = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    for (const e of page.items) {
+      log.append(el("div", {class: e.level}, `${new Date(e.created_at).toLocaleTimeString()}  [${e.stage}] ${e.message}`));
+    }
+    after = page.next_after;
+    if (follow) log.scrollTop = log.scrollHeight;
+    return page.items.length > 0;
+  }
+
+  const poller = poll(async () => {
+    let job;
+    try { job = await api(`/v1/jobs/${id}`); }
+    catch (error) {
+      if (error.status === 404) { body.replaceChildren(el("p", {class: "error"}, "No such job for this API key.")); return "stop"; }
+      throw error;
+    }
+    const state = JSON.stringify([job.status, job.progress, job.cancel_requested]);
+    render(job);
+    const newEvents = await appendEvents();
+    if (TERMINAL.has(job.status)) {
+      if (finished) return "stop";  // one more round after the end picks up the last events
+      finished = true;
+    }
+    const changed = newEvents || state !== lastState;
+    lastState = state;
+    return changed;
+  }, {minMs: 700, maxMs: 8000});
+  return () => poller.stop();
+}
