@@ -1,0 +1,252 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by Playwright) against
+`squeeze serve` (embedded: SQLite, the filesystem broker, a real worker) with API keys on.
+
+Screenshots of the finished job page, the compare view and the narrow form go to docs/dashboard/.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.settings import Settings
+from tests.services import ROOT, api_server, bearer, create_api_key
+
+pytest.importorskip("playwright", reason="the browser tests need Playwright (the project's test extras)")
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = ROOT / "docs" / "dashboard"
+JOB_TIMEOUT_MS = 240_000
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, API key) of `squeeze serve` with its worker, auth on."""
+    data_dir = tmp_path_factory.mktemp("dashboard")
+    settings = Settings(data_dir=data_dir, auth="on", lease_seconds=20, broker_polling_interval=0.1)
+    with api_server(settings, data_dir / "serve.log") as base:
+        yield base, create_api_key(settings, "tenant-ui")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A page on the dashboard with the API key given through its prompt; a script error fails the test."""
+    base, key = server
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=base)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # HTTP errors the page expects (401 before the key, 422 from a bad form) are logged as failed loads.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.goto("/")
+    expect(page.locator("#authstate")).to_have_text("this server needs a valid API key")
+    page.fill("#key", key)
+    page.click("#keyform button")
+    expect(page.locator("#authstate")).to_have_text("key in use")
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def fill_tiny_job(page: Page, model_dir: Path, calibration: Path, **fields: str) -> None:
+    page.goto("/submit")
+    page.fill("#f-model-id", str(model_dir))
+    page.select_option("#f-quantization-method", "rtn")
+    page.fill("#f-quantization-group_size", "32")
+    page.set_input_files("#calibration-file", str(calibration))
+    expect(page.locator("#upload-state")).to_contain_text("uploaded")
+    page.fill("#f-calibration-num_samples", "8")
+    page.fill("#f-calibration-seq_len", "32")
+    page.fill("#f-evaluation-num_windows", "4")
+    for selector, value in fields.items():
+        page.fill(f"#f-{selector}", value)
+
+
+def api_job(server, job_id: str) -> dict:
+    base, key = server
+    return httpx.get(f"{base}/v1/jobs/{job_id}", headers=bearer(key)).json()
+
+
+def test_form_shows_the_spec_defaults_and_a_422_next_to_the_field(page):
+    from app.jobs.spec import Calibration, Compensation, Evaluation, Quantization
+
+    page.goto("/submit")
+    expect(page.locator("#f-quantization-group_size")).to_have_value(str(Quantization.model_fields["group_size"].default))
+    expect(page.locator("#f-quantization-method")).to_have_value(Quantization.model_fields["method"].default)
+    expect(page.locator("#f-calibration-seq_len")).to_have_value(str(Calibration.model_fields["seq_len"].default))
+    expect(page.locator("#f-evaluation-num_windows")).to_have_value(str(Evaluation.model_fields["num_windows"].default))
+    assert float(page.input_value("#f-compensation-damp")) == Compensation.model_fields["damp"].default
+    assert Compensation.model_fields["adapter_bits"].default is None
+    expect(page.locator("#f-compensation-adapter_bits")).to_have_value("")
+    expect(page.locator("#f-compensation-rank")).to_be_hidden()  # compensation is off until ticked
+    page.fill("#f-model-id", "org/model")
+    page.fill("#f-calibration-dataset", "org/data")
+    page.fill("#f-quantization-group_size", "100")
+    page.click("#submit")
+    problem = page.locator('[data-problem-for="quantization.group_size"]')
+    expect(problem).to_contain_text("power of two")
+    expect(page.locator('[data-problem-for="model.id"]')).to_have_text("")
+    assert page.url.endswith("/submit")  # nothing was created
+
+    page.set_viewport_size({"width": 380, "height": 900})
+    page.fill("#f-model-id", "m" * 512)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 380
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "form-narrow.png", full_page=True)
+
+
+def test_submit_watch_progress_finish_and_open_the_job_url(page, server, slow_llama_dir, calibration_txt):
+    # The 12-layer model: its layers last several polls of the page (the 2-layer one is done in a blink).
+    fill_tiny_job(page, slow_llama_dir, calibration_txt)
+    page.check("#use-compensation")
+    page.fill("#f-compensation-rank", "4")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+
+    shown = []  # each percent the bar showed, in order
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+    while (status := page.locator("#job-status").text_content()) not in ("succeeded", "failed", "cancelled"):
+        percent = float(page.locator("#progress-bar").get_attribute("aria-valuenow") or 0)
+        if not shown or shown[-1] != percent:
+            shown.append(percent)
+        assert time.monotonic() < deadline, page.locator("#events").text_content()
+        time.sleep(0.05)
+    assert status == "succeeded", page.locator("#job-body").text_content()
+    expect(page.locator("#progress-bar")).to_have_attribute("aria-valuenow", "100")
+    assert len(set(shown) - {0.0, 100.0}) >= 2, f"the bar never showed progress between 0 and 100: {shown}"
+    assert shown == sorted(shown), f"the bar went backwards: {shown}"
+
+    job = api_job(server, job_id)
+    expect(page.locator("#ppl-before")).to_have_text(f"{job['metrics']['perplexity_before']:.3f}")
+    expect(page.locator("#ppl-after")).to_have_text(f"{job['metrics']['perplexity_after']:.3f}")
+    per_module = job["metrics"]["compression"]["per_module"]
+    assert page.locator("#module-chart svg circle.before").count() == len(per_module)
+    assert page.locator("#module-chart svg circle.after").count() == len(per_module)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "job-succeeded.png", full_page=True)
+    ranks = {m["rank"] for m in per_module.values()}
+    expect(page.locator("#rank-summary")).to_contain_text(f"rank {max(ranks)}: ")
+    page.click("#results details summary")
+    expect(page.locator("#modules tbody tr")).to_have_count(len(per_module))
+    first = next(iter(per_module))
+    row = page.locator("#modules tbody tr").first
+    expect(row.locator("td").nth(0)).to_have_text(first)
+    expect(row.locator("td").nth(4)).to_have_text(str(per_module[first]["rank"]))
+    sizes = page.locator("#sizes")
+    adapter = job["metrics"]["adapter"]
+    expect(sizes).to_contain_text(f"{adapter['params']:,} params")
+    expect(sizes).to_contain_text("4-bit codes, groups of 32")
+    expect(sizes).to_contain_text("not in the job's metrics")
+    expect(page.locator("#artifacts")).to_contain_text(job["artifacts"]["uri"])
+    expect(page.locator("#events")).to_contain_text("perplexity after")
+
+
+    # The job's own URL, opened directly in a fresh tab (which asks for the key again: it is kept per tab).
+    fresh = page.context.new_page()
+    fresh.goto(f"/jobs/{job_id}")
+    expect(fresh.locator("#authstate")).to_have_text("this server needs a valid API key")
+    fresh.fill("#key", server[1])
+    fresh.click("#keyform button")
+    expect(fresh.locator("#job-status")).to_have_text("succeeded")
+    expect(fresh.locator("#job-model")).to_have_text(str(slow_llama_dir))
+    fresh.close()
+
+    # "Submit again with changes" prefills the form with this job's spec.
+    page.click("#resubmit")
+    expect(page.locator("#f-model-id")).to_have_value(str(slow_llama_dir))
+    expect(page.locator("#f-compensation-rank")).to_have_value("4")
+    expect(page.locator("#f-calibration-dataset")).to_have_value(job["spec"]["calibration"]["dataset"])
+
+
+def test_cancel_a_running_job(page, server, slow_llama_dir, calibration_txt):
+    fill_tiny_job(page, slow_llama_dir, calibration_txt)
+    page.select_option("#f-quantization-method", "gptq")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    expect(page.locator("#job-status")).to_have_text("running", timeout=60_000)
+    expect(page.locator("#progress-text")).to_contain_text(re.compile(r"layer \d+ of 12"), timeout=60_000)
+    page.click("#cancel")
+    expect(page.locator("#job-status")).to_have_text("cancelled", timeout=60_000)
+    assert api_job(server, page.url.rsplit("/", 1)[1])["status"] == "cancelled"
+    expect(page.locator("#cancel")).to_have_count(0)
+
+
+def test_list_filters_searches_and_survives_a_long_model_id_and_a_failure(page, server):
+    base, key = server
+    long_id = "org/" + "x" * 508
+    spec = {"model": {"id": long_id}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
+            "calibration": {"dataset": "org/data"}}
+    created = httpx.post(f"{base}/v1/jobs", json=spec, headers=bearer(key))
+    assert created.status_code == 201, created.text
+    page.set_viewport_size({"width": 360, "height": 800})
+    page.goto("/")
+    page.fill("#model-search", "xxxxxxxx")
+    expect(page.locator("#jobs a.job")).to_have_count(1)
+    expect(page.locator("#jobs a.job .model")).to_have_text(long_id)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.select_option("#status-filter", "succeeded")
+    expect(page.locator("#list-message")).to_have_text("No jobs match.")
+
+    # Its page: the model cannot be fetched (no hub here), and the failure reads as a sentence.
+    page.goto(f"/jobs/{created.json()['id']}")
+    expect(page.locator("#job-status")).to_have_text("failed", timeout=120_000)
+    failure = page.locator("#failure")
+    expect(failure).to_contain_text("This job failed")
+    expect(failure).to_contain_text(api_job(server, created.json()["id"])["error"])
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+
+
+def test_compare_two_finished_jobs(page, server, tiny_llama_dir, calibration_txt):
+    base, key = server
+    ids = []
+    for bits in (4, 8):
+        spec = {"model": {"id": str(tiny_llama_dir)}, "quantization": {"method": "rtn", "bits": bits, "group_size": 32},
+                "calibration": {"dataset": str(calibration_txt), "num_samples": 8, "seq_len": 32},
+                "evaluation": {"num_windows": 4}}
+        ids.append(httpx.post(f"{base}/v1/jobs", json=spec, headers=bearer(key)).json()["id"])
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
+    while (jobs := [api_job(server, i) for i in ids]) and any(j["status"] not in ("succeeded", "failed") for j in jobs):
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.5)
+    assert all(j["status"] == "succeeded" for j in jobs), jobs
+    ppl = {j["id"]: j["metrics"]["perplexity_after"] for j in jobs}
+
+    page.goto(f"/compare?model={tiny_llama_dir}")
+    table = page.locator("#compare-table")
+    for job_id in ids:
+        expect(table.locator(f'tr[data-job="{job_id}"]')).to_have_count(1)
+        expect(page.locator(f'#pareto-chart circle[data-job="{job_id}"]')).to_have_count(1)
+    # 8-bit weights are larger: on the front only when its perplexity is lower than the 4-bit job's.
+    four, eight = ids
+    expect(table.locator(f'tr[data-job="{four}"] td').last).to_have_text("yes")
+    expect(table.locator(f'tr[data-job="{eight}"] td').last).to_have_text("yes" if ppl[eight] < ppl[four] else "no")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / "compare.png", full_page=True)
+
+
+def test_queue_panel_counts_this_tenants_jobs(page, server):
+    base, key = server
+    stats = httpx.get(f"{base}/v1/stats", headers=bearer(key)).json()
+    expect(page.locator("#queued")).to_have_text(str(stats["queued"]), timeout=20_000)  # polled with backoff
+    assert stats["workers_recent"], "a worker ran jobs for this tenant in the last minutes"
+    expect(page.locator("#workernames")).to_contain_text(stats["workers_recent"][0])
+
