@@ -12,6 +12,7 @@ from sqlalchemy import text
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
 from app.errors import ServiceUnavailable, install_error_handlers
 from app.http_guards import install_guards
+from app.jobs.artifacts_router import router as artifacts_router
 from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     install_error_handlers(app)
     install_guards(app, settings)
     app.include_router(jobs_router)
+    app.include_router(artifacts_router)
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:
