@@ -24,6 +24,7 @@ import httpx
 
 from app.db.models import JobStatus
 from app.jobs.schemas import ArtifactListOut, EventOut, EventPage, JobOut, JobPage
+from app.webhooks.router import DeliveryPage, SecretOut
 
 
 class ClientError(Exception):
@@ -123,6 +124,15 @@ class SqueezeClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout:g} s")
             time.sleep(poll_seconds)
+
+    def webhooks(self, job_id: uuid.UUID | str) -> DeliveryPage:
+        return DeliveryPage.model_validate(self._request("GET", f"/v1/jobs/{job_id}/webhooks").json())
+
+    def webhook_secret(self, *, rotate: bool = False) -> str:
+        """The secret that signs this tenant's webhooks; rotate=True replaces it first."""
+        response = self._request("POST", "/v1/webhook-secret/rotate") if rotate else \
+            self._request("GET", "/v1/webhook-secret")
+        return SecretOut.model_validate(response.json()).secret
 
     def artifacts(self, job_id: uuid.UUID | str) -> ArtifactListOut:
         return ArtifactListOut.model_validate(self._request("GET", f"/v1/jobs/{job_id}/artifacts").json())

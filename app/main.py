@@ -17,6 +17,7 @@ from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
 from app.settings import Settings
+from app.webhooks.router import router as webhooks_router
 
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     install_guards(app, settings)
     app.include_router(jobs_router)
     app.include_router(artifacts_router)
+    app.include_router(webhooks_router)
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> FileResponse:

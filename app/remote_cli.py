@@ -102,6 +102,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = spec_data_from_args(args)
     if args.destination:
         spec["destination"] = {**(spec.get("destination") or {}), "uri": args.destination}
+    if args.webhook_url:
+        spec["webhook_url"] = args.webhook_url
     with _client(args) as client:
         job = client.submit(spec, idempotency_key=args.idempotency_key)
         if not args.wait:
@@ -187,6 +189,16 @@ def cmd_download(args: argparse.Namespace) -> int:
     return EXIT_SUCCEEDED
 
 
+def cmd_webhook_secret(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        secret = client.webhook_secret(rotate=args.rotate)
+    if args.json:
+        _print_json({"secret": secret})
+    else:
+        print(secret)
+    return EXIT_SUCCEEDED
+
+
 def run_remote(args: argparse.Namespace) -> int:
     """Runs a remote command, turning client errors into their exit codes."""
     try:
@@ -228,6 +240,7 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     add_spec_arguments(submit)
     submit.add_argument("--destination", help="destination.uri: a folder below the server's artifact root, "
                                               "s3://bucket/prefix or hf://org/repo (default: the job's own folder)")
+    submit.add_argument("--webhook-url", help="POSTed, signed, when the job ends (see `squeeze webhook-secret`)")
     submit.add_argument("--idempotency-key", help="a retry with the same key returns the first job")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar; the exit "
                                                             "code says how it ended")
@@ -245,6 +258,9 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
     download = command("download", cmd_download, "a succeeded job's local artifact files, each checked by sha256")
     download.add_argument("folder", type=Path)
+    secret = command("webhook-secret", cmd_webhook_secret, "the secret that signs your webhooks (X-Squeeze-Signature)",
+                     job=False)
+    secret.add_argument("--rotate", action="store_true", help="replace it first (retries are signed with the new one)")
 
 
 EXIT_CODES = __doc__[__doc__.index("Exit codes"):]

@@ -18,7 +18,8 @@ from app.main import create_app
 from app.settings import Settings
 from tests.services import bearer, create_api_key
 
-SPEC = {"model": {"id": "org/model"}, "calibration": {"dataset": "org/data"}}
+SPEC = {"model": {"id": "org/model"}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
+        "calibration": {"dataset": "org/data"}}
 
 
 @pytest.fixture
