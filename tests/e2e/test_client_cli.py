@@ -26,6 +26,7 @@ from app.remote_cli import (
 )
 from app.settings import Settings
 from tests.e2e.test_jobs import spec_for
+from tests.integration.test_webhooks import Receiver, verified
 from tests.services import ROOT, api_server, artifact_dir, create_api_key, free_port
 
 
@@ -36,7 +37,8 @@ def server(tmp_path_factory):
     settings = Settings(data_dir=data_dir, auth="on", lease_seconds=20)
     upgrade_database(settings)
     key = create_api_key(settings, "tenant-a")
-    with api_server(settings, data_dir / "serve.log") as base:
+    webhooks = {"SQUEEZE_WEBHOOK_ALLOW_PRIVATE": "true", "SQUEEZE_WEBHOOK_INTERVAL_SECONDS": "0.2"}
+    with api_server(settings, data_dir / "serve.log", env=webhooks) as base:
         yield base, settings, key
 
 
@@ -53,11 +55,13 @@ def write_spec(tmp_path, spec: dict):
     return str(path)
 
 
-def test_submit_wait_succeeds_then_status_logs_and_download(server, tiny_llama_dir, calibration_txt, tmp_path):
+def test_submit_wait_succeeds_then_status_logs_download_and_webhook(server, tiny_llama_dir, calibration_txt,
+                                                                     tmp_path):
     _, settings, _ = server
+    hook = Receiver([200])
     started = time.monotonic()
     run = squeeze(server, "submit", "--spec", write_spec(tmp_path, spec_for(tiny_llama_dir, calibration_txt)),
-                  "--bits", "3", "--wait", "--poll", "0.2")
+                  "--bits", "3", "--webhook-url", hook.url, "--wait", "--poll", "0.2")
     assert run.returncode == EXIT_SUCCEEDED, run.stderr
     print(f"submit --wait of a tiny job: {time.monotonic() - started:.1f} s")
     assert "succeeded" in run.stdout and "perplexity" in run.stdout  # the metrics are printed
@@ -88,6 +92,13 @@ def test_submit_wait_succeeds_then_status_logs_and_download(server, tiny_llama_d
     got = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
            for p in out.rglob("*") if p.is_file()}
     assert got == expected and "config.json" in got and "squeeze.json" in got
+
+    # the serve's reaper process POSTed the success, signed with the tenant's secret
+    (headers, body), = hook.wait_for(1)
+    hook.close()
+    secret = json.loads(squeeze(server, "webhook-secret", "--json").stdout)["secret"]
+    payload = verified(secret, headers, body)
+    assert payload["event"] == "job.succeeded" and payload["job"] == {**job, "updated_at": payload["job"]["updated_at"]}
 
 
 def test_a_failed_job_exits_1_with_its_reason(server, tiny_llama_dir, calibration_txt):
