@@ -23,11 +23,11 @@ from app.remote_cli import (
     EXIT_REFUSED,
     EXIT_SUCCEEDED,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
 )
 from app.settings import Settings
 from tests.e2e.test_jobs import spec_for
-from tests.integration.test_webhooks import Receiver, verified
-from tests.services import ROOT, api_server, artifact_dir, create_api_key, free_port
+from tests.services import ROOT, Receiver, api_server, artifact_dir, create_api_key, free_port, verified
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,8 @@ def test_client_errors_have_their_own_exit_codes(server, tmp_path):
     assert invalid.returncode == EXIT_REFUSED and "quantization.bits" in invalid.stderr
     bad_key = squeeze(server, "jobs", key="sqz_000000000000_" + "a" * 43)
     assert bad_key.returncode == EXIT_REFUSED and "401" in bad_key.stderr
+    unreadable = squeeze(server, "submit", "--spec", str(tmp_path / "missing.json"))
+    assert unreadable.returncode == EXIT_USAGE and "missing.json" in unreadable.stderr
     nobody = squeeze(server, "jobs", "--server", f"http://127.0.0.1:{free_port()}")
     assert nobody.returncode == EXIT_UNREACHABLE and "ConnectError" in nobody.stderr
 

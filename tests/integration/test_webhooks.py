@@ -6,63 +6,24 @@ migrations, Redis broker)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.db.models import DeliveryState, Tenant, WebhookDelivery
+from app.db.models import Tenant, WebhookDelivery
 from app.db.session import unit_of_work, upgrade_database
 from app.jobs import repository
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks.addresses import WebhookRefused, check_url
 from app.webhooks.sender import deliver_due
-from tests.services import REDIS_URL, bearer, create_api_key, fresh_postgres_database
+from tests.services import REDIS_URL, Receiver, bearer, create_api_key, fresh_postgres_database, verified
 
 SPEC = {"model": {"id": "org/model"}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
         "calibration": {"dataset": "org/data"}}
-
-
-class Receiver:
-    """An HTTP server on loopback answering each POST with the next of `codes` (the last one repeats)."""
-
-    def __init__(self, codes: list[int]):
-        self.codes, self.requests = list(codes), []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                code = receiver.codes.pop(0) if len(receiver.codes) > 1 else receiver.codes[0]
-                self.send_response(code)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/squeeze?token=abc"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, count: int, timeout: float = 20.0) -> list[tuple[dict, bytes]]:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count:
-            assert time.monotonic() < deadline, f"{len(self.requests)} of {count} webhook requests arrived"
-            time.sleep(0.02)
-        return self.requests
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -100,12 +61,6 @@ def client(settings):
     with TestClient(create_app(settings)) as client:  # with its reaper and webhook sender threads
         client.headers.update(bearer(create_api_key(settings, "tenant-a")))
         yield client
-
-
-def verified(secret: str, headers: dict, body: bytes) -> dict:
-    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Squeeze-Signature"], expected)
-    return json.loads(body)
 
 
 def deliveries(client, job_id) -> list[dict]:
@@ -259,6 +214,3 @@ def test_address_rules_after_resolution():
     with pytest.raises(WebhookRefused, match="https"):
         check_url("http://hooks.example.com/x", True, public_dns(public))
 
-
-def test_delivery_states_are_the_documented_ones():
-    assert {s.value for s in DeliveryState} == {"pending", "delivered", "failed"}
