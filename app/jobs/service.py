@@ -81,7 +81,9 @@ def _tenant_filter(caller: Caller) -> str | None:
 def request_hash(spec: JobSpec) -> str:
     """sha256 of the validated request (defaults filled in, the token included): what a retry must repeat."""
     token = spec.hf_token.get_secret_value() if spec.hf_token else None
-    canonical = json.dumps({"spec": spec.model_dump(mode="json"), "hf_token": token}, sort_keys=True)
+    # without webhook_url when it is unset: a retry of a request made before the field existed hashes the same
+    stored = spec.model_dump(mode="json", exclude={"webhook_url"} if spec.webhook_url is None else None)
+    canonical = json.dumps({"spec": stored, "hf_token": token}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -214,3 +214,18 @@ def test_address_rules_after_resolution():
     with pytest.raises(WebhookRefused, match="https"):
         check_url("http://hooks.example.com/x", True, public_dns(public))
 
+
+
+def test_a_request_without_webhook_url_hashes_as_before_the_field_existed():
+    """An Idempotency-Key retry that spans the upgrade still finds its job; a webhook_url changes the hash."""
+    import hashlib
+    import json
+
+    from app.jobs.service import request_hash
+    from app.jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate(SPEC)
+    before = {key: value for key, value in spec.model_dump(mode="json").items() if key != "webhook_url"}
+    assert request_hash(spec) == hashlib.sha256(json.dumps({"spec": before, "hf_token": None},
+                                                           sort_keys=True).encode()).hexdigest()
+    assert request_hash(JobSpec.model_validate({**SPEC, "webhook_url": "https://x.example/h"})) != request_hash(spec)
