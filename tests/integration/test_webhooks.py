@@ -6,6 +6,8 @@ migrations, Redis broker)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 
@@ -16,6 +18,8 @@ from sqlalchemy import select
 from app.db.models import Tenant, WebhookDelivery
 from app.db.session import unit_of_work, upgrade_database
 from app.jobs import repository
+from app.jobs.service import request_hash
+from app.jobs.spec import JobSpec
 from app.main import create_app
 from app.settings import Settings
 from app.webhooks.addresses import WebhookRefused, check_url
@@ -218,12 +222,6 @@ def test_address_rules_after_resolution():
 
 def test_a_request_without_webhook_url_hashes_as_before_the_field_existed():
     """An Idempotency-Key retry that spans the upgrade still finds its job; a webhook_url changes the hash."""
-    import hashlib
-    import json
-
-    from app.jobs.service import request_hash
-    from app.jobs.spec import JobSpec
-
     spec = JobSpec.model_validate(SPEC)
     before = {key: value for key, value in spec.model_dump(mode="json").items() if key != "webhook_url"}
     assert request_hash(spec) == hashlib.sha256(json.dumps({"spec": before, "hf_token": None},
