@@ -1,4 +1,4 @@
-"""`squeeze serve | worker | reaper | migrate | keys | compress`."""
+"""`squeeze serve | worker | reaper | migrate | keys | compress`, and the client commands of app/remote_cli.py."""
 
 from __future__ import annotations
 
@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compress_arguments(compress)
     compress.set_defaults(fn=cmd_compress)
+
+    from app.remote_cli import add_remote_commands
+
+    add_remote_commands(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`squeeze compress` flags -> the same JobSpec the API takes (a --spec file, overridden by flags)."""
+"""Spec flags -> the same JobSpec the API takes (a --spec file, overridden by flags). Shared by
+`squeeze compress` (local run, --out) and `squeeze submit` (remote, --destination)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    add_spec_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the compressed model")
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="local model folder or Hub id (overrides the spec's model.id)")
     parser.add_argument("--spec", type=Path, help="a job spec JSON file, as POST /v1/jobs takes")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the compressed model")
     for flag, (_, _, kind) in FLAGS.items():
         name = "--" + flag.replace("_", "-")
         if kind is bool:
@@ -53,6 +58,13 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> JobSpec:
     """Raises pydantic.ValidationError (with field names) on an invalid combination."""
+    data = spec_data_from_args(args)
+    data.setdefault("destination", {})["uri"] = str(args.out.resolve())
+    return JobSpec.model_validate(data)
+
+
+def spec_data_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The --spec file's JSON with the flags applied, not yet validated (a server validates what it is sent)."""
     data: dict[str, Any] = json.loads(args.spec.read_text()) if args.spec else {}
     if args.model:
         data.setdefault("model", {})["id"] = args.model
@@ -74,5 +86,4 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         ref = (data.get(section) or {}).get(key)
         if isinstance(ref, str) and not looks_local(ref) and Path(ref).exists():
             data[section][key] = str(Path(ref).resolve())
-    data.setdefault("destination", {})["uri"] = str(args.out.resolve())
-    return JobSpec.model_validate(data)
+    return data

@@ -71,6 +71,20 @@ class JobStateConflict(SqueezeError):
     status_code = 409
 
 
+class ArtifactNotFound(JobNotFound):
+    pass
+
+
+class ArtifactElsewhere(JobStateConflict):
+    """The job's artifact is in S3 or on the Hub: the API names its URI instead of proxying it."""
+
+    code = "artifact_not_local"
+
+    def __init__(self, detail: str, uri: str):
+        super().__init__(detail)
+        self.uri = uri
+
+
 class BadCursor(SqueezeError):
     code = "bad_cursor"
     status_code = 400
@@ -97,6 +111,8 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["WWW-Authenticate"] = "Bearer"
         elif isinstance(exc, TooManyQueued):
             headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, ArtifactElsewhere):
+            body["uri"] = exc.uri
         return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -11,10 +11,12 @@ from app.dashboard.router import install_dashboard
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
 from app.errors import ServiceUnavailable, install_error_handlers
 from app.http_guards import install_guards
+from app.jobs.artifacts_router import router as artifacts_router
 from app.jobs.router import router as jobs_router
 from app.queue import Dispatcher
 from app.reaper import Reaper
 from app.settings import Settings
+from app.webhooks.router import router as webhooks_router
 
 
 def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> FastAPI:
@@ -49,6 +51,8 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     install_error_handlers(app)
     install_guards(app, settings)
     app.include_router(jobs_router)
+    app.include_router(artifacts_router)
+    app.include_router(webhooks_router)
     install_dashboard(app)
 
     @app.get("/healthz", tags=["ops"])

@@ -5,7 +5,9 @@
 - a queued job that was never dispatched (broker down at submit) or not picked up for a long time
   is sent again. Duplicated messages are harmless: claiming is conditional;
 - uploads older than the retention period are deleted (row and file);
-- a job it fails or cancels loses its layer checkpoints (when they are on a disk this process sees).
+- a job it fails or cancels loses its layer checkpoints (when they are on a disk this process sees);
+- beside the passes, a second loop POSTs due webhook deliveries (app/webhooks/sender.py), so a slow
+  receiver never delays the lease checks.
 
 It runs as its own process (`squeeze reaper`, which `squeeze serve` starts beside the API) or as a
 thread inside an API process (`create_app`'s default). Any number may run at once against one
@@ -30,6 +32,7 @@ from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository, uploads
 from app.queue import Dispatcher
 from app.settings import Settings
+from app.webhooks.sender import deliver_until
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +73,29 @@ def reap_until(stop: threading.Event, settings: Settings, sessions: sessionmaker
             log.exception("reaper pass failed")
 
 
+def _loops(stop: threading.Event, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher,
+           daemon: bool) -> list[threading.Thread]:
+    return [threading.Thread(target=reap_until, args=(stop, settings, sessions, dispatcher), name="squeeze-reaper",
+                             daemon=daemon),
+            threading.Thread(target=deliver_until, args=(stop, settings, sessions), name="squeeze-webhooks",
+                             daemon=daemon)]
+
+
 class Reaper:
-    """reap_until in a daemon thread (of the API process, or of `squeeze reaper`)."""
+    """reap_until and the webhook sender in daemon threads of the API process."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], dispatcher: Dispatcher):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=reap_until, args=(self._stop, settings, sessions, dispatcher),
-                                        name="squeeze-reaper", daemon=True)
+        self._threads = _loops(self._stop, settings, sessions, dispatcher, daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
 
 def run_reaper_process(settings: Settings) -> int:
@@ -96,13 +108,15 @@ def run_reaper_process(settings: Settings) -> int:
     sessions = make_sessionmaker(engine)
     dispatcher = Dispatcher(settings, sessions)
     stop = threading.Event()
-    loop = threading.Thread(target=reap_until, args=(stop, settings, sessions, dispatcher), name="squeeze-reaper")
-    loop.start()
+    loops = _loops(stop, settings, sessions, dispatcher, daemon=False)
+    for loop in loops:
+        loop.start()
     log.info("reaper: a pass every %ss (pid %d)", settings.reaper_interval_seconds, os.getpid())
     received = signal.sigwait(stop_signals)
     log.info("reaper: %s, stopping", signal.Signals(received).name)
     stop.set()
-    loop.join()
+    for loop in loops:
+        loop.join()
     dispatcher.close()
     engine.dispose()
     return 0

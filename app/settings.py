@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     # hung (one publish retry, then the job stays queued and the reaper re-sends it).
     broker_timeout_seconds: float = 5.0
 
+    # Webhooks (app/webhooks). A job's webhook_url must be https and resolve only to public addresses,
+    # checked at submit and again before each POST. webhook_allow_private also admits private, loopback
+    # and link-local addresses, and plain http to those (receivers on the same host or network, tests).
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(6, ge=1)  # a delivery without a 2xx by then is recorded as failed
+    webhook_backoff_seconds: float = 30.0  # retry n waits backoff * 2**(n-1): 30 s, 1 min, 2 min, ...
+    webhook_timeout_seconds: float = 10.0  # per POST
+    webhook_interval_seconds: float = 2.0  # how often the reaper's sender looks for due deliveries
+
     # Worker process.
     worker_concurrency: int = 1
     torch_threads: int = 0  # 0 = torch's default

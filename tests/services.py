@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -194,3 +198,44 @@ def artifact_dir(settings, job: dict) -> Path:
     from worker.storage import local_artifact_path
 
     return local_artifact_path(job["artifacts"]["uri"], settings.artifacts_dir)
+
+
+class Receiver:
+    """An HTTP server on loopback answering each POST with the next of `codes` (the last one repeats)."""
+
+    def __init__(self, codes: list[int]):
+        self.codes, self.requests = list(codes), []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), body))
+                code = receiver.codes.pop(0) if len(receiver.codes) > 1 else receiver.codes[0]
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/squeeze?token=abc"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> list[tuple[dict, bytes]]:
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count:
+            assert time.monotonic() < deadline, f"{len(self.requests)} of {count} webhook requests arrived"
+            time.sleep(0.02)
+        return self.requests
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def verified(secret: str, headers: dict, body: bytes) -> dict:
+    """The webhook body, parsed, once its X-Squeeze-Signature proved right for the secret."""
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(headers["X-Squeeze-Signature"], expected)
+    return json.loads(body)

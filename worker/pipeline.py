@@ -144,8 +144,9 @@ def public_ref(ref: str | None) -> str | None:
 
 
 def public_spec(spec: JobSpec) -> dict[str, Any]:
-    """The job spec for the manifest, without the server's paths (models and artifacts get shared)."""
-    data = spec.model_dump(mode="json")
+    """The job spec for the manifest, without the server's paths (models and artifacts get shared) or
+    the webhook URL (it may carry the receiver's own token)."""
+    data = spec.model_dump(mode="json", exclude={"webhook_url"})
     data["model"]["id"] = public_ref(data["model"]["id"])
     for section in ("calibration", "evaluation"):
         data[section]["dataset"] = public_ref(data[section]["dataset"])

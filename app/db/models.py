@@ -1,4 +1,4 @@
-"""Tables: tenants and their API keys, jobs and their append-only event log, uploads."""
+"""Tables: tenants and their API keys, jobs and their append-only event log, uploads, webhook deliveries."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the name given to `squeeze keys create`
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The key that signs this tenant's webhooks, sealed like a job's token (app/secrets.py); made on first use.
+    sealed_webhook_secret: Mapped[str | None] = mapped_column(Text)
 
 
 class ApiKey(Base):
@@ -70,6 +72,8 @@ class Job(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # A per-job token sealed with the server's key (app/secrets.py); cleared when the job ends.
     sealed_token: Mapped[str | None] = mapped_column(Text)
+    # POSTed when the job ends (app/webhooks): a terminal transition adds a WebhookDelivery in its transaction.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
 
     stage: Mapped[str] = mapped_column(String(32), default="queued")
     layer: Mapped[int | None] = mapped_column(Integer)
@@ -115,3 +119,44 @@ class Upload(Base):
     filename: Mapped[str] = mapped_column(String(64))  # <id><suffix>, inside settings.uploads_dir
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class DeliveryState(str, enum.Enum):
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"  # every attempt was used without a 2xx
+
+
+class WebhookDelivery(Base):
+    """Outbox row: one terminal state of a job to POST to its webhook_url, until a 2xx or attempts run out."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, name="delivery_state", native_enum=False, length=16), default=DeliveryState.pending
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When a sender may take it next; a sender moves it forward before sending, so only one sends.
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_webhook_deliveries_state_next_attempt_at", "state", "next_attempt_at"),)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery: the HTTP status it got, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[float] = mapped_column(Float)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
+from app.webhooks import repository as webhooks
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
@@ -24,12 +25,14 @@ TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 def add_job(
     session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None = None, *,
     tenant_id: str = DEFAULT_TENANT, idempotency_key: str | None = None, request_hash: str | None = None,
+    webhook_url: str | None = None,
 ) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(), tenant_id=tenant_id, status=JobStatus.queued, spec=spec, attempt=0,
         max_attempts=max_attempts, stage="queued", percent=0.0, created_at=now, updated_at=now,
         sealed_token=sealed_token, idempotency_key=idempotency_key, request_hash=request_hash,
+        webhook_url=webhook_url,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message="job queued"))
@@ -39,14 +42,14 @@ def add_job(
 
 def add_job_once(
     session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None, *,
-    tenant_id: str, idempotency_key: str, request_hash: str,
+    tenant_id: str, idempotency_key: str, request_hash: str, webhook_url: str | None = None,
 ) -> tuple[Job, bool]:
     """add_job, unless the tenant already used the idempotency key: then (that job, False). The unique
     index decides, so concurrent retries, each in its own transaction, all get the one job."""
     try:
         with session.begin_nested():  # a savepoint: losing the race rolls back only this insert
             job = add_job(session, spec, max_attempts, sealed_token, tenant_id=tenant_id,
-                          idempotency_key=idempotency_key, request_hash=request_hash)
+                          idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=webhook_url)
         return job, True
     except IntegrityError:
         existing = job_by_idempotency_key(session, tenant_id, idempotency_key)
@@ -120,11 +123,15 @@ def add_event(
 
 
 def _transition(session: Session, job_id: uuid.UUID, where: list, **values: Any) -> bool:
+    """A terminal one also queues the job's webhook delivery, in the same transaction (an outbox)."""
     values.setdefault("updated_at", utcnow())
-    if values.get("status") in TERMINAL:
+    ending = values.get("status") in TERMINAL
+    if ending:
         values["sealed_token"] = None  # a finished job keeps no secret
-    result = session.execute(update(Job).where(Job.id == job_id, *where).values(**values))
-    return result.rowcount == 1
+    changed = session.execute(update(Job).where(Job.id == job_id, *where).values(**values)).rowcount == 1
+    if changed and ending:
+        webhooks.enqueue(session, job_id, values["status"])
+    return changed
 
 
 def mark_dispatched(session: Session, job_id: uuid.UUID) -> bool:
@@ -244,6 +251,7 @@ def request_cancel(session: Session, job: Job) -> JobStatus:
         status, attempt = JobStatus(row[0]), row[1]
         if status == JobStatus.cancelled:
             add_event(session, job.id, attempt, "cancelled", "cancelled before it started")
+            webhooks.enqueue(session, job.id, status)
         else:
             add_event(session, job.id, attempt, "cancelling", "cancel requested; the worker stops at the next layer")
     session.refresh(job)

@@ -18,6 +18,7 @@ class ErrorOut(BaseModel):
     error: str
     detail: str
     fields: list[str] | None = None
+    uri: str | None = None  # artifact_not_local: where the artifact is instead
 
 
 ERRORS = {status: {"model": ErrorOut, "description": what} for status, what in (
@@ -108,3 +109,14 @@ class UploadOut(BaseModel):
 
 class UploadPage(BaseModel):
     items: list[UploadOut]
+
+
+class ArtifactFileOut(BaseModel):
+    path: str  # relative posix path inside the artifact; GET /v1/jobs/{id}/artifacts/{path} streams it
+    bytes: int
+    sha256: str
+
+
+class ArtifactListOut(BaseModel):
+    uri: str
+    files: list[ArtifactFileOut]

@@ -21,6 +21,7 @@ from app.jobs.destinations import DestinationRefused, check_destination
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
+from app.webhooks import service as webhooks
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 UPLOAD_PREFIX = uploads.PREFIX
@@ -64,6 +65,8 @@ def validate_for_server(settings: Settings, spec: JobSpec) -> None:
     too_high = spec.compensation.above_max_rank(settings.max_rank) if spec.compensation is not None else None
     if too_high is not None:
         raise InvalidSpec(*too_high)
+    if spec.webhook_url is not None:
+        webhooks.check_for_submit(settings, spec.webhook_url)
     check_supported(spec)
     try:
         check_destination(spec.destination.uri, settings.artifacts_dir)
@@ -78,7 +81,9 @@ def _tenant_filter(caller: Caller) -> str | None:
 def request_hash(spec: JobSpec) -> str:
     """sha256 of the validated request (defaults filled in, the token included): what a retry must repeat."""
     token = spec.hf_token.get_secret_value() if spec.hf_token else None
-    canonical = json.dumps({"spec": spec.model_dump(mode="json"), "hf_token": token}, sort_keys=True)
+    # without webhook_url when it is unset: a retry of a request made before the field existed hashes the same
+    stored = spec.model_dump(mode="json", exclude={"webhook_url"} if spec.webhook_url is None else None)
+    canonical = json.dumps({"spec": stored, "hf_token": token}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -99,11 +104,15 @@ def create_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
                             f"{settings.max_queued_jobs_per_tenant}); retry when some have started",
                             settings.queued_retry_after_seconds)
     sealed = seal(settings, spec.hf_token.get_secret_value(), "hf_token") if spec.hf_token else None
+    if spec.webhook_url is not None:
+        webhooks.signing_secret(session, settings, caller.tenant_id)  # made now, so the owner can read it first
     stored = spec.model_dump(mode="json")
     if idempotency_key is None:
-        return repository.add_job(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id), True
+        return repository.add_job(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id,
+                                  webhook_url=spec.webhook_url), True
     job, created = repository.add_job_once(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id,
-                                           idempotency_key=idempotency_key, request_hash=request_hash(spec))
+                                           idempotency_key=idempotency_key, request_hash=request_hash(spec),
+                                           webhook_url=spec.webhook_url)
     return (job, True) if created else (_same_request(job, spec), False)
 
 

@@ -168,6 +168,10 @@ class JobSpec(Strict):
     calibration: Calibration
     evaluation: Evaluation = Evaluation()
     destination: Destination = Destination()
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="POSTed (signed, retried) when the job succeeds, fails or is cancelled. "
+        "https, resolving to public addresses only (unless the server allows private ones).",
+    )
     hf_token: SecretStr | None = Field(
         None, description="Hugging Face token for this job (model download and Hub upload). Sealed with the "
         "server's key before it is stored, never returned, erased when the job ends.", exclude=True,
