@@ -245,7 +245,11 @@ class S3Destination:
                 for relative, path in files.items()}}
             self.client.put_object(Bucket=self.bucket, Key=base + S3_MARKER, ContentType="application/json",
                                    Body=json.dumps(marker, indent=2).encode())
+        except DestinationError:
+            self._discard_partial(base, still_owns)
+            raise
         except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+            self._discard_partial(base, still_owns)
             raise DestinationError(f"upload to s3://{self.bucket}/{base} failed: {exc}") from exc
         log.info("published %d files to s3://%s/%s (attempt %d)", len(files), self.bucket, base, attempt)
         return PublishedArtifact(uri=f"s3://{self.bucket}/{base}", files=list(files))
@@ -261,6 +265,23 @@ class S3Destination:
                 return None
             raise
         return json.loads(body.read())
+
+    def _discard_partial(self, base: str, still_owns: Callable[[], bool]) -> None:
+        """After a failed upload: no partial prefix (objects or open multipart uploads) is left behind,
+        unless another attempt owns the job now (its upload is its own). Best effort: a store that
+        cannot be reached leaves the debris for a retry, and the unsealed prefix is never trusted."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            if not still_owns():
+                return
+            self._abort_multipart_uploads(base)
+            debris = [key for key in self._keys(base) if key.startswith(base)]
+            for start in range(0, len(debris), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": key} for key in debris[start:start + 1000]], "Quiet": True})
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("could not remove the partial upload under s3://%s/%s: %s", self.bucket, base, exc)
 
     def _keys(self, base: str) -> list[str]:
         keys = []

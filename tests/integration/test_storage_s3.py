@@ -219,3 +219,27 @@ def test_a_stale_attempt_never_seals_and_keys_outside_the_job_prefix_are_left_al
     destination.publish(local, "job-1", 1)
     assert {key: body(client, bucket, key) for key in neighbours} == neighbours
     assert keys(client, bucket, "models/job-1/") == ["models/job-1/_SUCCESS", "models/job-1/config.json"]
+
+
+@pytest.mark.parametrize("ours", [True, False], ids=["owner", "stale"])
+def test_a_failed_upload_leaves_no_partial_prefix_unless_another_attempt_owns_it(client, s3_url, bucket, tmp_path,
+                                                                                  ours):
+    from botocore.exceptions import ClientError
+
+    def fail_second_part(**_):
+        parts.append(1)
+        if len(parts) == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "the store failed"}}, "UploadPart")
+
+    parts = []
+    failing = boto3.client("s3", endpoint_url=s3_url, **CREDENTIALS)
+    failing.meta.events.register("before-call.s3.UploadPart", fail_second_part)
+    client.put_object(Bucket=bucket, Key="runs/job-8x", Body=b"a neighbour")
+    local = write_artifact(tmp_path / "export", artifact_files(extra={"adapter/a.safetensors": b"uploaded first"}))
+    with pytest.raises(DestinationError, match="upload to s3://.*/runs/job-8/ failed"):
+        S3Destination(bucket, "runs", client=failing, transfer_config=SMALL_PARTS).publish(
+            local, "job-8", 1, still_owns=lambda: ours)
+    if ours:  # the job failed: nothing of it stays in the store
+        assert keys(client, bucket) == ["runs/job-8x"] and open_uploads(client, bucket) == []
+    else:  # another attempt owns the prefix now: its upload is left alone
+        assert "runs/job-8/adapter/a.safetensors" in keys(client, bucket)
