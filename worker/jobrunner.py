@@ -28,6 +28,7 @@ from app.jobs import repository
 from app.jobs.spec import JobSpec
 from app.secrets import unseal
 from app.settings import Settings
+from worker.checkpoint_store import discard_job_checkpoints
 from worker.errors import JobCancelled, JobFailure, LostOwnership
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def run_job(job_id: str | uuid.UUID, settings: Settings, sessions: sessionmaker[
             outcome = _run_claimed(job_id, spec, settings, reporter, pipeline)
             if outcome != "lost":  # the job ended: nothing will resume from its layer checkpoints
                 shutil.rmtree(settings.checkpoints_dir / str(job_id), ignore_errors=True)
+                discard_job_checkpoints(settings.checkpoint_s3_uri, str(job_id), settings.s3_endpoint_url)
             return outcome
         finally:
             heartbeat.stopped.set()

@@ -381,7 +381,12 @@ def _layer_checkpoints(job_id: uuid.UUID, spec: JobSpec, settings: Settings, rep
     identity = {"spec": spec.model_dump(mode="json"), "revision": revision, "calibration": calibration_hash,
                 "plan": repr(plan), "device": device.type, "torch": torch.__version__}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    checkpoints = LayerCheckpoints(settings.checkpoints_dir / str(job_id), attempt, key)
+    store = None
+    if settings.checkpoint_s3_uri:
+        from worker.checkpoint_store import S3CheckpointStore
+
+        store = S3CheckpointStore(settings.checkpoint_s3_uri, str(job_id), endpoint_url=settings.s3_endpoint_url)
+    checkpoints = LayerCheckpoints(settings.checkpoints_dir / str(job_id), attempt, key, store)
     return checkpoints, checkpoints.take_over()
 
 

@@ -18,13 +18,17 @@ same tensors the export is made of) plus one set of activations.
 
 A new attempt takes over the newest earlier attempt's folder by renaming it to its own: a stale
 worker still running that attempt then fails its next write (its folder is gone) instead of mixing
-its layers into the new attempt's state. A state whose key (hash of the spec, model revision and
-calibration windows) differs from the new attempt's is discarded, never resumed from.
+its layers into the new attempt's state. With a store (S3, for workers that share no disk), every
+commit is also put under attempt-<a>/ there, and an attempt with no local state downloads the newest
+earlier attempt's; it then stores that state under its own attempt and deletes every other one.
+A state whose key (hash of the spec, model revision and calibration windows) differs from the new
+attempt's is discarded, never resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, fields
@@ -35,15 +39,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from worker.checkpoint_store import ATTEMPT_PREFIX, S3CheckpointStore
 from worker.compression.adapters import LowRankAdapter, QuantizedFactor
 from worker.compression.quantize import QuantizedWeight
 from worker.errors import LostOwnership
 from worker.linear_compress import CompensatedLinear, attach_compensation
 from worker.plan import ModuleReport
 
+log = logging.getLogger(__name__)
+
 STATE_NAME = "state.json"
 FORMAT_VERSION = 1
-_ATTEMPT_PREFIX = "attempt-"
 
 
 @dataclass
@@ -71,18 +77,23 @@ class ResumePoint:
 class LayerCheckpoints:
     """The checkpoints of one attempt of one job; see the module doc."""
 
-    def __init__(self, job_dir: Path, attempt: int, key: str):
+    def __init__(self, job_dir: Path, attempt: int, key: str, store: S3CheckpointStore | None = None):
+        """store: where committed files are also kept, for workers that share no disk (see
+        worker.checkpoint_store); None keeps them on this disk only."""
         self.job_dir = job_dir
         self.attempt = attempt
         self.key = key
-        self.folder = job_dir / f"{_ATTEMPT_PREFIX}{attempt}"
+        self.folder = job_dir / f"{ATTEMPT_PREFIX}{attempt}"
+        self.store = store
         self.meta: dict[str, Any] = {}
         self._layers: dict[int, str] = {}
         self._inputs: str | None = None
+        self._stored: set[str] = set()  # files of this attempt already in the store
 
     def take_over(self) -> ResumePoint | None:
         """Make this attempt's folder, from the newest earlier attempt's when it holds a state with this
-        key (returned); every other attempt's folder is deleted."""
+        key (returned), on this disk or else in the store; every other attempt's folder is deleted (in
+        the store once this attempt holds the state it resumes from)."""
         earlier = sorted(self._attempt_folders(), reverse=True)
         resume = None
         for attempt, folder in earlier:
@@ -96,6 +107,12 @@ class LayerCheckpoints:
             if attempt != self.attempt:
                 shutil.rmtree(folder, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.store is not None:
+            if resume is None:
+                resume = self._fetch_from_store()
+            if resume is not None:
+                self._store_state()
+            self.store.clear(keep=self.attempt)
         return resume
 
     def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: list[Tensor] | None,
@@ -119,6 +136,43 @@ class LayerCheckpoints:
         _write_atomically(self.folder / STATE_NAME, json.dumps(state).encode())
         for name in superseded:
             (self.folder / name).unlink(missing_ok=True)
+        if self.store is not None:
+            self._store_state(superseded)
+
+    def _current_files(self) -> list[str]:
+        return list(self._layers.values()) + ([self._inputs] if self._inputs else [])
+
+    def _store_state(self, superseded: set[str] = frozenset()) -> None:
+        """Put the files of the committed state not yet in the store, then state.json, then delete the
+        superseded ones. Best effort: a store that fails keeps its last complete state (state.json goes
+        last), the run goes on, and the next layer tries again."""
+        try:
+            for name in self._current_files():
+                if name not in self._stored:
+                    self.store.put(self.attempt, self.folder / name)
+                    self._stored.add(name)
+            self.store.put(self.attempt, self.folder / STATE_NAME)
+            gone = sorted(superseded & self._stored)
+            if gone:
+                self.store.delete(self.attempt, gone)
+                self._stored -= set(gone)
+        except Exception as exc:
+            log.warning("attempt %d: layer checkpoint not stored in %s (kept on this disk): %s", self.attempt,
+                        self.store.bucket, exc)
+
+    def _fetch_from_store(self) -> ResumePoint | None:
+        """The newest earlier attempt's state with this key from the store, downloaded into this folder."""
+        for attempt in self.store.attempts():
+            if attempt >= self.attempt or not self.store.fetch(attempt, STATE_NAME, self.folder):
+                continue
+            state = _read_state(self.folder)
+            names = [] if state is None else list(state["layers"].values()) + [n for n in [state["inputs"]] if n]
+            if (state is not None and state["key"] == self.key
+                    and all(self.store.fetch(attempt, name, self.folder) for name in names)):
+                return self._resume_point(state)
+            for path in self.folder.iterdir():
+                path.unlink()
+        return None
 
     def _resume_point(self, state: dict[str, Any]) -> ResumePoint:
         self._layers = {int(i): name for i, name in state["layers"].items()}
@@ -132,8 +186,8 @@ class LayerCheckpoints:
             return []
         found = []
         for path in self.job_dir.iterdir():
-            suffix = path.name.removeprefix(_ATTEMPT_PREFIX)
-            if path.name.startswith(_ATTEMPT_PREFIX) and suffix.isdigit() and path.is_dir():
+            suffix = path.name.removeprefix(ATTEMPT_PREFIX)
+            if path.name.startswith(ATTEMPT_PREFIX) and suffix.isdigit() and path.is_dir():
                 found.append((int(suffix), path))
         return found
 

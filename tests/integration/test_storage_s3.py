@@ -9,46 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 
+from tests.integration.conftest import CREDENTIALS
 from worker.errors import LostOwnership
 from worker.storage import S3_MARKER, DestinationError, S3Destination, destination_for
 
 MiB = 1024**2
 # S3 (and moto) require parts of at least 5 MiB except the last; an 11 MiB file makes 3 parts.
 SMALL_PARTS = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=1)
-CREDENTIALS = dict(aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
 
 
 class SimulatedCrash(Exception):
     """Stands for the worker dying mid-upload: nothing of ours runs after it."""
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def client(s3_url):
-    return boto3.client("s3", endpoint_url=s3_url, **CREDENTIALS)
-
-
-@pytest.fixture
-def bucket(client):
-    name = f"squeeze-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return name
 
 
 def write_artifact(folder, files):
