@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench-data bench clean
+.PHONY: install browser run test lint bench-data bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/squeeze serve
 
-test: $(STAMP)
+# The dashboard's browser tests drive Debian's chromium (Playwright cannot download its own here).
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
