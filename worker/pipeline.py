@@ -361,6 +361,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "compression": compression_summary(result),
         "adapter": None if info.adapter is None else info.adapter.sizes(),
+        "size": info.sizes,  # counted from the artifact's files: bytes by part, bits per weight
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }

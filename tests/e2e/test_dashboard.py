@@ -153,7 +153,9 @@ def test_submit_watch_progress_finish_and_open_the_job_url(page, server, slow_ll
     adapter = job["metrics"]["adapter"]
     expect(sizes).to_contain_text(f"{adapter['params']:,} params")
     expect(sizes).to_contain_text("4-bit codes, groups of 32")
-    expect(sizes).to_contain_text("not in the job's metrics")
+    size = job["metrics"]["size"]
+    expect(sizes).to_contain_text(f"{size['bits_per_weight_stored']:.3f} bits per weight")
+    expect(sizes).to_contain_text(f"{size['bits_per_weight_served']:.3f}")
     expect(page.locator("#artifacts")).to_contain_text(job["artifacts"]["uri"])
     expect(page.locator("#events")).to_contain_text("perplexity after")
 
@@ -235,6 +237,10 @@ def test_compare_two_finished_jobs(page, server, tiny_llama_dir, calibration_txt
         expect(page.locator(f'#pareto-chart circle[data-job="{job_id}"]')).to_have_count(1)
     # 8-bit weights are larger: on the front only when its perplexity is lower than the 4-bit job's.
     four, eight = ids
+    bits = {j["id"]: j["metrics"]["size"]["bits_per_weight_stored"] for j in jobs}
+    assert bits[four] < bits[eight]
+    for job_id in ids:
+        expect(table.locator(f'tr[data-job="{job_id}"] td').nth(2)).to_have_text(f"{bits[job_id]:.3f}")
     expect(table.locator(f'tr[data-job="{four}"] td').last).to_have_text("yes")
     expect(table.locator(f'tr[data-job="{eight}"] td').last).to_have_text("yes" if ppl[eight] < ppl[four] else "no")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

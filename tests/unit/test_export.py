@@ -127,6 +127,22 @@ def test_quantized_round_trip(plan, tiny_model_dir, calibration_windows, tmp_pat
             zero_points = unpack(stored[f"{name}.weight_zero_point"], quant.bits, q.zeros.shape, packed_dim=0)
             assert torch.equal(zero_points, q.zeros.to(torch.int16) - offset), name
 
+    # The sizes the job reports are the file's tensors, counted here from the tensors themselves.
+    def stored_bytes(suffix):
+        return sum(t.numel() * t.element_size() for key, t in stored.items()
+                   if key.endswith(suffix) and key.rsplit(".", 1)[0] in result.modules)
+
+    sizes, weights = info.sizes, sum(d_out * d_in for d_out, d_in in (m.shape for m in result.modules.values()))
+    assert sizes["linear_weights"] == weights
+    assert sizes["codes_bytes"] == stored_bytes(".weight_packed") > 0
+    assert sizes["scales_bytes"] == stored_bytes(".weight_scale") > 0
+    assert sizes["zero_points_bytes"] == stored_bytes(".weight_zero_point")
+    assert sizes["other_bytes"] == stored_bytes(".weight_shape") and sizes["adapter_stored_bytes"] == 0
+    if quant.bits in (4, 8):  # whole codes per int32 word
+        assert 8 * sizes["codes_bytes"] == quant.bits * weights
+    parts = sum(sizes[f"{part}_bytes"] for part in ("codes", "scales", "zero_points", "other"))
+    assert sizes["bits_per_weight_stored"] == sizes["bits_per_weight_served"] == 8 * parts / weights
+
     cold = logits_of(cold_load(out), calibration_windows[:VERIFY_WINDOWS])
     torch.testing.assert_close(cold, reference, atol=ATOL, rtol=RTOL)
     verified = verify_export(out, reference, calibration_windows[:VERIFY_WINDOWS])
@@ -187,6 +203,12 @@ def test_mixed_rank_eora_adapter_round_trip(tiny_model_dir, calibration_windows,
     # The adapter carries real signal: without it the logits are far outside the tolerance.
     without = logits_of(cold_load(out, adapter=False), windows)
     assert (without - reference).abs().max() > 100 * ATOL
+
+    sizes = info.sizes  # an adapter adds its stored bytes, and fp16 bytes when served
+    assert sizes["adapter_stored_bytes"] == result.adapter_bytes and sizes["adapter_served_bytes"] == 2 * sum(
+        t.numel() for t in weights.values())
+    assert sizes["bits_per_weight_served"] - sizes["bits_per_weight_stored"] == pytest.approx(
+        8 * (sizes["adapter_served_bytes"] - sizes["adapter_stored_bytes"]) / sizes["linear_weights"])
 
     manifest = info.manifest
     assert manifest["adapter"]["max_rank"] == max(ranks.values())

@@ -33,6 +33,7 @@ from worker.export.manifest import (
     model_card,
     write_manifest,
 )
+from worker.export.sizes import linear_sizes
 from worker.export.verify import VerifyInfo, reference_logits, verify_export
 from worker.linear_compress import unwrap_adapters
 from worker.plan import CompressionPlan, CompressionResult
@@ -47,6 +48,7 @@ class ExportInfo:
     checkpoint: CheckpointInfo
     adapter: AdapterInfo | None
     manifest: dict[str, Any] = field(repr=False)
+    sizes: dict[str, Any] = field(default_factory=dict)  # worker.export.sizes.linear_sizes
 
     @property
     def notes(self) -> list[str]:
@@ -76,7 +78,8 @@ def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: C
     (out_dir / CARD_NAME).write_text(model_card(manifest))
     manifest = write_manifest(manifest, out_dir)
     files = sorted([*manifest["files"], MANIFEST_NAME])
-    return ExportInfo(out_dir=out_dir, files=files, checkpoint=checkpoint, adapter=adapter, manifest=manifest)
+    return ExportInfo(out_dir=out_dir, files=files, checkpoint=checkpoint, adapter=adapter, manifest=manifest,
+                      sizes=linear_sizes(out_dir, result, adapter))
 
 
 def _check_adapters(adapters: dict, result: CompressionResult) -> None:

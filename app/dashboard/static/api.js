@@ -83,6 +83,13 @@ export function methodSummary(spec) {
 // The weight bits the spec asks for (16 when only pruned): a nominal figure, not counted from files.
 export function nominalBits(spec) { return spec.quantization ? spec.quantization.bits : 16; }
 
+// Stored bits per decoder-Linear weight, counted from the artifact's files (codes, scales, zero points,
+// adapter as stored); null for jobs finished before the worker reported it.
+export function storedBits(job) {
+  const size = job.metrics && job.metrics.size;
+  return size && size.bits_per_weight_stored != null ? size.bits_per_weight_stored : null;
+}
+
 export function bytes(n) {
   if (n === null || n === undefined) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];

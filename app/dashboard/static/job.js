@@ -73,24 +73,31 @@ function metricsSection(job) {
 }
 
 function sizeSection(job) {
-  const q = job.spec.quantization, a = job.metrics.adapter;
+  const q = job.spec.quantization, a = job.metrics.adapter, size = job.metrics.size;
+  const counted = key => size ? bytes(size[key]) : "not reported (a job from before sizes were counted)";
+  const perWeight = key => size && size.linear_weights ? ` (${(8 * size[key] / size.linear_weights).toFixed(3)} bits/weight)` : "";
   const rows = [
     ["weights (codes)", q ? `${q.bits}-bit codes, ${q.group_size === -1 ? "per output channel" : `groups of ${q.group_size}`}, `
-      + `${q.symmetric ? "symmetric" : "asymmetric"}` : "not quantized (16-bit weights)",
-      "bytes not in the job's metrics (squeeze.json in the artifact lists every file's bytes)"],
-    ["scales and zero points", q ? "one scale (and zero point) per group" : "none",
-      "bytes not in the job's metrics"],
+      + `${q.symmetric ? "symmetric" : "asymmetric"}` : "not quantized (dense weights as stored)",
+      counted("codes_bytes") + perWeight("codes_bytes")],
+    ["scales", q ? "one per group" : "none", counted("scales_bytes") + perWeight("scales_bytes")],
+    ["zero points", q ? (q.symmetric ? "none (symmetric)" : "one per group, packed") : "none",
+      counted("zero_points_bytes") + perWeight("zero_points_bytes")],
     ["adapter, stored", a ? `${a.params.toLocaleString()} params as ${a.stored_dtype}` : "no adapter",
       a ? `${bytes(a.stored_bytes)} (${a.stored_bits_per_param.toFixed(2)} bits/param), counted from ${a.file}` : "–"],
     ["adapter, served", a ? "as an engine holds it in memory (fp16)" : "no adapter",
       a ? `${bytes(a.served_bytes)} (${a.served_bits_per_param.toFixed(2)} bits/param)` : "–"],
   ];
+  const total = size && size.bits_per_weight_stored != null
+    ? `Stored: ${size.bits_per_weight_stored.toFixed(3)} bits per weight over ${size.linear_weights.toLocaleString()} `
+      + `decoder-Linear weights; served (adapter in fp16): ${size.bits_per_weight_served.toFixed(3)}. `
+      + "Counted tensor by tensor from the artifact's files."
+    : `Nominal weight bits from the spec: ${nominalBits(job.spec)}; this job's stored sizes were not counted.`;
   return el("section", {id: "sizes"}, el("h2", {}, "Size breakdown"),
     el("div", {class: "scroll"}, el("table", {},
       el("thead", {}, el("tr", {}, el("th", {}, "part"), el("th", {}, "what"), el("th", {}, "size"))),
       el("tbody", {}, rows.map(r => el("tr", {}, r.map(v => el("td", {}, v))))))),
-    el("p", {class: "muted"}, `Nominal weight bits from the spec: ${nominalBits(job.spec)}. Stored bits/weight of the `
-      + "checkpoint is not reported in job metrics yet."));
+    el("p", {class: "muted", id: "bits-per-weight"}, total));
 }
 
 function artifactLink(uri) {

@@ -1,7 +1,10 @@
 // The job list: filter by status, search by model, cursor pages, live by polling with backoff.
-import {age, api, bytes, duration, el, jobDuration, methodSummary, nominalBits, perplexity, poll} from "./api.js";
+import {age, api, bytes, duration, el, jobDuration, methodSummary, nominalBits, perplexity, poll, storedBits}
+  from "./api.js";
 
 export function sizeSummary(job) {
+  const stored = storedBits(job);
+  if (stored !== null) return `${stored.toFixed(2)} bits/weight`;
   const adapter = job.metrics && job.metrics.adapter;
   const bits = `${nominalBits(job.spec)}-bit weights`;
   return adapter ? `${bits} + adapter ${bytes(adapter.stored_bytes)}` : bits;
@@ -34,8 +37,9 @@ export function listView(root) {
   root.append(el("h1", {}, "Compression jobs"),
     el("div", {class: "toolbar"}, el("label", {}, "Status ", status), el("label", {}, "Model ", search),
       el("a", {href: "/submit"}, "New job…")),
-    el("p", {class: "muted"}, "Size: the weight bits the spec asks for (stored bits/weight is not in the job's "
-      + "metrics) plus the adapter's stored bytes, as counted from its file. Perplexity: before → after."),
+    el("p", {class: "muted"}, "Size: stored bits per decoder-Linear weight, counted from the artifact's files "
+      + "(codes, scales, zero points and the adapter as stored); before a job finishes, the bits its spec asks for. "
+      + "Perplexity: before → after."),
     message, jobs, pager);
 
   const cursors = [null];  // cursors[i]: the cursor that fetches page i
