@@ -57,7 +57,8 @@ STATUSES = [(JobStatus.succeeded, 0.78), (JobStatus.failed, 0.11), (JobStatus.ca
             (JobStatus.running, 0.01), (JobStatus.queued, 0.01)]
 LOGGED_JOBS = 1000
 
-# Server configurations: uvicorn worker processes, SQLAlchemy pool (size, overflow), access log.
+# Server configurations: uvicorn worker processes, access log; the pool is the engine's default (5 + 10
+# overflow per process), recorded here, not set.
 CONFIGS = {
     "w1": {"workers": 1, "pool_size": 5, "max_overflow": 10, "access_log": True},
     "w2": {"workers": 2, "pool_size": 5, "max_overflow": 10, "access_log": True},
