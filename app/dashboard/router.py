@@ -110,7 +110,7 @@ def search_jobs(
     with unit_of_work(request.app.state.sessions) as session:
         jobs = list(session.scalars(query))
         next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-        return JobPage(items=[JobOut.of(job) for job in jobs[:limit]], next_cursor=next_cursor)
+        return JobPage(items=[JobOut.of(job, listed=True) for job in jobs[:limit]], next_cursor=next_cursor)
 
 
 def install_dashboard(app: FastAPI) -> None:

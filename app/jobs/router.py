@@ -52,7 +52,7 @@ def list_jobs(
 ) -> JobPage:
     with unit_of_work(request.app.state.sessions) as session:
         jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor)
-        return JobPage(items=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
+        return JobPage(items=[JobOut.of(job, listed=True) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)

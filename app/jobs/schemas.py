@@ -58,12 +58,18 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, listed: bool = False) -> JobOut:
+        """listed: as an item of a job list, whose metrics leave out the per-module table
+        (metrics.compression.per_module, most of a finished job's bytes); GET /v1/jobs/{id} has it."""
+        metrics = job.metrics
+        if listed and metrics and "per_module" in (metrics.get("compression") or {}):
+            compression = {k: v for k, v in metrics["compression"].items() if k != "per_module"}
+            metrics = {**metrics, "compression": compression}
         return cls(
             id=job.id, tenant=job.tenant_id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested_at is not None,
             progress=Progress(stage=job.stage, layer=job.layer, layers=job.layers, percent=job.percent),
-            spec=job.spec, error=job.error, metrics=job.metrics, artifacts=job.artifacts,
+            spec=job.spec, error=job.error, metrics=metrics, artifacts=job.artifacts,
             created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
             finished_at=job.finished_at,
         )
