@@ -71,8 +71,9 @@ class Stats(BaseModel):
 
 @api.get("/stats", response_model=Stats)
 def stats(request: Request, caller: CallerDep) -> Stats:
-    """Queued and running jobs, and the workers that ran or renewed one of them in the last 10 minutes
-    (distinct lease owners), for the caller's tenant (an admin: every tenant)."""
+    """Queued and running jobs, and the worker hosts that ran or renewed one of them in the last 10
+    minutes, for the caller's tenant (an admin: every tenant). A lease owner is host:pid:nonce and each
+    job runs in a fresh pool process, so hosts, not owners, are what "workers" means here."""
     scope = [] if caller.admin else [Job.tenant_id == caller.tenant_id]
     since = utcnow() - WORKERS_SEEN_WINDOW
     with unit_of_work(request.app.state.sessions) as session:
@@ -84,8 +85,9 @@ def stats(request: Request, caller: CallerDep) -> Stats:
                 Job.lease_owner.is_not(None), *scope,
                 or_(Job.status == JobStatus.running, Job.updated_at >= since))
             .order_by(Job.lease_owner)).all()
+    hosts = sorted({owner.split(":", 1)[0] for owner in owners})
     return Stats(queued=counts.get(JobStatus.queued, 0), running=counts.get(JobStatus.running, 0),
-                 workers_recent=list(owners), workers_window_seconds=int(WORKERS_SEEN_WINDOW.total_seconds()))
+                 workers_recent=hosts, workers_window_seconds=int(WORKERS_SEEN_WINDOW.total_seconds()))
 
 
 @api.get("/job-search", response_model=JobPage)

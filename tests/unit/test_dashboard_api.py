@@ -63,11 +63,12 @@ def test_stats_count_the_tenants_queue_and_recent_workers(tmp_path):
     client, settings = _client(tmp_path)
     with client:
         mine, theirs = create_api_key(settings, "tenant-a"), create_api_key(settings, "tenant-b")
-        a1, _a2 = (client.post("/v1/jobs", json=SPEC, headers=bearer(mine)).json()["id"] for _ in range(2))
+        a1, a2, _a3 = (client.post("/v1/jobs", json=SPEC, headers=bearer(mine)).json()["id"] for _ in range(3))
         b1 = client.post("/v1/jobs", json=SPEC, headers=bearer(theirs)).json()["id"]
-        with unit_of_work(client.app.state.sessions) as session:
-            assert repository.claim(session, uuid.UUID(a1), "gpu-1:100", 60) == 1
-            assert repository.claim(session, uuid.UUID(b1), "gpu-2:200", 60) == 1
+        with unit_of_work(client.app.state.sessions) as session:  # two pool processes of one worker host
+            assert repository.claim(session, uuid.UUID(a1), "gpu-1:100:a1b2", 60) == 1
+            assert repository.claim(session, uuid.UUID(a2), "gpu-1:101:c3d4", 60) == 1
+            assert repository.claim(session, uuid.UUID(b1), "gpu-2:200:e5f6", 60) == 1
         stats = client.get("/v1/stats", headers=bearer(mine)).json()
-        assert stats == {"queued": 1, "running": 1, "workers_recent": ["gpu-1:100"], "workers_window_seconds": 600}
-        assert client.get("/v1/stats", headers=bearer(theirs)).json()["workers_recent"] == ["gpu-2:200"]
+        assert stats == {"queued": 1, "running": 2, "workers_recent": ["gpu-1"], "workers_window_seconds": 600}
+        assert client.get("/v1/stats", headers=bearer(theirs)).json()["workers_recent"] == ["gpu-2"]
