@@ -162,6 +162,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, seconds: float = 60) -> None:
+    """Until the server at base answers /readyz with 200; RuntimeError with its log if it exits or
+    takes longer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def api_server(settings, log_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """`squeeze serve` (with `args`, e.g. --no-worker) in its own process on a free loopback port; yields
@@ -173,16 +188,7 @@ def api_server(settings, log_path: Path, *args: str, env: dict[str, str] | None 
                                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            wait_ready(base, proc, log_path)
             yield base
         finally:
             proc.terminate()

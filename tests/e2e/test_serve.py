@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,7 @@ from app.db.models import Job
 from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository
 from app.settings import Settings
-from tests.services import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.services import ROOT, free_port, wait_ready
 
 
 def test_serve_runs_a_job_with_no_external_server(tmp_path, tiny_llama_dir, calibration_txt):
@@ -36,15 +29,7 @@ def test_serve_runs_a_job_with_no_external_server(tmp_path, tiny_llama_dir, cali
                              str(tmp_path / "data")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
+        wait_ready(base, proc, tmp_path / "serve.log")
         spec = {"model": {"id": str(tiny_llama_dir)},
                 "quantization": {"method": "rtn", "bits": 8, "group_size": 32},
                 "calibration": {"dataset": str(calibration_txt), "num_samples": 4, "seq_len": 32},
@@ -75,15 +60,7 @@ def test_serve_runs_the_reaper_as_a_child_process_and_stops_it(tmp_path):
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_ready(base, proc, log)
         (reaper,) = [pid for pid in _children(proc.pid) if b"reaper" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         spec = {"model": {"id": "org/model"}, "quantization": {"method": "rtn", "bits": 4, "group_size": 32},
                 "calibration": {"dataset": "org/data"}}
