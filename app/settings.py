@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     # empty = <data_dir>/checkpoints. Workers that take over each other's jobs must share it.
     checkpoint_root: Path | None = None
     checkpoint_layers: bool = True  # False: a retried job starts again from layer 0
+    # Refuse, before reading any weight, a job whose minimum memory (worker.memory) does not fit.
+    memory_check: bool = True
     # s3://bucket/prefix: layer checkpoints are also kept there, so a worker on another machine resumes.
     checkpoint_s3_uri: str | None = None
 

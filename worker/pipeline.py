@@ -116,6 +116,25 @@ def check_plan_fits(model, arch, plan) -> None:
                              f"by {plan.sparsity.m}; this model has {bad[0]}")
 
 
+def check_memory(model_dir: Path, spec: JobSpec, device: torch.device, batch_size: int = 8) -> None:
+    """Refuse, from the model's config alone, a job whose minimum memory (worker.memory) does not fit
+    this worker; a folder without a readable config is left to load_model's own message."""
+    from transformers import AutoConfig
+
+    from worker.memory import host_available, minimum_need, refusal
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        need = minimum_need(config, spec.calibration.num_samples, spec.calibration.seq_len, batch_size,
+                            on_cpu=device.type == "cpu")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    message = refusal(need, host_available(), device_free, str(device))
+    if message is not None:
+        raise JobFailure(f"model {spec.model.id!r}: {message}")
+
+
 def _dataset_source(settings: Settings, ref: str, field: str) -> tuple[str, bool]:
     """(what load_texts reads, whether it is a local file or folder). A Hub id is never looked up on disk."""
     if ref.startswith(UPLOAD_PREFIX):
@@ -255,6 +274,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
 
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
     resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
+    if settings.memory_check:
+        check_memory(resolved.path, spec, device)
     try:
         model, tokenizer = load_model(resolved.path)
         arch = get_architecture(model)

@@ -1,0 +1,67 @@
+"""The memory check: its parameter count is the model's, and a job whose minimum cannot fit is refused
+before any weight is read, with the numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from transformers import LlamaConfig
+
+from app.cli import main
+from tests.fixtures_models import FAMILIES, build_tiny_model
+from worker.memory import GiB, MemoryNeed, minimum_need, parameter_counts, refusal
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f in ("llama", "mistral", "qwen2")])
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_counts_are_the_models(family, tied, tiny_tokenizer):
+    model = build_tiny_model(family, len(tiny_tokenizer))
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.tie_weights()
+    params, layer = parameter_counts(model.config)
+    biases = sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))  # qwen2's q/k/v
+    assert params + biases == sum(p.numel() for p in model.parameters())
+    assert layer + biases // model.config.num_hidden_layers == sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+def test_the_minimum_counts_the_fp32_model_the_activations_and_one_layer():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    params, layer = parameter_counts(config)
+    need = minimum_need(config, num_samples=16, seq_len=32, batch_size=8, on_cpu=False)
+    assert need.host == {"model (fp32)": 4 * params, "calibration activations (fp32)": 4 * 16 * 32 * 64}
+    assert need.device == {"one decoder layer (fp32)": 4 * layer, "one batch of activations (fp32)": 4 * 8 * 32 * 128,
+                           "Gram matrices (fp64)": 8 * (64 * 64 + 128 * 128)}
+    on_cpu = minimum_need(config, num_samples=16, seq_len=32, batch_size=8, on_cpu=True)
+    assert on_cpu.device == {} and on_cpu.host_bytes == need.host_bytes + need.device_bytes
+
+
+def test_refusal_names_what_does_not_fit():
+    need = MemoryNeed(host={"model (fp32)": 3 * GiB}, device={"one decoder layer (fp32)": 2 * GiB})
+    assert refusal(need, host_free=4 * GiB, device_free=None, device="cpu") is None
+    assert "at least 3.00 GiB of host memory (model (fp32) 3.00 GiB)" in refusal(need, 2 * GiB, None, "cpu")
+    assert "2.00 GiB on cuda:0" in refusal(need, 4 * GiB, 1 * GiB, "cuda:0")
+
+
+def test_a_model_too_big_for_this_worker_fails_before_any_weight_is_read(tmp_path, capsys):
+    """A 70B-sized config over a folder whose weights file is not even a checkpoint: the refusal comes
+    from the config alone (reading the weights would fail differently)."""
+    folder = tmp_path / "llama-70b-config-only"
+    folder.mkdir()
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                         num_key_value_heads=8, vocab_size=128256)
+    config.save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not a checkpoint")
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text("some text\n\nmore text\n")
+    code = main(["compress", str(folder), "--out", str(tmp_path / "out"), "--quant-method", "rtn", "--bits", "4",
+                 "--group-size", "128", "--calibration", str(calibration), "--num-samples", "8", "--seq-len", "32"])
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps lines
+    assert code != 0
+    assert re.search(r"needs at least \d+\.\d\d GiB of host memory \(model \(fp32\) 262\.83 \+", err), err
+    assert re.search(r"this worker has \d+\.\d\d GiB available", err), err
+    assert not (tmp_path / "out").exists()
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 80
