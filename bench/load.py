@@ -40,7 +40,7 @@ from app.db.models import Job, JobEvent, JobStatus, Tenant
 from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
 from app.main import create_app
 from app.settings import Settings
-from tests.services import REDIS_URL, free_port, fresh_postgres_database
+from tests.services import REDIS_URL, free_port, fresh_postgres_database, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = ROOT / "bench" / "load.wrk.lua"
@@ -228,17 +228,11 @@ class Server:
         self.log = log_path.open("w")
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+        try:
+            wait_ready(self.base, self.proc, log_path)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()

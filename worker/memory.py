@@ -92,3 +92,23 @@ def refusal(need: MemoryNeed, host_free: int | None, device_free: int | None, de
         return (f"this job needs at least {need.device_bytes / GiB:.2f} GiB on {device} ({parts(need.device)} GiB) "
                 f"and {device_free / GiB:.2f} GiB is free there")
     return None
+
+
+def check_memory(model_dir: Path, spec, device, batch_size: int = 8) -> None:
+    """Refuse (JobFailure), from the model's config alone, a job whose minimum memory does not fit this
+    worker; a folder without a readable config is left to load_model's own message."""
+    import torch
+    from transformers import AutoConfig
+
+    from worker.errors import JobFailure
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+        need = minimum_need(config, spec.calibration.num_samples, spec.calibration.seq_len, batch_size,
+                            on_cpu=device.type == "cpu")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return
+    device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    message = refusal(need, host_available(), device_free, str(device))
+    if message is not None:
+        raise JobFailure(f"model {spec.model.id!r}: {message}")

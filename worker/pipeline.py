@@ -6,8 +6,6 @@ that receives progress, events and cancellation checks.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -114,25 +112,6 @@ def check_plan_fits(model, arch, plan) -> None:
         if bad:
             raise JobFailure(f"sparsity.pattern {plan.sparsity.n}:{plan.sparsity.m} needs input widths divisible "
                              f"by {plan.sparsity.m}; this model has {bad[0]}")
-
-
-def check_memory(model_dir: Path, spec: JobSpec, device: torch.device, batch_size: int = 8) -> None:
-    """Refuse, from the model's config alone, a job whose minimum memory (worker.memory) does not fit
-    this worker; a folder without a readable config is left to load_model's own message."""
-    from transformers import AutoConfig
-
-    from worker.memory import host_available, minimum_need, refusal
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-        need = minimum_need(config, spec.calibration.num_samples, spec.calibration.seq_len, batch_size,
-                            on_cpu=device.type == "cpu")
-    except (OSError, ValueError, AttributeError, TypeError):
-        return
-    device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    message = refusal(need, host_available(), device_free, str(device))
-    if message is not None:
-        raise JobFailure(f"model {spec.model.id!r}: {message}")
 
 
 def _dataset_source(settings: Settings, ref: str, field: str) -> tuple[str, bool]:
@@ -275,6 +254,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
     resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
     if settings.memory_check:
+        from worker.memory import check_memory
+
         check_memory(resolved.path, spec, device)
     try:
         model, tokenizer = load_model(resolved.path)
@@ -297,8 +278,10 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
 
     plan = compression_plan(spec, settings.max_rank)
     check_plan_fits(model, arch, plan)
-    checkpoints, resume = _layer_checkpoints(job_id, spec, settings, reporter, plan, device, resolved.revision,
-                                             data_info["calibration_hash"])
+    from worker.resume import open_checkpoints
+
+    checkpoints, resume = open_checkpoints(job_id, spec, settings, getattr(reporter, "attempt", None), plan, device,
+                                           resolved.revision, data_info["calibration_hash"])
 
     t0 = time.perf_counter()
     if resume is not None and "perplexity_before" in resume.meta:
@@ -389,27 +372,6 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
                  "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
-
-
-def _layer_checkpoints(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter, plan, device,
-                       revision: str | None, calibration_hash: str):
-    """(this attempt's LayerCheckpoints, the state it resumes from or None); (None, None) when the run is
-    not an attempt of a queued job (`squeeze compress`) or checkpoints are off."""
-    attempt = getattr(reporter, "attempt", None)
-    if attempt is None or not settings.checkpoint_layers:
-        return None, None
-    from worker.resume import LayerCheckpoints
-
-    identity = {"spec": spec.model_dump(mode="json"), "revision": revision, "calibration": calibration_hash,
-                "plan": repr(plan), "device": device.type, "torch": torch.__version__}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-    store = None
-    if settings.checkpoint_s3_uri:
-        from worker.checkpoint_store import S3CheckpointStore
-
-        store = S3CheckpointStore(settings.checkpoint_s3_uri, str(job_id), endpoint_url=settings.s3_endpoint_url)
-    checkpoints = LayerCheckpoints(settings.checkpoints_dir / str(job_id), attempt, key, store)
-    return checkpoints, checkpoints.take_over()
 
 
 def layer_summary(report) -> dict[str, Any]:

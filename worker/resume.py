@@ -27,6 +27,7 @@ attempt's is discarded, never resumed from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -72,6 +73,23 @@ class ResumePoint:
             return None
         tensors = load_file(self.folder / self.inputs)
         return [tensors[f"hidden.{b}"] for b in range(len(tensors))]
+
+
+def open_checkpoints(job_id, spec, settings, attempt: int | None, plan, device: torch.device,
+                     revision: str | None, calibration_hash: str) -> tuple[LayerCheckpoints | None, ResumePoint | None]:
+    """(this attempt's LayerCheckpoints, the state it resumes from or None); (None, None) when the run is
+    not an attempt of a queued job (`squeeze compress`) or checkpoints are off. The key hashes what makes
+    two runs compute the same bytes: spec, model revision, calibration windows, plan, device kind, torch."""
+    if attempt is None or not settings.checkpoint_layers:
+        return None, None
+    identity = {"spec": spec.model_dump(mode="json"), "revision": revision, "calibration": calibration_hash,
+                "plan": repr(plan), "device": device.type, "torch": torch.__version__}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    store = None
+    if settings.checkpoint_s3_uri:
+        store = S3CheckpointStore(settings.checkpoint_s3_uri, str(job_id), endpoint_url=settings.s3_endpoint_url)
+    checkpoints = LayerCheckpoints(settings.checkpoints_dir / str(job_id), attempt, key, store)
+    return checkpoints, checkpoints.take_over()
 
 
 class LayerCheckpoints:
