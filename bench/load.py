@@ -38,6 +38,7 @@ from sqlalchemy import func, insert, select, text
 from app.auth import create_key
 from app.db.models import Job, JobEvent, JobStatus, Tenant
 from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.jobs.repository import listed_metrics
 from app.main import create_app
 from app.settings import Settings
 from tests.services import REDIS_URL, free_port, fresh_postgres_database, wait_ready
@@ -132,6 +133,7 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
         started = created + timedelta(seconds=rng.uniform(1, 600)) if status != JobStatus.queued else None
         finished = started + timedelta(seconds=rng.uniform(60, 3600)) if status.terminal and started else None
         done = layers if status == JobStatus.succeeded else rng.randrange(layers)
+        metrics = job_metrics(rng, spec, layers, per_module_errors) if status == JobStatus.succeeded else None
         row = {"id": uuid.uuid4(), "tenant_id": rng.choices(tenants, shares)[0], "status": status, "spec": spec,
                "attempt": 0 if status == JobStatus.queued else 1, "max_attempts": 3,
                "stage": status.value if status != JobStatus.running else "compress",
@@ -139,7 +141,7 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
                "percent": 100.0 if status == JobStatus.succeeded else (10 + 75 * done / layers if started else 0.0),
                "error": "CUDA out of memory at layer 7 (model.layers.7.mlp.down_proj)" if status == JobStatus.failed
                else None,
-               "metrics": job_metrics(rng, spec, layers, per_module_errors) if status == JobStatus.succeeded else None,
+               "metrics": metrics, "listed_metrics": listed_metrics(metrics),
                "artifacts": {"uri": f"s3://models/{model.lower()}/", "files": {"model.safetensors": 123456789},
                              "notes": [], "adapter": "adapter", "manifest": "squeeze.json"}
                if status == JobStatus.succeeded else None,
@@ -217,7 +219,8 @@ def api():
 
 
 class Server:
-    def __init__(self, settings: Settings, config: dict, log_path: Path):
+    def __init__(self, settings: Settings, config: dict, log_path: Path, root: Path = ROOT):
+        """root: the checkout whose code serves (another one for --baseline)."""
         self.port = free_port()
         env = {**os.environ, "SQUEEZE_DATABASE_URL": settings.database_url, "SQUEEZE_BROKER_URL": REDIS_URL,
                "SQUEEZE_DATA_DIR": str(settings.data_dir), "SQUEEZE_AUTH": "on", "PYTHONUNBUFFERED": "1"}
@@ -226,7 +229,8 @@ class Server:
         if not config["access_log"]:
             command.append("--no-access-log")
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        env["PYTHONPATH"] = str(root)
+        self.proc = subprocess.Popen(command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
         try:
             wait_ready(self.base, self.proc, log_path)
@@ -294,6 +298,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["w1", "w2"])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add --detach DIR "
+                        "COMMIT`) whose server takes the same loads against the same database, in turn with this one's")
     parser.add_argument("--no-per-module-errors", action="store_true",
                         help="what-if: succeeded jobs' metrics without compression.per_module")
     args = parser.parse_args()
@@ -313,22 +319,27 @@ def main() -> None:
         log(f"seeded {data['jobs']} jobs, {data['events']} events in {seed_seconds:.1f} s ({data['bytes']})")
         targets_file = folder / "targets.lua"
         targets_file.write_text("return " + lua_table(data["targets"]) + "\n")
-        single = None
+        trees = {"baseline": args.baseline, "change": ROOT} if args.baseline else {"change": ROOT}
+        single = {}
         for name in args.configs:
             config = CONFIGS[name]
-            server = Server(settings, config, folder / f"server-{name}.log")
+            servers = {}
             try:
-                if single is None:
-                    single = single_requests(server.base, data["targets"])
-                    log(f"one request at a time: {single}")
+                for tree, root in trees.items():  # both up at once (idle until loaded), loaded in turn
+                    servers[tree] = Server(settings, config, folder / f"server-{name}-{tree}.log", root)
+                    if tree not in single:
+                        single[tree] = single_requests(servers[tree].base, data["targets"])
+                        log(f"{tree}: one request at a time: {single[tree]}")
                 for shape in args.shapes:
-                    result = run_wrk(server.base, targets_file, args.pollers, args.duration, SHAPES[shape],
-                                     args.threads, folder / "wrk.json")
-                    runs.append({"config": name, **config, "shape": shape, "poll_interval_ms": SHAPES[shape] or None,
-                                 "pollers": args.pollers, **result})
-                    log(f"{name} {shape}: {result}")
+                    for tree, server in servers.items():
+                        result = run_wrk(server.base, targets_file, args.pollers, args.duration, SHAPES[shape],
+                                         args.threads, folder / "wrk.json")
+                        runs.append({"tree": tree, "config": name, **config, "shape": shape,
+                                     "poll_interval_ms": SHAPES[shape] or None, "pollers": args.pollers, **result})
+                        log(f"{tree} {name} {shape}: {result}")
             finally:
-                server.stop()
+                for server in servers.values():
+                    server.stop()
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     report = {
         "benchmark": "bench/load.py", "command": "python -m bench.load " + " ".join(sys.argv[1:]),
@@ -345,11 +356,16 @@ def main() -> None:
         "data": {"jobs": data["jobs"], "events": data["events"], "per_module_errors": not args.no_per_module_errors,
                  "tenants": TENANTS, "statuses": {s.value: w for s, w in STATUSES}, "table_bytes": data["bytes"],
                  "seed_seconds": round(seed_seconds, 1), "list_query_plan": data["list_plan"]},
+        "baseline": {"root": str(args.baseline), "commit": _commit(args.baseline)} if args.baseline else None,
         "single_client": single, "runs": runs, "total_seconds": round(time.monotonic() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {args.out}")
+
+
+def _commit(root: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
 def _version(package: str) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy import and_, func, or_, select
 from app.db.base import utcnow
 from app.db.models import Job, JobStatus
 from app.db.session import unit_of_work
+from app.jobs import repository
 from app.jobs.router import CallerDep
 from app.jobs.schemas import ERRORS, JobOut, JobPage
 from app.jobs.service import decode_cursor, encode_cursor
@@ -99,7 +100,7 @@ def search_jobs(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobPage:
     """GET /v1/jobs with a model filter: newest first, the same cursors."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = select(Job).options(*repository.LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if not caller.admin:
         query = query.where(Job.tenant_id == caller.tenant_id)
     if status is not None:
