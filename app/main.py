@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from sqlalchemy import text
 
+from app.auth import KeyCache
 from app.dashboard.router import install_dashboard
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
 from app.errors import ServiceUnavailable, install_error_handlers
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
+        app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.dispatcher = Dispatcher(settings, app.state.sessions)
         reaper = Reaper(settings, app.state.sessions, app.state.dispatcher) if run_reaper else None
         if reaper:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     auth: Literal["on", "off", "auto"] = "auto"
     # Host header names the API answers to (DNS rebinding); set the public names when serving beyond loopback.
     allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    # A valid API key is remembered this long by each API process (by the key's sha256), so a poller's
+    # requests skip the key lookup. A key revoked meanwhile keeps working there until then; 0 = check every time.
+    auth_cache_seconds: float = Field(5.0, ge=0)
     # Origins whose pages may call the API (CORS and the cross-site check); empty = same origin only.
     cors_origins: list[str] = Field(default_factory=list)
 
