@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant
@@ -122,8 +123,9 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def authenticate(request: Request) -> Caller:
-    """FastAPI dependency: who is calling."""
+async def authenticate(request: Request) -> Caller:
+    """FastAPI dependency: who is calling. Async, so that a remembered key costs no hop through the thread
+    pool; a lookup runs there."""
     state = request.app.state
     if not state.settings.auth_enabled:
         return ANONYMOUS
@@ -134,9 +136,13 @@ def authenticate(request: Request) -> Caller:
     caller = state.key_cache.get(digest)
     if caller is not None:
         return caller
-    with unit_of_work(state.sessions) as session:
-        caller = caller_for_key(session, token)
+    caller = await run_in_threadpool(_look_up, state.sessions, token)
     if caller is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
     state.key_cache.put(digest, caller)
     return caller
+
+
+def _look_up(sessions: sessionmaker[Session], key: str) -> Caller | None:
+    with unit_of_work(sessions) as session:
+        return caller_for_key(session, key)
