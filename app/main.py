@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from sqlalchemy import text
 
@@ -27,6 +28,9 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     async def lifespan(app: FastAPI):
         if settings.embedded:
             upgrade_database(settings)  # embedded mode makes its own schema; distributed runs alembic
+        # Sync endpoints run in anyio's thread pool (40 threads by default): no more at once than there are
+        # pooled connections, or the rest would wait for one while holding a thread and the GIL's attention.
+        to_thread.current_default_thread_limiter().total_tokens = settings.database_pool_size
         engine = make_engine(settings)
         app.state.settings = settings
         app.state.engine = engine

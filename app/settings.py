@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     # Empty = embedded defaults under data_dir (SQLite file, filesystem broker).
     database_url: str = ""
     broker_url: str = ""
+    # Database connections each process keeps open. The API also runs at most this many requests at once in
+    # its thread pool (each holds one connection), so under load connections are reused, not opened per burst
+    # and closed again; database_max_overflow more may open for the rest (reaper, dispatcher) and then close.
+    database_pool_size: int = Field(10, ge=1)
+    database_max_overflow: int = Field(5, ge=0)
     # Empty = <data_dir>/artifacts. Local destinations must resolve inside it.
     artifact_root: Path | None = None
     queue_name: str = "squeeze"
