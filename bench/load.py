@@ -1,6 +1,6 @@
 """The read API under load (issue 17): 10,000 jobs in PostgreSQL, 200 concurrent dashboard pollers.
 
-    python -m bench.load [--duration 20] [--pollers 200] [--configs w1 w2] [--out docs/bench/load.json]
+    python -m bench.load [--duration 20] [--pollers 200] [--configs w1 w2] [--baseline DIR] [--out docs/bench/load.json]
 
 A fresh PostgreSQL database (tests/services.py; dropped at the end) is migrated by the project's
 migrations and filled with 10,000 jobs of five tenants: mixed statuses, real-looking specs, and for
@@ -14,7 +14,11 @@ with its tenant's API key, cycling through GET /v1/jobs?limit=50, its next page 
 GET /v1/jobs/{id} and GET /v1/jobs/{id}/events?after=<a recent event>. Two shapes per server
 configuration: "poll" (each poller waits 0.5-1.5 s before each request, about the dashboard's fastest
 rhythm) and "saturate" (no wait: the server's capacity, whose latency is the queue 200 clients make).
-Writes one JSON file with provenance (bench/common.py's) and every run's rps, latency and errors.
+With --baseline DIR (another checkout, e.g. `git worktree add --detach DIR <commit>`), that checkout's
+server takes the same loads against the same database, each shape run on both servers in turn: a
+before/after on the same data and the same (shared) cores. Writes one JSON file with provenance
+(bench/common.py's) and every run's rps, latency, errors and the server's CPU time per request (its
+processes' user + system time over the run: less sensitive than rps to what else runs on the cores).
 """
 
 from __future__ import annotations
@@ -58,12 +62,12 @@ STATUSES = [(JobStatus.succeeded, 0.78), (JobStatus.failed, 0.11), (JobStatus.ca
             (JobStatus.running, 0.01), (JobStatus.queued, 0.01)]
 LOGGED_JOBS = 1000
 
-# Server configurations: uvicorn worker processes, access log; the pool is the engine's default (5 + 10
-# overflow per process), recorded here, not set.
+# Server configurations: uvicorn worker processes, access log. The database pool is each checkout's
+# Settings default (this one's is in the report; before 488888d it was SQLAlchemy's 5 + 10 overflow).
 CONFIGS = {
-    "w1": {"workers": 1, "pool_size": 5, "max_overflow": 10, "access_log": True},
-    "w2": {"workers": 2, "pool_size": 5, "max_overflow": 10, "access_log": True},
-    "w2_quiet": {"workers": 2, "pool_size": 5, "max_overflow": 10, "access_log": False},
+    "w1": {"workers": 1, "access_log": True},
+    "w2": {"workers": 2, "access_log": True},
+    "w2_quiet": {"workers": 2, "access_log": False},
 }
 SHAPES = {"poll": 1000, "saturate": 0}  # LOAD_DELAY_MS: mean wait before each request
 
@@ -238,6 +242,19 @@ class Server:
             self.stop()
             raise
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server and its worker processes so far."""
+        pids = [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                                                  capture_output=True, text=True).stdout.split()]
+        total = 0.0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -332,8 +349,12 @@ def main() -> None:
                         log(f"{tree}: one request at a time: {single[tree]}")
                 for shape in args.shapes:
                     for tree, server in servers.items():
+                        cpu = server.cpu_seconds()
                         result = run_wrk(server.base, targets_file, args.pollers, args.duration, SHAPES[shape],
                                          args.threads, folder / "wrk.json")
+                        cpu = server.cpu_seconds() - cpu
+                        result |= {"server_cpu_s": round(cpu, 2),
+                                   "server_cpu_ms_per_request": round(1000 * cpu / max(result["requests"], 1), 2)}
                         runs.append({"tree": tree, "config": name, **config, "shape": shape,
                                      "poll_interval_ms": SHAPES[shape] or None, "pollers": args.pollers, **result})
                         log(f"{tree} {name} {shape}: {result}")
@@ -348,7 +369,9 @@ def main() -> None:
                     "note": "shared 2-core VM; other benchmarks ran on the same cores during these runs"},
         "server": {"how": "uvicorn bench.load:api --factory (create_app as `squeeze serve --no-worker`, no reaper), "
                           "distributed mode, API keys on, PostgreSQL + Redis on the same machine",
-                   "uvicorn": _version("uvicorn"), "sqlalchemy": _version("sqlalchemy")},
+                   "uvicorn": _version("uvicorn"), "sqlalchemy": _version("sqlalchemy"),
+                   "pool": f"{settings.database_pool_size} + {settings.database_max_overflow} overflow per process "
+                           "(this checkout's Settings)"},
         "load": {"tool": wrk_version, "script": "bench/load.wrk.lua", "threads": args.threads, "pollers": args.pollers,
                  "duration_s": args.duration, "timeout_s": 5,
                  "mix": "per cycle: GET /v1/jobs?limit=50, its next page by cursor, GET /v1/jobs/{id}, "
