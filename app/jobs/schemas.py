@@ -6,10 +6,18 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+from fastapi import Response
 from pydantic import BaseModel
 
 from app.db.models import Job, JobEvent, JobStatus, Upload
 from app.settings import Settings
+
+
+def json_response(model: BaseModel) -> Response:
+    """The model as the response body, serialised once, in the endpoint's thread. A sync endpoint that
+    returns the model instead costs a second trip through the thread pool, where FastAPI validates it again
+    before serialising it (the endpoint keeps response_model= for the OpenAPI schema)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 class ErrorOut(BaseModel):
