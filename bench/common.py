@@ -340,9 +340,9 @@ def two_four(method: str) -> SparsitySpec:
 def compensation(method: str, **kwargs) -> CompensationSpec:
     """The benchmark's compensation, every value stated (the job spec's defaults are the user's, not the
     protocol's): the paper's exact EoRA (damp 0) unless a row names its damping, no sink tokens, fp16
-    adapters, the relative budget criterion without a floor, the server's default max_rank."""
+    adapters, the relative budget criterion without a floor, no joint refinement, the server's default max_rank."""
     values = {"max_rank": Settings.model_fields["max_rank"].default, "adapter_bits": None,
-              "budget_criterion": "relative", "min_rank": 0, "damp": 0.0, "sink_tokens": 0}
+              "budget_criterion": "relative", "min_rank": 0, "damp": 0.0, "sink_tokens": 0, "refine": 0}
     return CompensationSpec(method=method, **{**values, **kwargs})
 
 
