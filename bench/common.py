@@ -179,6 +179,24 @@ def plan_to_dict(plan: CompressionPlan) -> dict:
     return {k: (asdict(v) if v is not None else None) for k, v in vars(plan).items()}
 
 
+# The merge that completed issue 15's numeric fixes (error_after from an untouched W, fp64 Gram, no cut of
+# the damped spectrum, true ranks, stored adapters, one owner per default). Rows run on code without it
+# (and rows from before provenance was recorded, which came with it) measured through the defects.
+FIXES_COMMIT = "cfe14ea"
+
+
+def on_fixed_code(run: dict) -> bool:
+    """Whether a stored row ran on code that contains FIXES_COMMIT."""
+    commit = (run.get("provenance") or {}).get("commit")
+    if commit is None:
+        return False
+    check = subprocess.run(["git", "merge-base", "--is-ancestor", FIXES_COMMIT, commit], cwd=ROOT,
+                           capture_output=True, check=False)
+    if check.returncode not in (0, 1):
+        raise RuntimeError(f"git cannot compare commit {commit} with {FIXES_COMMIT}: {check.stderr.decode().strip()}")
+    return check.returncode == 0
+
+
 def load_run(name: str) -> dict | None:
     """The stored row, whenever it was written (summaries read every row there is)."""
     path = RUNS / f"{name}.json"

@@ -218,6 +218,7 @@ def _row(run: dict, base: dict, fp32: float) -> dict:
         "compress_wall_seconds": run["compress_wall_seconds"],
         "stages": run["stages"],
         "commit": run.get("provenance", {}).get("commit"),  # None: a row from before provenance was recorded
+        "fixed_code": common.on_fixed_code(run),  # False: measured through the defects issue 15 fixed
     }
 
 

@@ -112,16 +112,25 @@ NAMES = {
 }
 
 
+PRE_FIX = "(pre-fix)"
+
+
+def pre_fix_mark(run: dict) -> str:
+    return "" if common.on_fixed_code(run) else f" {PRE_FIX}"
+
+
 def tables() -> str:
     lines = []
     fp32 = json.loads((common.RESULTS / "fp32_reference.json").read_text())["ppl"]
-    lines += ["### Quality", "", "| configuration | perplexity | x fp32 | bits/weight | compress wall (s) | eval (s) |",
+    lines += [f"Rows marked {PRE_FIX} ran on code from before issue 15's numeric fixes (commit "
+              f"{common.FIXES_COMMIT}); the others on code that contains them.", "",
+              "### Quality", "", "| configuration | perplexity | x fp32 | bits/weight | compress wall (s) | eval (s) |",
               "|---|---:|---:|---:|---:|---:|", f"| fp32 reference | {fp32:.2f} | 1.00 | 16 | - | - |"]
     for name, label in NAMES.items():
         run = common.load_run(name)
         if run is not None:
-            lines.append(f"| {label} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | {run['bits']['total']:.3f} | "
-                         f"{run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
+            lines.append(f"| {label}{pre_fix_mark(run)} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | "
+                         f"{run['bits']['total']:.3f} | {run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
     sweep = common.RESULTS / "damp_sweep.json"
     if sweep.exists():
         record = json.loads(sweep.read_text())
@@ -146,7 +155,8 @@ def tables() -> str:
                          f"+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}")
                 gap = "-" if variant == "none" else f"{100 * row['gap_recovered']:.1f}%"
                 val = "-" if row.get("val_ppl") is None else f"{row['val_ppl']:.2f}"
-                lines.append(f"| {variant} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "
+                label = variant if row["fixed_code"] else f"{variant} {PRE_FIX}"
+                lines.append(f"| {label} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
