@@ -185,15 +185,15 @@ def plan_to_dict(plan: CompressionPlan) -> dict:
 FIXES_COMMIT = "cfe14ea"
 
 
-def on_fixed_code(run: dict) -> bool:
-    """Whether a stored row ran on code that contains FIXES_COMMIT."""
+def on_fixed_code(run: dict, fixes: str = FIXES_COMMIT, repo: Path = ROOT) -> bool:
+    """Whether a stored row ran on code that contains the commit `fixes` (git history of repo)."""
     commit = (run.get("provenance") or {}).get("commit")
     if commit is None:
         return False
-    check = subprocess.run(["git", "merge-base", "--is-ancestor", FIXES_COMMIT, commit], cwd=ROOT,
+    check = subprocess.run(["git", "merge-base", "--is-ancestor", fixes, commit], cwd=repo,
                            capture_output=True, check=False)
     if check.returncode not in (0, 1):
-        raise RuntimeError(f"git cannot compare commit {commit} with {FIXES_COMMIT}: {check.stderr.decode().strip()}")
+        raise RuntimeError(f"git cannot compare commit {commit} with {fixes}: {check.stderr.decode().strip()}")
     return check.returncode == 0
 
 
