@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 
 import pytest
@@ -18,7 +19,7 @@ from app.main import create_app
 from app.queue import Dispatcher
 from app.reaper import reap_once
 from app.settings import Settings
-from tests.services import REDIS_URL, fresh_postgres_database
+from tests.services import REDIS_URL, celery_worker, fresh_postgres_database
 from tests.unit.test_routing import LLAMA_70B, TINY, model_folder, spec_for
 
 
@@ -69,3 +70,28 @@ def test_jobs_go_to_the_queue_of_their_class_and_the_reaper_resends_there(pg, tm
     finally:
         dispatcher.close()
     assert {queue: waiting(queue) for queue in sent} == sent
+
+
+def test_a_worker_takes_the_classes_it_holds_and_leaves_the_larger_ones(pg, tmp_path):
+    """`squeeze worker` advertising 2 GiB consumes the base queue and 1gib, not 16gib. The models are
+    config-only folders, so each job it takes fails at loading: enough to show it was taken."""
+    settings, sessions = pg
+    base = settings.queue_name
+    specs = {"big": spec_for(model_folder(tmp_path, LLAMA_70B, "big")),
+             "tiny": spec_for(model_folder(tmp_path, TINY, "tiny")),
+             "unread": spec_for(str(tmp_path / "no-such-model"))}
+    with TestClient(create_app(settings, run_reaper=False)) as client:
+        jobs = {name: client.post("/v1/jobs", json=spec.model_dump(mode="json")).json()["id"]
+                for name, spec in specs.items()}
+        log = tmp_path / "worker.log"
+        with celery_worker(settings, log, {"SQUEEZE_MEMORY_CLASSES_GIB": "[1, 16]", "SQUEEZE_WORKER_MEMORY_GIB": "2"}):
+            deadline = time.monotonic() + 90
+            while any(client.get(f"/v1/jobs/{jobs[n]}").json()["status"] != "failed" for n in ("tiny", "unread")):
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+            time.sleep(1.0)  # time enough to take the big one, if it wrongly could
+            big = client.get(f"/v1/jobs/{jobs['big']}").json()
+        assert f"consuming {base}, {base}.1gib\n" in log.read_text()
+    assert (big["status"], big["attempt"], big["memory_class"]) == ("queued", 0, "16gib")
+    assert waiting(f"{base}.16gib") == [jobs["big"]]
+    assert waiting(base) == waiting(f"{base}.1gib") == []

@@ -151,3 +151,14 @@ def test_the_api_shows_the_class_and_the_first_event_says_why(tmp_path):
         assert listed["memory_class"] == "16gib"
     # the wake-up message went to the class's queue of the filesystem broker (<stamp>_<id>.<queue>.msg)
     assert [p.name.partition(".")[2] for p in (settings.broker_dir / "in").glob("*.msg")] == ["squeeze.16gib.msg"]
+
+
+def test_squeeze_worker_listens_on_the_queues_of_its_advertised_memory():
+    from app.cli import _worker_argv, worker_queues
+
+    settings = Settings(memory_classes_gib=[1, 16, 80], worker_memory_gib=20)
+    queues = worker_queues(settings)
+    assert queues == ["squeeze", "squeeze.1gib", "squeeze.16gib"]
+    argv = _worker_argv(settings, "INFO", queues)
+    assert argv[argv.index("-Q") + 1] == "squeeze,squeeze.1gib,squeeze.16gib"
+    assert worker_queues(Settings(worker_memory_gib=20)) == ["squeeze"]  # no classes: the one queue
