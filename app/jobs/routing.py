@@ -14,7 +14,9 @@ Imports no torch: the API process uses it.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -105,19 +107,31 @@ def _local_config(settings: Settings, ref: str) -> dict[str, Any]:
         raise ConfigUnavailable("no readable config.json in the model folder") from None
 
 
-# Hub look-ups run here so that a submit waits at most hub_config_timeout_seconds: huggingface_hub retries
-# an unreachable Hub for about 25 s. A look-up that outlives its wait finishes in the background.
-_hub_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="squeeze-hub-config")
+# Hub look-ups run in these threads so that a submit waits at most hub_config_timeout_seconds: huggingface_hub
+# retries an unreachable Hub for about 25 s, and a look-up that outlives its wait finishes in the background.
+# At most HUB_LOOKUPS run at once; past that a submit does not wait at all (a Hub that is down must not
+# pile up threads).
+HUB_LOOKUPS = 4
+_hub_pool = ThreadPoolExecutor(max_workers=HUB_LOOKUPS, thread_name_prefix="squeeze-hub-config")
+_hub_slots = threading.BoundedSemaphore(HUB_LOOKUPS)
 
 
 def _hub_config(settings: Settings, spec: JobSpec) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     token = spec.hf_token or settings.hf_token
-    future = _hub_pool.submit(
+    fetch = functools.partial(
         hf_hub_download, spec.model.id, "config.json", revision=spec.model.revision,
         token=token.get_secret_value() if token else None, cache_dir=settings.data_dir / "hub",
         endpoint=settings.hf_endpoint, etag_timeout=settings.hub_config_timeout_seconds)
+    try:  # a config already in the cache (an earlier job's, embedded mode's worker shares it) needs no Hub
+        return _parse(Path(fetch(local_files_only=True)).read_bytes())
+    except Exception:  # noqa: S110 - not cached (or unreadable there): ask the Hub
+        pass
+    if not _hub_slots.acquire(blocking=False):
+        raise ConfigUnavailable(f"{HUB_LOOKUPS} Hub look-ups are already waiting for an answer")
+    future = _hub_pool.submit(fetch)
+    future.add_done_callback(lambda _: _hub_slots.release())
     try:
         path = future.result(timeout=settings.hub_config_timeout_seconds)
     except FutureTimeout:

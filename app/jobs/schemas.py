@@ -48,8 +48,9 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     progress: Progress
-    # The job's memory class (app/jobs/routing.py): a size such as "48gib", or "any" (any worker).
-    memory_class: str
+    # The job's memory class (app/jobs/routing.py): a size such as "48gib", or "any" (any worker). A default,
+    # so that the client reads the jobs of a server older than routing.
+    memory_class: str = "any"
     spec: dict[str, Any]
     error: str | None
     metrics: dict[str, Any] | None

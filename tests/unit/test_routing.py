@@ -162,3 +162,18 @@ def test_squeeze_worker_listens_on_the_queues_of_its_advertised_memory():
     argv = _worker_argv(settings, "INFO", queues)
     assert argv[argv.index("-Q") + 1] == "squeeze,squeeze.1gib,squeeze.16gib"
     assert worker_queues(Settings(worker_memory_gib=20)) == ["squeeze"]  # no classes: the one queue
+
+
+def test_when_every_hub_lookup_is_busy_a_submit_does_not_wait(tmp_path, monkeypatch):
+    import threading
+
+    from app.jobs import routing
+
+    monkeypatch.setattr(routing, "_hub_slots", threading.BoundedSemaphore(1))
+    routing._hub_slots.acquire()  # the one slot is taken by a look-up still waiting on the Hub
+    settings = Settings(data_dir=tmp_path / "data", memory_classes_gib=CLASSES, hub_config_timeout_seconds=30,
+                        hf_endpoint="http://127.0.0.1:9")
+    started = time.monotonic()
+    route = route_job(settings, spec_for("org/model"))
+    assert route.memory_class == ANY and "already waiting" in route.note
+    assert time.monotonic() - started < 5
