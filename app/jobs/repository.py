@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,8 +17,10 @@ from sqlalchemy.orm import Session
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
-from app.jobs.routing import Route
 from app.webhooks import repository as webhooks
+
+if TYPE_CHECKING:
+    from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 

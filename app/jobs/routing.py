@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from app.jobs.service import HUB_ID, UPLOAD_PREFIX, looks_local
 from app.jobs.spec import JobSpec
 from app.settings import Settings
 from worker.memory import GiB, minimum_need
@@ -143,8 +144,6 @@ def _hub_config(settings: Settings, spec: JobSpec) -> dict[str, Any]:
 
 
 def model_config(settings: Settings, spec: JobSpec) -> dict[str, Any]:
-    from app.jobs.service import HUB_ID, UPLOAD_PREFIX, looks_local
-
     ref = spec.model.id
     if looks_local(ref):
         return _local_config(settings, ref)

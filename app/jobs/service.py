@@ -9,6 +9,7 @@ import re
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -18,11 +19,13 @@ from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound,
 from app.jobs import repository, uploads
 from app.jobs.capabilities import check_supported
 from app.jobs.destinations import DestinationRefused, check_destination
-from app.jobs.routing import Route
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
 from app.webhooks import service as webhooks
+
+if TYPE_CHECKING:
+    from app.jobs.routing import Route
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 UPLOAD_PREFIX = uploads.PREFIX
