@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU; writes to a temp folder")
     parser.add_argument("--out", type=Path, help=f"where the JSON goes (default {RESULT}; with --smoke a temp file)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--large-layers", type=int, help="decoder layers of the large model (default 8; 3 with "
+                        "--smoke): fewer when the check must be shorter, each costs about the same")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device here; --smoke runs the same code on the CPU")
     gpu = "cpu" if args.smoke else "cuda"
     sizes = SMOKE if args.smoke else FULL
+    if args.large_layers:
+        sizes = {**sizes, "large": {**sizes["large"], "num_hidden_layers": args.large_layers}}
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) / "gpu_check.json" if args.smoke else RESULT)
     if args.smoke and out.resolve() == RESULT.resolve():
         parser.error(f"--smoke never writes {RESULT}")
