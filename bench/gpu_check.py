@@ -127,7 +127,14 @@ def run_job(name: str, spec, device: str, work: Path) -> dict[str, Any]:
     settings = Settings(data_dir=work / "data", artifact_root=work / "artifacts", device=device,
                         allow_local_paths=True)
     job_id = uuid.uuid4()
-    reporter = ConsoleReporter(Console(stderr=True))
+    class LayerTimes(ConsoleReporter):  # the CLI's reporter, keeping each finished layer's seconds
+        def progress(self, stage, percent, layer=None, layers=None, message=None, data=None) -> None:
+            if data and "seconds" in data:
+                layer_seconds.append(data["seconds"])
+            super().progress(stage, percent, layer, layers, message, data)
+
+    layer_seconds: list[float] = []
+    reporter = LayerTimes(Console(stderr=True))
     reset_peak_rss()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -141,6 +148,7 @@ def run_job(name: str, spec, device: str, work: Path) -> dict[str, Any]:
     record = {
         "name": name, "device": metrics["device"], "wall_seconds": round(wall, 3),
         "timings_seconds": metrics["timings"], "compression_seconds": metrics["compression"]["seconds"],
+        "layer_seconds": layer_seconds,
         "peak_host_rss_bytes": peak_rss(),
         "peak_device_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "perplexity_before": metrics["perplexity_before"], "perplexity_after": metrics["perplexity_after"],

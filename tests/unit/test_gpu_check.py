@@ -20,5 +20,6 @@ def test_the_smoke_run_measures_every_part_and_writes_only_where_told(tmp_path):
     assert set(report["speed_ratio_cpu_over_cuda"]["timings"]) == set(cpu["timings_seconds"])
     large = report["large_job"]
     assert large["timings_seconds"]["compress_s"] > 0 and large["max_rank"] == 8
+    assert len(large["layer_seconds"]) == report["models"]["large"]["num_hidden_layers"]
     assert large["peak_host_rss_bytes"] > 0 and large["peak_device_bytes"] is None
     assert (gpu_check.RESULT.read_bytes() if gpu_check.RESULT.exists() else None) == before
