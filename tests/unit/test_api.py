@@ -184,7 +184,7 @@ def test_list_items_leave_out_the_per_module_table_that_the_job_itself_keeps():
     metrics = {"perplexity_after": 12.5, "size": {"bits_per_weight_stored": 4.5},
                "compression": {"modules": 2, "max_rank": 4, "per_module": {"a": {"rank": 4}, "b": {"rank": 4}}}}
     job = SimpleNamespace(id=uuid.uuid4(), tenant_id="t", status="succeeded", attempt=1, max_attempts=3,
-                          cancel_requested_at=None, stage="done", layer=2, layers=2, percent=100.0, spec={},
+                          cancel_requested_at=None, stage="done", layer=2, layers=2, percent=100.0, spec={}, memory_class=None,
                           error=None, metrics=metrics, artifacts=None, created_at=now, updated_at=now,
                           started_at=now, finished_at=now)
     listed, whole = JobOut.of(job, listed=True).metrics, JobOut.of(job).metrics
