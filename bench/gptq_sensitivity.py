@@ -63,8 +63,8 @@ def summarize(seeds: list[int], grams: list[int]) -> dict:
             if run is not None:
                 rows[row_name(bits, seed)] = {
                     "gram_bits": bits, "seed": seed, "ppl": run["ppl"], "val_ppl": run["val_ppl"],
-                    "mean_module_error": statistics.fmean(m["error_after"] for m in run["modules"].values()),
-                    "commit": run["provenance"]["commit"],
+                    "mean_module_error": statistics.fmean(m["error_before"] for m in run["modules"].values()),
+                    "torch_threads": run["machine"]["torch_threads"], "commit": run["provenance"]["commit"],
                 }
     spread = {}
     for key in ("ppl", "val_ppl"):
