@@ -13,18 +13,33 @@ from pathlib import Path
 from app.settings import Settings
 
 
-def _worker_argv(settings: Settings, loglevel: str) -> list[str]:
+def _worker_argv(settings: Settings, loglevel: str, queues: list[str]) -> list[str]:
     return [
-        "worker", f"--loglevel={loglevel}", "-Q", settings.queue_name,
+        "worker", f"--loglevel={loglevel}", "-Q", ",".join(queues),
         f"--concurrency={settings.worker_concurrency}", "--pool=prefork", f"--hostname=squeeze-{os.getpid()}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
 
 
+def worker_queues(settings: Settings) -> list[str]:
+    """The base queue, and with memory classes set, the queue of every class this worker's memory holds."""
+    from app.jobs.routing import worker_queues as queues_for_memory
+
+    if not settings.memory_classes_gib:
+        return [settings.queue_name]
+    from worker.capacity import advertised_memory
+
+    memory, source = advertised_memory(settings)
+    queues = queues_for_memory(settings, memory)
+    held = f"{memory / 1024**3:.1f} GiB, {source}" if memory is not None else source
+    print(f"squeeze worker: memory {held}; consuming {', '.join(queues)}", file=sys.stderr, flush=True)
+    return queues
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.tasks import app, settings
 
-    app.worker_main(_worker_argv(settings, args.loglevel))
+    app.worker_main(_worker_argv(settings, args.loglevel, worker_queues(settings)))
     return 0
 
 

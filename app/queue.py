@@ -22,9 +22,10 @@ class Dispatcher:
         self.sessions = sessions
         self.celery = create_celery(settings)
 
-    def dispatch(self, job_id: uuid.UUID) -> bool:
-        """Send the wake-up message and record it. A failure leaves the job for the reaper to re-send."""
-        if not self._send(job_id):
+    def dispatch(self, job_id: uuid.UUID, queue: str | None = None) -> bool:
+        """Send the wake-up message to the job's queue (None: the base queue) and record it. A failure
+        leaves the job for the reaper to re-send."""
+        if not self._send(job_id, queue):
             return False
         with unit_of_work(self.sessions) as session:
             repository.mark_dispatched(session, job_id)
@@ -36,18 +37,19 @@ class Dispatcher:
         failed send marks it unsent again."""
         with unit_of_work(self.sessions) as session:
             stamp = repository.take_dispatch(session, job_id, older_than)
+            queue = repository.job_queue(session, job_id)
         if stamp is None:
             return False
-        if self._send(job_id):
+        if self._send(job_id, queue):
             return True
         with unit_of_work(self.sessions) as session:
             repository.give_back_dispatch(session, job_id, stamp)
         return False
 
-    def _send(self, job_id: uuid.UUID) -> bool:
+    def _send(self, job_id: uuid.UUID, queue: str | None) -> bool:
         try:
             self.celery.send_task(
-                RUN_JOB, args=[str(job_id)], queue=self.settings.queue_name,
+                RUN_JOB, args=[str(job_id)], queue=queue or self.settings.queue_name,
                 expires=self.settings.redispatch_after_seconds * 2,
             )
         except Exception as exc:  # the broker is down: the job stays queued and unsent

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     # Empty = <data_dir>/artifacts. Local destinations must resolve inside it.
     artifact_root: Path | None = None
     queue_name: str = "squeeze"
+    # Memory classes in GiB of device memory (app/jobs/routing.py): each has a queue <queue_name>.<n>gib, a job
+    # goes to the smallest class holding its predicted need, a worker consumes every class it holds. Empty = one
+    # queue for all jobs. Jobs whose model config cannot be read at submit go to <queue_name> (any worker).
+    memory_classes_gib: list[float] = Field(default_factory=list)
+    # How long a submit waits for a Hub model's config.json (for its memory class) before routing it to any worker.
+    hub_config_timeout_seconds: float = 5.0
 
     # Local models and calibration files: allowed everywhere in embedded mode by default,
     # otherwise only below these roots.
@@ -101,8 +107,18 @@ class Settings(BaseSettings):
     checkpoint_layers: bool = True  # False: a retried job starts again from layer 0
     # Refuse, before reading any weight, a job whose minimum memory (worker.memory) does not fit.
     memory_check: bool = True
+    # The device memory this worker advertises for routing; None = measured (CUDA total memory, or host memory
+    # on the CPU, capped by a cgroup limit).
+    worker_memory_gib: float | None = None
     # s3://bucket/prefix: layer checkpoints are also kept there, so a worker on another machine resumes.
     checkpoint_s3_uri: str | None = None
+
+    @field_validator("memory_classes_gib", mode="after")
+    @classmethod
+    def _positive_classes(cls, value: list[float]) -> list[float]:
+        if any(gib <= 0 for gib in value):
+            raise ValueError("memory classes are sizes in GiB above 0")
+        return sorted(set(value))
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -74,6 +74,10 @@ class Job(Base):
     sealed_token: Mapped[str | None] = mapped_column(Text)
     # POSTed when the job ends (app/webhooks): a terminal transition adds a WebhookDelivery in its transaction.
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # Chosen at submit (app/jobs/routing.py): the memory class and the broker queue every send of the job
+    # uses. Rows made before routing have none: the base queue, class "any".
+    memory_class: Mapped[str | None] = mapped_column(String(32))
+    queue: Mapped[str | None] = mapped_column(String(255))
 
     stage: Mapped[str] = mapped_column(String(32), default="queued")
     layer: Mapped[int | None] = mapped_column(Integer)

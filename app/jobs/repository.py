@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session, defer, undefer
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
 from app.webhooks import repository as webhooks
+
+if TYPE_CHECKING:
+    from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 # A job list reads listed_metrics (deferred otherwise); loading metrics too would fetch and parse every
@@ -36,17 +39,21 @@ def listed_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 def add_job(
     session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None = None, *,
     tenant_id: str = DEFAULT_TENANT, idempotency_key: str | None = None, request_hash: str | None = None,
-    webhook_url: str | None = None,
+    webhook_url: str | None = None, route: Route | None = None,
 ) -> Job:
+    """route: the memory class and queue (app/jobs/routing.py); None = the base queue, as before routing."""
     now = utcnow()
     job = Job(
         id=uuid.uuid4(), tenant_id=tenant_id, status=JobStatus.queued, spec=spec, attempt=0,
         max_attempts=max_attempts, stage="queued", percent=0.0, created_at=now, updated_at=now,
         sealed_token=sealed_token, idempotency_key=idempotency_key, request_hash=request_hash,
-        webhook_url=webhook_url,
+        webhook_url=webhook_url, memory_class=route.memory_class if route else None,
+        queue=route.queue if route else None,
     )
     session.add(job)
-    session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message="job queued"))
+    message = f"job queued; {route.note}" if route and route.note else "job queued"
+    session.add(JobEvent(job_id=job.id, attempt=0, created_at=now, stage="queued", level="info", message=message,
+                         data=route.data if route and route.data else None))
     session.flush()
     return job
 
@@ -54,13 +61,15 @@ def add_job(
 def add_job_once(
     session: Session, spec: dict[str, Any], max_attempts: int, sealed_token: str | None, *,
     tenant_id: str, idempotency_key: str, request_hash: str, webhook_url: str | None = None,
+    route: Route | None = None,
 ) -> tuple[Job, bool]:
     """add_job, unless the tenant already used the idempotency key: then (that job, False). The unique
     index decides, so concurrent retries, each in its own transaction, all get the one job."""
     try:
         with session.begin_nested():  # a savepoint: losing the race rolls back only this insert
             job = add_job(session, spec, max_attempts, sealed_token, tenant_id=tenant_id,
-                          idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=webhook_url)
+                          idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=webhook_url,
+                          route=route)
         return job, True
     except IntegrityError:
         existing = job_by_idempotency_key(session, tenant_id, idempotency_key)
@@ -171,6 +180,11 @@ def take_dispatch(session: Session, job_id: uuid.UUID, older_than: datetime) -> 
         dispatched_at=stamp,
     )
     return stamp if taken else None
+
+
+def job_queue(session: Session, job_id: uuid.UUID) -> str | None:
+    """The broker queue chosen for the job at submit; None for a job made before routing (the base queue)."""
+    return session.scalar(select(Job.queue).where(Job.id == job_id))
 
 
 def give_back_dispatch(session: Session, job_id: uuid.UUID, stamp: datetime) -> bool:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, Upload
 from app.auth import Caller, authenticate
 from app.db.models import JobStatus
 from app.db.session import unit_of_work
-from app.jobs import service, uploads
+from app.jobs import routing, service, uploads
 from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage, json_response
 from app.jobs.spec import JobSpec
 
@@ -33,11 +33,12 @@ def create_job(
         "Keys are kept as long as the job."))] = None,
 ) -> JobOut:
     state = request.app.state
+    route = routing.route_job(state.settings, spec)  # may ask the Hub for config.json: before the transaction
     with unit_of_work(state.sessions) as session:
-        job, created = service.create_job(session, state.settings, spec, caller, idempotency_key)
+        job, created = service.create_job(session, state.settings, spec, caller, idempotency_key, route)
         out = JobOut.of(job)
     if created:
-        state.dispatcher.dispatch(job.id)  # strictly after commit; the reaper re-sends if this fails
+        state.dispatcher.dispatch(job.id, job.queue)  # strictly after commit; the reaper re-sends if this fails
     else:
         response.status_code = status.HTTP_200_OK
     return out

@@ -56,6 +56,9 @@ class JobOut(BaseModel):
     max_attempts: int
     cancel_requested: bool
     progress: Progress
+    # The job's memory class (app/jobs/routing.py): a size such as "48gib", or "any" (any worker). A default,
+    # so that the client reads the jobs of a server older than routing.
+    memory_class: str = "any"
     spec: dict[str, Any]
     error: str | None
     metrics: dict[str, Any] | None
@@ -75,7 +78,7 @@ class JobOut(BaseModel):
             id=job.id, tenant=job.tenant_id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
             cancel_requested=job.cancel_requested_at is not None,
             progress=Progress(stage=job.stage, layer=job.layer, layers=job.layers, percent=job.percent),
-            spec=job.spec, error=job.error, metrics=metrics, artifacts=job.artifacts,
+            memory_class=job.memory_class or "any", spec=job.spec, error=job.error, metrics=metrics, artifacts=job.artifacts,
             created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
             finished_at=job.finished_at,
         )

@@ -9,6 +9,7 @@ import re
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -22,6 +23,9 @@ from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
 from app.webhooks import service as webhooks
+
+if TYPE_CHECKING:
+    from app.jobs.routing import Route
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 UPLOAD_PREFIX = uploads.PREFIX
@@ -88,9 +92,10 @@ def request_hash(spec: JobSpec) -> str:
 
 
 def create_job(session: Session, settings: Settings, spec: JobSpec, caller: Caller,
-               idempotency_key: str | None = None) -> tuple[Job, bool]:
+               idempotency_key: str | None = None, route: Route | None = None) -> tuple[Job, bool]:
     """Returns (job, created). A repeated Idempotency-Key returns the tenant's earlier job for the same
-    request, and is refused for a different one."""
+    request, and is refused for a different one. route: the job's memory class and queue
+    (routing.route_job, read before the transaction); None = the base queue."""
     if idempotency_key is not None:
         earlier = repository.job_by_idempotency_key(session, caller.tenant_id, idempotency_key)
         if earlier is not None:
@@ -109,10 +114,10 @@ def create_job(session: Session, settings: Settings, spec: JobSpec, caller: Call
     stored = spec.model_dump(mode="json")
     if idempotency_key is None:
         return repository.add_job(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id,
-                                  webhook_url=spec.webhook_url), True
+                                  webhook_url=spec.webhook_url, route=route), True
     job, created = repository.add_job_once(session, stored, settings.max_attempts, sealed, tenant_id=caller.tenant_id,
                                            idempotency_key=idempotency_key, request_hash=request_hash(spec),
-                                           webhook_url=spec.webhook_url)
+                                           webhook_url=spec.webhook_url, route=route)
     return (job, True) if created else (_same_request(job, spec), False)
 
 

@@ -239,3 +239,24 @@ def test_a_stale_attempt_makes_no_hub_commit(hub, tmp_path):
         destination.publish(artifact(tmp_path / "a1"), "job-1", 1, still_owns=lambda: False)
     commits = hub.repos[REPO].commits if REPO in hub.repos else []
     assert [c for c in commits if c.message.startswith("Squeeze")] == []
+
+
+# --- routing by memory class reads only config.json ---------------------------------------------
+
+def test_routing_reads_only_the_config_of_a_hub_model(hub, tmp_path):
+    import json
+
+    from app.jobs.routing import route_job
+    from app.jobs.spec import JobSpec
+    from tests.unit.test_routing import LLAMA_70B
+
+    hub.add_repo(REPO, {"config.json": json.dumps(LLAMA_70B).encode(), "model.safetensors": b"weights"})
+    settings = Settings(data_dir=tmp_path / "data", memory_classes_gib=[1, 16], hf_endpoint=hub.url)
+    spec = JobSpec.model_validate({"model": {"id": REPO}, "quantization": {"method": "rtn", "bits": 4},
+                                   "calibration": {"dataset": "org/data"}})
+    route = route_job(settings, spec)
+    assert (route.memory_class, route.queue) == ("16gib", "squeeze.16gib")
+    assert {r.path.rsplit("/", 1)[-1] for r in hub.file_requests(REPO)} == {"config.json"}  # no weights
+    asked = len(hub.requests)
+    assert route_job(settings, spec).memory_class == "16gib"  # again, from the cache: the Hub is not asked
+    assert len(hub.requests) == asked

@@ -81,7 +81,7 @@ def _finished_jobs_get_their_listed_metrics(url: str) -> None:
     from sqlalchemy import text
 
     config = alembic_config(url)
-    command.upgrade(config, "0004")
+    command.upgrade(config, "0005")
     engine = create_engine(url)
     metrics = {"perplexity_after": 12.5, "compression": {"modules": 1, "per_module": {"a": {"rank": 4}}}}
     rows = {uuid.uuid4(): json.dumps(metrics), uuid.uuid4(): "null", uuid.uuid4(): json.dumps({"perplexity_after": 3})}
@@ -101,7 +101,7 @@ def _finished_jobs_get_their_listed_metrics(url: str) -> None:
                       conn.execute(text("SELECT listed_metrics FROM jobs")).scalars()}
         assert listed == {json.dumps({"perplexity_after": 12.5, "compression": {"modules": 1}}), "null",
                           json.dumps({"perplexity_after": 3})}
-        command.downgrade(config, "0004")
+        command.downgrade(config, "0005")
         assert "listed_metrics" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
     finally:
         engine.dispose()

@@ -144,7 +144,8 @@ export function jobView(root, id) {
       el("p", {}, el("span", {class: `status status-${job.status}`, id: "job-status"}, job.status),
         job.cancel_requested && !TERMINAL.has(job.status) ? " (cancel requested)" : "",
         ` · ${methodSummary(job.spec)} · created ${new Date(job.created_at).toLocaleString()}`
-        + (job.started_at ? ` · ran ${duration(jobDuration(job))}` : "")),
+        + (job.started_at ? ` · ran ${duration(jobDuration(job))}` : "")
+        + (job.memory_class && job.memory_class !== "any" ? ` · memory class ${job.memory_class}` : "")),
       el("p", {}, "Model ", el("span", {class: "ids", id: "job-model"}, job.spec.model.id),
         ` @ ${job.spec.model.revision}`));
     fill.style.width = `${p.percent}%`;
