@@ -4,6 +4,11 @@ the secret is 32 random bytes; only sha256 of the whole key is stored, compared 
 Requests send `Authorization: Bearer <key>`. A missing, unknown or revoked key is 401. Each caller acts
 for its key's tenant; an admin key sees every tenant's jobs and uploads. With auth off every request
 acts for the one implicit tenant, "default".
+
+Each API process remembers the keys it found valid for settings.auth_cache_seconds (KeyCache), so a
+dashboard polling every second costs one key lookup per few seconds instead of a transaction per request.
+The price: `squeeze keys revoke` (another process) takes effect on a running server within that time,
+not at once. Unknown, wrong and revoked keys are never remembered: each is looked up every time.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import DEFAULT_TENANT, ApiKey, Tenant
@@ -84,21 +93,56 @@ def caller_for_key(session: Session, key: str) -> Caller | None:
     return Caller(row.tenant_id, row.admin)
 
 
+class KeyCache:
+    """Callers of keys found valid, by sha256 of the key, each for `seconds` from its lookup. Holds at most
+    `size` keys: when full, the expired ones go, or else all (a burst of new keys costs lookups, not memory)."""
+
+    def __init__(self, seconds: float, size: int = 4096, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.size, self.clock = seconds, size, clock
+        self._callers: dict[str, tuple[Caller, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Caller | None:
+        entry = self._callers.get(digest)
+        return entry[0] if entry is not None and self.clock() < entry[1] else None
+
+    def put(self, digest: str, caller: Caller) -> None:
+        if self.seconds <= 0:
+            return
+        now = self.clock()
+        with self._lock:
+            if len(self._callers) >= self.size:
+                self._callers = {d: e for d, e in self._callers.items() if now < e[1]}
+                if len(self._callers) >= self.size:
+                    self._callers = {}
+            self._callers[digest] = (caller, now + self.seconds)
+
+
 def bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def authenticate(request: Request) -> Caller:
-    """FastAPI dependency: who is calling."""
+async def authenticate(request: Request) -> Caller:
+    """FastAPI dependency: who is calling. Async, so that a remembered key costs no hop through the thread
+    pool; a lookup runs there."""
     state = request.app.state
     if not state.settings.auth_enabled:
         return ANONYMOUS
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    with unit_of_work(state.sessions) as session:
-        caller = caller_for_key(session, token)
+    digest = hash_key(token)
+    caller = state.key_cache.get(digest)
+    if caller is not None:
+        return caller
+    caller = await run_in_threadpool(_look_up, state.sessions, token)
     if caller is None:
         raise Unauthorized("the API key is not valid (unknown or revoked)")
+    state.key_cache.put(digest, caller)
     return caller
+
+
+def _look_up(sessions: sessionmaker[Session], key: str) -> Caller | None:
+    with unit_of_work(sessions) as session:
+        return caller_for_key(session, key)

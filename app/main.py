@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from sqlalchemy import text
 
+from app.auth import KeyCache
 from app.dashboard.router import install_dashboard
 from app.db.session import make_engine, make_sessionmaker, upgrade_database
 from app.errors import ServiceUnavailable, install_error_handlers
@@ -26,10 +28,14 @@ def create_app(settings: Settings | None = None, *, run_reaper: bool = True) -> 
     async def lifespan(app: FastAPI):
         if settings.embedded:
             upgrade_database(settings)  # embedded mode makes its own schema; distributed runs alembic
+        # Sync endpoints run in anyio's thread pool (40 threads by default): no more at once than there are
+        # pooled connections, or the rest would wait for one while holding a thread and the GIL's attention.
+        to_thread.current_default_thread_limiter().total_tokens = settings.database_pool_size
         engine = make_engine(settings)
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = make_sessionmaker(engine)
+        app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.dispatcher = Dispatcher(settings, app.state.sessions)
         reaper = Reaper(settings, app.state.sessions, app.state.dispatcher) if run_reaper else None
         if reaper:

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
     # Empty = embedded defaults under data_dir (SQLite file, filesystem broker).
     database_url: str = ""
     broker_url: str = ""
+    # Database connections each process keeps open. The API also runs at most this many requests at once in
+    # its thread pool (each holds one connection), so under load connections are reused, not opened per burst
+    # and closed again; database_max_overflow more may open for the rest (reaper, dispatcher) and then close.
+    database_pool_size: int = Field(10, ge=1)
+    database_max_overflow: int = Field(5, ge=0)
     # Empty = <data_dir>/artifacts. Local destinations must resolve inside it.
     artifact_root: Path | None = None
     queue_name: str = "squeeze"
@@ -47,6 +52,9 @@ class Settings(BaseSettings):
     auth: Literal["on", "off", "auto"] = "auto"
     # Host header names the API answers to (DNS rebinding); set the public names when serving beyond loopback.
     allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    # A valid API key is remembered this long by each API process (by the key's sha256), so a poller's
+    # requests skip the key lookup. A key revoked meanwhile keeps working there until then; 0 = check every time.
+    auth_cache_seconds: float = Field(5.0, ge=0)
     # Origins whose pages may call the API (CORS and the cross-site check); empty = same origin only.
     cors_origins: list[str] = Field(default_factory=list)
 

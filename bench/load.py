@@ -1,6 +1,6 @@
 """The read API under load (issue 17): 10,000 jobs in PostgreSQL, 200 concurrent dashboard pollers.
 
-    python -m bench.load [--duration 20] [--pollers 200] [--configs w1 w2] [--out docs/bench/load.json]
+    python -m bench.load [--duration 20] [--pollers 200] [--configs w1 w2] [--baseline DIR] [--out docs/bench/load.json]
 
 A fresh PostgreSQL database (tests/services.py; dropped at the end) is migrated by the project's
 migrations and filled with 10,000 jobs of five tenants: mixed statuses, real-looking specs, and for
@@ -14,7 +14,11 @@ with its tenant's API key, cycling through GET /v1/jobs?limit=50, its next page 
 GET /v1/jobs/{id} and GET /v1/jobs/{id}/events?after=<a recent event>. Two shapes per server
 configuration: "poll" (each poller waits 0.5-1.5 s before each request, about the dashboard's fastest
 rhythm) and "saturate" (no wait: the server's capacity, whose latency is the queue 200 clients make).
-Writes one JSON file with provenance (bench/common.py's) and every run's rps, latency and errors.
+With --baseline DIR (another checkout, e.g. `git worktree add --detach DIR <commit>`), that checkout's
+server takes the same loads against the same database, each shape run on both servers in turn: a
+before/after on the same data and the same (shared) cores. Writes one JSON file with provenance
+(bench/common.py's) and every run's rps, latency, errors and the server's CPU time per request (its
+processes' user + system time over the run: less sensitive than rps to what else runs on the cores).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from sqlalchemy import func, insert, select, text
 from app.auth import create_key
 from app.db.models import Job, JobEvent, JobStatus, Tenant
 from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.jobs.repository import listed_metrics
 from app.main import create_app
 from app.settings import Settings
 from tests.services import REDIS_URL, free_port, fresh_postgres_database, wait_ready
@@ -57,12 +62,12 @@ STATUSES = [(JobStatus.succeeded, 0.78), (JobStatus.failed, 0.11), (JobStatus.ca
             (JobStatus.running, 0.01), (JobStatus.queued, 0.01)]
 LOGGED_JOBS = 1000
 
-# Server configurations: uvicorn worker processes, access log; the pool is the engine's default (5 + 10
-# overflow per process), recorded here, not set.
+# Server configurations: uvicorn worker processes, access log. The database pool is each checkout's
+# Settings default (this one's is in the report; before 488888d it was SQLAlchemy's 5 + 10 overflow).
 CONFIGS = {
-    "w1": {"workers": 1, "pool_size": 5, "max_overflow": 10, "access_log": True},
-    "w2": {"workers": 2, "pool_size": 5, "max_overflow": 10, "access_log": True},
-    "w2_quiet": {"workers": 2, "pool_size": 5, "max_overflow": 10, "access_log": False},
+    "w1": {"workers": 1, "access_log": True},
+    "w2": {"workers": 2, "access_log": True},
+    "w2_quiet": {"workers": 2, "access_log": False},
 }
 SHAPES = {"poll": 1000, "saturate": 0}  # LOAD_DELAY_MS: mean wait before each request
 
@@ -132,6 +137,7 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
         started = created + timedelta(seconds=rng.uniform(1, 600)) if status != JobStatus.queued else None
         finished = started + timedelta(seconds=rng.uniform(60, 3600)) if status.terminal and started else None
         done = layers if status == JobStatus.succeeded else rng.randrange(layers)
+        metrics = job_metrics(rng, spec, layers, per_module_errors) if status == JobStatus.succeeded else None
         row = {"id": uuid.uuid4(), "tenant_id": rng.choices(tenants, shares)[0], "status": status, "spec": spec,
                "attempt": 0 if status == JobStatus.queued else 1, "max_attempts": 3,
                "stage": status.value if status != JobStatus.running else "compress",
@@ -139,7 +145,7 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
                "percent": 100.0 if status == JobStatus.succeeded else (10 + 75 * done / layers if started else 0.0),
                "error": "CUDA out of memory at layer 7 (model.layers.7.mlp.down_proj)" if status == JobStatus.failed
                else None,
-               "metrics": job_metrics(rng, spec, layers, per_module_errors) if status == JobStatus.succeeded else None,
+               "metrics": metrics, "listed_metrics": listed_metrics(metrics),
                "artifacts": {"uri": f"s3://models/{model.lower()}/", "files": {"model.safetensors": 123456789},
                              "notes": [], "adapter": "adapter", "manifest": "squeeze.json"}
                if status == JobStatus.succeeded else None,
@@ -217,7 +223,8 @@ def api():
 
 
 class Server:
-    def __init__(self, settings: Settings, config: dict, log_path: Path):
+    def __init__(self, settings: Settings, config: dict, log_path: Path, root: Path = ROOT):
+        """root: the checkout whose code serves (another one for --baseline)."""
         self.port = free_port()
         env = {**os.environ, "SQUEEZE_DATABASE_URL": settings.database_url, "SQUEEZE_BROKER_URL": REDIS_URL,
                "SQUEEZE_DATA_DIR": str(settings.data_dir), "SQUEEZE_AUTH": "on", "PYTHONUNBUFFERED": "1"}
@@ -226,13 +233,27 @@ class Server:
         if not config["access_log"]:
             command.append("--no-access-log")
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        env["PYTHONPATH"] = str(root)
+        self.proc = subprocess.Popen(command, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.port}"
         try:
             wait_ready(self.base, self.proc, log_path)
         except RuntimeError:
             self.stop()
             raise
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server and its worker processes so far."""
+        pids = [self.proc.pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)],
+                                                                  capture_output=True, text=True).stdout.split()]
+        total = 0.0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -294,6 +315,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["w1", "w2"])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. `git worktree add --detach DIR "
+                        "COMMIT`) whose server takes the same loads against the same database, in turn with this one's")
     parser.add_argument("--no-per-module-errors", action="store_true",
                         help="what-if: succeeded jobs' metrics without compression.per_module")
     args = parser.parse_args()
@@ -313,22 +336,31 @@ def main() -> None:
         log(f"seeded {data['jobs']} jobs, {data['events']} events in {seed_seconds:.1f} s ({data['bytes']})")
         targets_file = folder / "targets.lua"
         targets_file.write_text("return " + lua_table(data["targets"]) + "\n")
-        single = None
+        trees = {"baseline": args.baseline, "change": ROOT} if args.baseline else {"change": ROOT}
+        single = {}
         for name in args.configs:
             config = CONFIGS[name]
-            server = Server(settings, config, folder / f"server-{name}.log")
+            servers = {}
             try:
-                if single is None:
-                    single = single_requests(server.base, data["targets"])
-                    log(f"one request at a time: {single}")
+                for tree, root in trees.items():  # both up at once (idle until loaded), loaded in turn
+                    servers[tree] = Server(settings, config, folder / f"server-{name}-{tree}.log", root)
+                    if tree not in single:
+                        single[tree] = single_requests(servers[tree].base, data["targets"])
+                        log(f"{tree}: one request at a time: {single[tree]}")
                 for shape in args.shapes:
-                    result = run_wrk(server.base, targets_file, args.pollers, args.duration, SHAPES[shape],
-                                     args.threads, folder / "wrk.json")
-                    runs.append({"config": name, **config, "shape": shape, "poll_interval_ms": SHAPES[shape] or None,
-                                 "pollers": args.pollers, **result})
-                    log(f"{name} {shape}: {result}")
+                    for tree, server in servers.items():
+                        cpu = server.cpu_seconds()
+                        result = run_wrk(server.base, targets_file, args.pollers, args.duration, SHAPES[shape],
+                                         args.threads, folder / "wrk.json")
+                        cpu = server.cpu_seconds() - cpu
+                        result |= {"server_cpu_s": round(cpu, 2),
+                                   "server_cpu_ms_per_request": round(1000 * cpu / max(result["requests"], 1), 2)}
+                        runs.append({"tree": tree, "config": name, **config, "shape": shape,
+                                     "poll_interval_ms": SHAPES[shape] or None, "pollers": args.pollers, **result})
+                        log(f"{tree} {name} {shape}: {result}")
             finally:
-                server.stop()
+                for server in servers.values():
+                    server.stop()
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     report = {
         "benchmark": "bench/load.py", "command": "python -m bench.load " + " ".join(sys.argv[1:]),
@@ -337,7 +369,9 @@ def main() -> None:
                     "note": "shared 2-core VM; other benchmarks ran on the same cores during these runs"},
         "server": {"how": "uvicorn bench.load:api --factory (create_app as `squeeze serve --no-worker`, no reaper), "
                           "distributed mode, API keys on, PostgreSQL + Redis on the same machine",
-                   "uvicorn": _version("uvicorn"), "sqlalchemy": _version("sqlalchemy")},
+                   "uvicorn": _version("uvicorn"), "sqlalchemy": _version("sqlalchemy"),
+                   "pool": f"{settings.database_pool_size} + {settings.database_max_overflow} overflow per process "
+                           "(this checkout's Settings)"},
         "load": {"tool": wrk_version, "script": "bench/load.wrk.lua", "threads": args.threads, "pollers": args.pollers,
                  "duration_s": args.duration, "timeout_s": 5,
                  "mix": "per cycle: GET /v1/jobs?limit=50, its next page by cursor, GET /v1/jobs/{id}, "
@@ -345,11 +379,16 @@ def main() -> None:
         "data": {"jobs": data["jobs"], "events": data["events"], "per_module_errors": not args.no_per_module_errors,
                  "tenants": TENANTS, "statuses": {s.value: w for s, w in STATUSES}, "table_bytes": data["bytes"],
                  "seed_seconds": round(seed_seconds, 1), "list_query_plan": data["list_plan"]},
+        "baseline": {"root": str(args.baseline), "commit": _commit(args.baseline)} if args.baseline else None,
         "single_client": single, "runs": runs, "total_seconds": round(time.monotonic() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {args.out}")
+
+
+def _commit(root: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
 
 
 def _version(package: str) -> str:

@@ -12,7 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -21,8 +21,9 @@ from sqlalchemy import and_, func, or_, select
 from app.db.base import utcnow
 from app.db.models import Job, JobStatus
 from app.db.session import unit_of_work
+from app.jobs import repository
 from app.jobs.router import CallerDep
-from app.jobs.schemas import ERRORS, JobOut, JobPage
+from app.jobs.schemas import ERRORS, JobOut, JobPage, json_response
 from app.jobs.service import decode_cursor, encode_cursor
 
 HERE = Path(__file__).parent
@@ -97,9 +98,9 @@ def search_jobs(
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-) -> JobPage:
+) -> Response:
     """GET /v1/jobs with a model filter: newest first, the same cursors."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = select(Job).options(*repository.LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if not caller.admin:
         query = query.where(Job.tenant_id == caller.tenant_id)
     if status is not None:
@@ -112,7 +113,8 @@ def search_jobs(
     with unit_of_work(request.app.state.sessions) as session:
         jobs = list(session.scalars(query))
         next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-        return JobPage(items=[JobOut.of(job, listed=True) for job in jobs[:limit]], next_cursor=next_cursor)
+        page = JobPage(items=[JobOut.of(job, listed=True) for job in jobs[:limit]], next_cursor=next_cursor)
+    return json_response(page)
 
 
 def install_dashboard(app: FastAPI) -> None:

@@ -86,6 +86,10 @@ class Job(Base):
 
     error: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # metrics without compression.per_module (the errors of every Linear, most of a finished job's 15-25 KB):
+    # what a job list shows, written with metrics, so a list page neither reads nor parses the per-module table.
+    # Deferred: only a list loads it (app/jobs/repository.py LISTED).
+    listed_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

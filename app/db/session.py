@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic_core import from_json
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +23,12 @@ T = TypeVar("T")
 def make_engine(settings: Settings, **options) -> Engine:
     """options: more create_engine arguments (e.g. poolclass)."""
     url = settings.sqlalchemy_url
+    # JSON columns (specs, metrics, events) are read with pydantic-core's parser: the same values as
+    # json.loads, about 3x faster, and decoding them was most of a job list's time (issue 17).
+    options.setdefault("json_deserializer", from_json)
+    if "poolclass" not in options:
+        options.setdefault("pool_size", settings.database_pool_size)
+        options.setdefault("max_overflow", settings.database_max_overflow)
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **options)

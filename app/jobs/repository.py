@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer, undefer
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
@@ -23,6 +23,17 @@ if TYPE_CHECKING:
     from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+# A job list reads listed_metrics (deferred otherwise); loading metrics too would fetch and parse every
+# per-module table.
+LISTED = (defer(Job.metrics, raiseload=True), undefer(Job.listed_metrics))
+
+
+def listed_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """metrics without compression.per_module: what Job.listed_metrics holds."""
+    compression = metrics.get("compression") if isinstance(metrics, dict) else None
+    if not isinstance(compression, dict) or "per_module" not in compression:
+        return metrics
+    return {**metrics, "compression": {k: v for k, v in compression.items() if k != "per_module"}}
 
 
 def add_job(
@@ -77,6 +88,14 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -
     return job if job is not None and (tenant_id is None or job.tenant_id == tenant_id) else None
 
 
+def job_visible(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> bool:
+    """get_job's check without loading the row (its metrics are most of its bytes)."""
+    query = select(Job.id).where(Job.id == job_id)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return session.scalar(query) is not None
+
+
 def count_queued(session: Session, tenant_id: str) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status == JobStatus.queued))
@@ -86,8 +105,9 @@ def list_jobs(
     session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
     tenant_id: str | None = None,
 ) -> list[Job]:
-    """Newest first; `before` is the (created_at, id) of the last job of the previous page."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    """Newest first; `before` is the (created_at, id) of the last job of the previous page. The jobs come
+    without metrics (reading it raises): a list shows listed_metrics."""
+    query = select(Job).options(*LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     if status is not None:
@@ -135,6 +155,8 @@ def _transition(session: Session, job_id: uuid.UUID, where: list, **values: Any)
     """A terminal one also queues the job's webhook delivery, in the same transaction (an outbox)."""
     values.setdefault("updated_at", utcnow())
     ending = values.get("status") in TERMINAL
+    if "metrics" in values:
+        values["listed_metrics"] = listed_metrics(values["metrics"])
     if ending:
         values["sealed_token"] = None  # a finished job keeps no secret
     changed = session.execute(update(Job).where(Job.id == job_id, *where).values(**values)).rowcount == 1

@@ -15,7 +15,7 @@ from app.auth import Caller, authenticate
 from app.db.models import JobStatus
 from app.db.session import unit_of_work
 from app.jobs import routing, service, uploads
-from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage
+from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage, json_response
 from app.jobs.spec import JobSpec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
@@ -50,16 +50,18 @@ def list_jobs(
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
-) -> JobPage:
+) -> Response:
     with unit_of_work(request.app.state.sessions) as session:
         jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor)
-        return JobPage(items=[JobOut.of(job, listed=True) for job in jobs], next_cursor=next_cursor)
+        page = JobPage(items=[JobOut.of(job, listed=True) for job in jobs], next_cursor=next_cursor)
+    return json_response(page)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def get_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> JobOut:
+def get_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> Response:
     with unit_of_work(request.app.state.sessions) as session:
-        return JobOut.of(service.get_job(session, job_id, caller))
+        job = JobOut.of(service.get_job(session, job_id, caller))
+    return json_response(job)
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventPage)
@@ -67,10 +69,11 @@ def list_events(
     job_id: uuid.UUID, request: Request, caller: CallerDep,
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
-) -> EventPage:
+) -> Response:
     with unit_of_work(request.app.state.sessions) as session:
         events = service.list_events(session, job_id, caller, after, limit)
-        return EventPage(items=[EventOut.of(e) for e in events], next_after=events[-1].id if events else after)
+        page = EventPage(items=[EventOut.of(e) for e in events], next_after=events[-1].id if events else after)
+    return json_response(page)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)

@@ -156,7 +156,8 @@ def list_jobs(session: Session, caller: Caller, status: JobStatus | None, limit:
 
 
 def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[JobEvent]:
-    get_job(session, job_id, caller)
+    if not repository.job_visible(session, job_id, _tenant_filter(caller)):
+        raise JobNotFound(f"no job with id {job_id}")
     return repository.list_events(session, job_id, after, limit, _tenant_filter(caller))
 
 

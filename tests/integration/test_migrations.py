@@ -72,3 +72,45 @@ def test_existing_jobs_belong_to_the_default_tenant_on_postgres():
 
 def test_existing_jobs_belong_to_the_default_tenant_on_sqlite(tmp_path):
     _job_made_before_tenants_gets_the_default_tenant(f"sqlite:///{tmp_path / 'squeeze.db'}")
+
+
+def _finished_jobs_get_their_listed_metrics(url: str) -> None:
+    import json
+    import uuid
+
+    from sqlalchemy import text
+
+    config = alembic_config(url)
+    command.upgrade(config, "0005")
+    engine = create_engine(url)
+    metrics = {"perplexity_after": 12.5, "compression": {"modules": 1, "per_module": {"a": {"rank": 4}}}}
+    rows = {uuid.uuid4(): json.dumps(metrics), uuid.uuid4(): "null", uuid.uuid4(): json.dumps({"perplexity_after": 3})}
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tenants (id, created_at) VALUES ('t', :now)"),
+                         {"now": "2026-11-30 12:00:00+00:00"})
+            for job_id, stored in rows.items():
+                conn.execute(text(
+                    "INSERT INTO jobs (id, tenant_id, status, spec, attempt, max_attempts, stage, percent, metrics, "
+                    "created_at, updated_at) VALUES (:id, 't', 'succeeded', '{}', 1, 3, 'done', 100, :metrics, :now, :now)"),
+                    {"id": job_id.hex if url.startswith("sqlite") else str(job_id), "metrics": stored,
+                     "now": "2026-11-30 12:00:00+00:00"})
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            listed = {json.dumps(json.loads(m)) if isinstance(m, str) else json.dumps(m) for m in
+                      conn.execute(text("SELECT listed_metrics FROM jobs")).scalars()}
+        assert listed == {json.dumps({"perplexity_after": 12.5, "compression": {"modules": 1}}), "null",
+                          json.dumps({"perplexity_after": 3})}
+        command.downgrade(config, "0005")
+        assert "listed_metrics" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+    finally:
+        engine.dispose()
+
+
+def test_finished_jobs_get_their_listed_metrics_on_postgres():
+    with fresh_postgres_database() as url:
+        _finished_jobs_get_their_listed_metrics(url)
+
+
+def test_finished_jobs_get_their_listed_metrics_on_sqlite(tmp_path):
+    _finished_jobs_get_their_listed_metrics(f"sqlite:///{tmp_path / 'squeeze.db'}")

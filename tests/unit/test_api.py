@@ -174,19 +174,19 @@ def test_job_token_refused_without_a_server_key_in_distributed_mode(tmp_path):
         seal(settings, "hf_x", "hf_token")
 
 
-def test_list_items_leave_out_the_per_module_table_that_the_job_itself_keeps():
-    from datetime import UTC, datetime
-    from types import SimpleNamespace
+def test_list_items_leave_out_the_per_module_table_that_the_job_itself_keeps(client, settings):
+    from app.db.session import make_engine, make_sessionmaker, unit_of_work
+    from app.jobs import repository
 
-    from app.jobs.schemas import JobOut
-
-    now = datetime.now(UTC)
     metrics = {"perplexity_after": 12.5, "size": {"bits_per_weight_stored": 4.5},
                "compression": {"modules": 2, "max_rank": 4, "per_module": {"a": {"rank": 4}, "b": {"rank": 4}}}}
-    job = SimpleNamespace(id=uuid.uuid4(), tenant_id="t", status="succeeded", attempt=1, max_attempts=3,
-                          cancel_requested_at=None, stage="done", layer=2, layers=2, percent=100.0, spec={}, memory_class=None,
-                          error=None, metrics=metrics, artifacts=None, created_at=now, updated_at=now,
-                          started_at=now, finished_at=now)
-    listed, whole = JobOut.of(job, listed=True).metrics, JobOut.of(job).metrics
+    job_id = uuid.UUID(client.post("/v1/jobs", json=SPEC).json()["id"])
+    engine = make_engine(settings)
+    with unit_of_work(make_sessionmaker(engine)) as session:  # what the worker does when the job ends
+        attempt = repository.claim(session, job_id, "w1", 60)
+        assert repository.succeed(session, job_id, attempt, "w1", metrics, {"uri": "x"})
+    engine.dispose()
+    listed = client.get("/v1/jobs").json()["items"][0]["metrics"]
     assert listed == {**metrics, "compression": {"modules": 2, "max_rank": 4}}
-    assert whole == metrics and "per_module" in job.metrics["compression"]  # the stored row is untouched
+    assert client.get(f"/v1/jobs/{job_id}").json()["metrics"] == metrics  # the job itself keeps the table
+    assert client.get("/v1/job-search?model=org").json()["items"][0]["metrics"] == listed
