@@ -9,33 +9,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.models import get_architecture
-from worker.sequential import walk_layers
+from worker.sequential import LayerSource, layer_source, walk_layers
 
 
 @torch.no_grad()
 def iter_logits(
-    model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8
+    model: nn.Module | LayerSource, windows: Tensor, device: torch.device, batch_size: int = 8
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(window batch (b, L), logits (b, L, vocab) fp32 on device) per batch of windows.
 
-    The decoder layers run one at a time on the device; the final norm and lm_head (with a tied
-    embedding, that weight too) visit the device only while logits are computed.
+    model: a model loaded whole, or a layer source (worker.stream). The decoder layers run one at a
+    time on the device; the final norm and lm_head (with a tied embedding, that weight too) are
+    materialised, and visit the device, only while logits are computed.
     """
-    arch = get_architecture(model)
-    final_hidden = walk_layers(model, windows, device, batch_size)  # per batch (b, L, hidden), CPU
-    head = [arch.module(model, "final_norm"), arch.module(model, "lm_head")]
-    for module in head:
-        module.to(device)
-    try:
-        for batch, hidden in zip(windows.split(batch_size), final_hidden, strict=True):
-            yield batch, arch.logits(model, hidden.to(device)).float()
-    finally:
+    source = layer_source(model)
+    final_hidden = walk_layers(source, windows, device, batch_size)  # per batch (b, L, hidden), CPU
+    with source.parts("final_norm", "lm_head"):
+        head = [source.arch.module(source.model, "final_norm"), source.arch.module(source.model, "lm_head")]
         for module in head:
-            module.to("cpu")
+            module.to(device)
+        try:
+            for batch, hidden in zip(windows.split(batch_size), final_hidden, strict=True):
+                yield batch, source.arch.logits(source.model, hidden.to(device)).float()
+        finally:
+            for module in head:
+                module.to("cpu")
 
 
-def perplexity(model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module | LayerSource, windows: Tensor, device: torch.device, batch_size: int = 8) -> float:
     """exp(mean token NLL): every window predicts its tokens 1..L-1 from the tokens before them."""
     nll = 0.0
     predicted = 0
