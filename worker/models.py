@@ -125,9 +125,16 @@ def decoder_linears(model: nn.Module, arch: Architecture) -> dict[str, nn.Linear
     }
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a local folder: safetensors only, no remote code, CPU, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a local folder: safetensors only, no remote code, CPU, eval mode.
+    dtype: the compute dtype, or "auto" for the checkpoint's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
     check_model_folder(folder)
@@ -136,8 +143,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model.eval()
     get_architecture(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model, tokenizer
+    return model, load_tokenizer(folder)
 
 
 def check_model_folder(folder: Path) -> None:

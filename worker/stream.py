@@ -137,13 +137,15 @@ class StreamedLayers:
     """A model read from its checkpoint one decoder layer at a time; see the module doc.
 
     dtype: the compute dtype every floating tensor is materialised in (None: the checkpoint's own).
+    reader: where tensors come from (default: the folder's safetensors as stored).
     store_dir: where finished layers go (the job's work folder). held / peak_held count the decoder
     layers materialised now and at most at once (tests check it stays 1).
     """
 
     streamed = True
 
-    def __init__(self, folder: str | Path, store_dir: Path, dtype: torch.dtype | None = None):
+    def __init__(self, folder: str | Path, store_dir: Path, dtype: torch.dtype | None = None,
+                 reader: CheckpointReader | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +153,7 @@ class StreamedLayers:
         check_model_folder(folder)
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         architecture_for_type(config.model_type)  # fail before reading any weight
-        self.reader = CheckpointReader(folder)
+        self.reader = reader or CheckpointReader(folder)
         self.dtype = dtype or self.reader.dtype()
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=False)

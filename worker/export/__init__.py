@@ -38,12 +38,13 @@ from worker.export.manifest import (
 )
 from worker.export.sizes import linear_sizes
 from worker.export.streamed import save_checkpoint_streamed
-from worker.export.verify import VerifyInfo, reference_logits, verify_export
+from worker.export.verify import VerifyInfo, reference_logits, verify_export, verify_export_streamed
 from worker.linear_compress import unwrap_adapters
 from worker.plan import CompressionPlan, CompressionResult
 from worker.stream import StreamedLayers
 
-__all__ = ["ExportError", "ExportInfo", "VerifyInfo", "export_model", "reference_logits", "verify_export"]
+__all__ = ["ExportError", "ExportInfo", "VerifyInfo", "export_model", "reference_logits", "verify_export",
+           "verify_export_streamed"]
 
 
 @dataclass(frozen=True)
