@@ -163,8 +163,9 @@ def _save_quantized(adapters: dict[str, LowRankAdapter], path: Path) -> str:
     if len(bits) != 1:
         raise ValueError(f"adapter factors are quantized to different widths {sorted(bits)}")
     width = bits.pop()
-    save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors}),
-                                       "format": "pt"})
+    # One metadata entry only: safetensors writes a header's metadata in hash-map order, which differs from
+    # process to process once there are two keys, and the same job must write the same bytes.
+    save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors})})
     return f"int{width} codes and zero points, float16 group scales"
 
 
