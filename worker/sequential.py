@@ -279,6 +279,7 @@ class _Run:
         self.result.calibration_seconds += perf_counter() - start
         for index in range(first, len(self.layers)):
             with self.source.layer(index) as layer:
+                self._reload_stored(index)
                 layer_start = perf_counter()
                 self._timed("transfer_seconds", layer.to, self.device)
                 try:
@@ -373,7 +374,7 @@ class _Run:
             for relative in group:
                 name = f"{self.arch.layers}.{index}.{relative}"
                 report = self.result.modules[name]
-                residual = self._residual(name, index, relative).to(self.device).float()  # (d_out, d_in)
+                residual = self.residuals.pop(name).to(self.device).float()  # (d_out, d_in)
                 compressed = layer.get_submodule(relative).weight.detach()
                 original = compressed.float() + residual
                 # Before/after on the same (walk 2) Gram, so the two errors compare.
@@ -486,11 +487,16 @@ class _Run:
                 self.residuals.pop(name, None)
         return tensors
 
-    def _residual(self, name: str, index: int, relative: str) -> Tensor:
-        """A budget plan's walk-1 residual W - Wc: in memory, or in a streamed run's store."""
-        if name in self.residuals:
-            return self.residuals.pop(name)
-        return self.source.stored_tensors(index)[f"{relative}.residual"]
+    def _reload_stored(self, index: int) -> None:
+        """A streamed run's second walk: the layer's codes and walk-1 residuals back from the store."""
+        stored = self.source.stored_tensors(index)
+        for relative, name in self._layer_modules(index) if stored else ():
+            quantized = self.result.modules[name].quantized
+            if quantized is not None:
+                quantized.codes, quantized.scales, quantized.zeros = (
+                    stored[f"{relative}.{part}"] for part in ("codes", "scales", "zeros"))
+            if f"{relative}.residual" in stored:
+                self.residuals[name] = stored[f"{relative}.residual"]
 
     def _layer_modules(self, index: int) -> list[tuple[str, str]]:
         """(relative, full name) of the layer's compressed Linears."""
