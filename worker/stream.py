@@ -22,6 +22,7 @@ grow with the number of layers.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,9 @@ from worker.linear_compress import CompensatedLinear
 from worker.models import Architecture, ModelLoadError, architecture_for_type, check_model_folder, get_architecture
 
 RECORDS_KEY = "squeeze.records"
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 class ModelLayers:
@@ -66,25 +69,38 @@ class ModelLayers:
 
 
 class CheckpointReader:
-    """The tensors of a model folder's *.safetensors, read one at a time from memory-mapped files."""
+    """The tensors of a model folder's *.safetensors, read one at a time.
+
+    Read with plain file reads, not memory-mapped (safetensors' safe_open maps the file, and every page a
+    mapping has touched counts in the process's resident memory until the kernel drops it, so a job
+    that reads the whole checkpoint once would show the whole checkpoint in its peak RSS). The file's
+    pages still go through the page cache, which the kernel reclaims under pressure.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self.files: dict[str, Any] = {}
-        self.where: dict[str, str] = {}
+        self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # key -> (file, data start, header entry)
         for path in sorted(folder.glob("*.safetensors")):
-            handle = safe_open(str(path), framework="pt")
-            self.files[path.name] = handle
-            for key in handle.keys():
-                self.where[key] = path.name
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self.where[key] = (path, 8 + length, entry)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
         """One tensor as stored, converted to dtype (floating tensors only)."""
-        tensor = self.files[self.where[key]].get_tensor(key)
+        path, start, entry = self.where[key]
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            f.readinto(buffer)
+        stored = SAFETENSORS_DTYPES[entry["dtype"]]
+        tensor = torch.frombuffer(buffer, dtype=stored) if buffer else torch.empty(0, dtype=stored)
+        tensor = tensor.reshape(entry["shape"])
         if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor
@@ -94,11 +110,10 @@ class CheckpointReader:
         from math import prod
 
         counts: dict[torch.dtype, int] = {}
-        for key, name in self.where.items():
-            view = self.files[name].get_slice(key)
-            dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
-            if dtype is not None:
-                counts[dtype] = counts.get(dtype, 0) + prod(view.get_shape())
+        for _, _, entry in self.where.values():
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            if dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + prod(entry["shape"])
         if not counts:
             raise ModelLoadError("the checkpoint holds no floating-point tensors")
         return max(counts, key=lambda d: counts[d])
@@ -189,11 +204,12 @@ class StreamedLayers:
         self.held += 1
         self.peak_held = max(self.peak_held, self.held)
         try:
-            self._load(layer, f"{self.arch.layers}.{index}")
-            if index in self.store.saved:
-                tensors, records = self.store.load(index)
-                for relative, record in records.items():
-                    restore_module(layer, relative, relative, tensors, record)
+            tensors, records = self.store.load(index) if index in self.store.saved else ({}, {})
+            # A stored module's weight is not read from the checkpoint: restore_module overwrites it.
+            self._load(layer, f"{self.arch.layers}.{index}", empty={f"{relative}.weight" for relative in records})
+            for relative, record in records.items():
+                restore_module(layer, relative, relative, tensors, record)
+            del tensors
             yield layer
         finally:
             _unwrap(layer)
@@ -208,8 +224,12 @@ class StreamedLayers:
     def stored_tensors(self, index: int) -> dict[str, Tensor]:
         return self.store.load(index)[0] if index in self.store.saved else {}
 
-    def _load(self, module: nn.Module, prefix: str) -> None:
+    def _load(self, module: nn.Module, prefix: str, empty: set[str] = frozenset()) -> None:
+        """Every parameter of module from the checkpoint (those named in `empty`: allocated, not read)."""
         for name, param in list(module.named_parameters()):
+            if name in empty:
+                _set_parameter(module, name, torch.empty(param.shape, dtype=self.dtype))
+                continue
             key = f"{prefix}.{name}"
             source = key if key in self.reader else self._tied.get(key)
             if source is None or source not in self.reader:

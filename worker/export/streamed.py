@@ -37,12 +37,10 @@ from worker.export.checkpoint import (
 )
 from worker.linear_compress import CompensatedLinear
 from worker.plan import CompressionPlan, CompressionResult
+from worker.stream import SAFETENSORS_DTYPES
 
 MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 COPY_CHUNK = 64 * 1024**2
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
 
 
 def save_checkpoint_streamed(source, tokenizer, result: CompressionResult, plan: CompressionPlan, out_dir: Path,
