@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,14 +91,24 @@ def child(model: Path, streamed: bool, sizes: list[str], result_file: Path) -> N
     os.environ.update({"SQUEEZE_STREAM_LAYERS": str(streamed).lower(), "SQUEEZE_DATA_DIR": str(work / "data"),
                        "SQUEEZE_TORCH_THREADS": "1", "SQUEEZE_DEVICE": "cpu"})
     stdout = io.StringIO()
+    samples: list[tuple[float, int]] = []  # (seconds since start, VmRSS bytes) every 0.2 s
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append((time.perf_counter() - start, _status_bytes("VmRSS")))
+
     start = time.perf_counter()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     try:
         with contextlib.redirect_stdout(stdout):
             code = main(["compress", str(model), "--out", str(work / "out"), *JOB, *sizes])
         wall = time.perf_counter() - start
-        hwm = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
+        done.set()
+        hwm = _status_bytes("VmHWM")
         report = json.loads(stdout.getvalue()) if code == 0 else None
+        peak_at = max(samples, key=lambda s: s[1]) if samples else (None, None)
         files = {}
         if code == 0:
             from worker.storage import sha256_file
@@ -107,9 +118,37 @@ def child(model: Path, streamed: bool, sizes: list[str], result_file: Path) -> N
         result_file.write_text(json.dumps({
             "exit_code": code, "wall_s": round(wall, 2), "peak_rss_bytes": hwm,
             "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "sampled_peak": {"rss_bytes": peak_at[1], "at_s": None if peak_at[0] is None else round(peak_at[0], 1),
+                             "stage": _stage_at(peak_at[0], report)},
+            "rss_curve_mb": [[round(t, 1), rss // 2**20] for t, rss in samples[::5]],  # every second
             "metrics": None if report is None else report["metrics"], "file_sha256": files}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _status_bytes(field: str) -> int:
+    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith(f"{field}:"))
+
+
+def _stage_at(seconds: float | None, report: dict | None) -> str | None:
+    """The pipeline stage running `seconds` after the job started, from its timings (stages in order;
+    data loading counts into evaluation before)."""
+    if seconds is None or report is None:
+        return None
+    timings = report["metrics"]["timings"]
+    end = timings["load_s"]
+    if seconds <= end:
+        return "load"
+    begin_compress = timings["total_s"] - sum(timings[k] for k in ("compress_s", "eval_after_s", "export_s",
+                                                                    "upload_s"))
+    for stage, length in (("data + eval before", begin_compress - end), ("compress", timings["compress_s"]),
+                          ("eval after + reference logits", timings["eval_after_s"]),
+                          ("export + verify", timings["export_s"]), ("publish", timings["upload_s"])):
+        end += length
+        if seconds <= end:
+            return stage
+    return "after"
 
 
 def run_job(model: Path, streamed: bool, sizes: list[str], cgroup: Path | None = None) -> dict:
@@ -163,9 +202,9 @@ def row(name: str, model: Path, result: dict, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="8,16,32,smollm2", help="comma-separated: 8,16,32,smollm2")
-    parser.add_argument("--modes", default="streamed,whole")
+    parser.add_argument("--modes", default="streamed,whole", help='streamed,whole; "none" with --cap')
     parser.add_argument("--cap", action="store_true", help="also the capped streamed run of the 32-layer model")
-    parser.add_argument("--cap-fraction", type=float, default=0.75, help="cap = this x the model's fp32 size")
+    parser.add_argument("--cap-fraction", type=float, default=0.95, help="cap = this x the model's fp32 size")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -175,11 +214,12 @@ def main() -> None:
 
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"runs": []}
     runs = {(r["model"], r["mode"]): r for r in results["runs"]}
-    for name in args.only.split(","):
+    modes = [m for m in args.modes.split(",") if m in ("streamed", "whole")]  # "none": only --cap
+    for name in args.only.split(",") if modes else []:
         model = SMOLLM2 if name == "smollm2" else random_model(int(name))
         label = "smollm2-135m" if name == "smollm2" else f"random-llama-h1024-{name}l"
         sizes = SIZES["smollm2" if name == "smollm2" else "random"]
-        for mode in args.modes.split(","):
+        for mode in modes:
             print(f"{label} {mode} ...", flush=True)
             result = run_job(model, mode == "streamed", sizes)
             runs[(label, mode)] = {**row(label, model, result, fp32_bytes(model)), "mode": mode,

@@ -42,7 +42,10 @@ def perplexity(model: nn.Module | LayerSource, windows: Tensor, device: torch.de
     predicted = 0
     for batch, logits in iter_logits(model, windows, device, batch_size):
         targets = batch[:, 1:].to(device)  # (b, L-1)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        predicting = logits[:, :-1].reshape(-1, logits.shape[-1])  # a copy: (b * (L-1), vocab)
+        del logits  # so that at most two (b, L, vocab) tensors live at once (with cross_entropy's log-softmax)
+        loss = F.cross_entropy(predicting, targets.reshape(-1), reduction="sum")
+        del predicting
         nll += float(loss.double())
         predicted += targets.numel()
     if not math.isfinite(nll):

@@ -6,7 +6,8 @@ names, packed by compressed-tensors the same way and checked against our codes t
 the same safetensors layout. How: each finished layer is materialised from the layer store,
 packed by compressed-tensors inside a holder module that gives it its full dotted path, and its
 tensors written to a part file in the work folder; the embeddings, final norm and (untied) head
-are read from the checkpoint into another part; then model.safetensors (or transformers' shards,
+are copied from the checkpoint's bytes when it stores them in the compute dtype (else converted one
+tensor at a time into parts of their own); then model.safetensors (or transformers' shards,
 split by the same rule) is assembled from the parts' bytes, tensor by tensor, in safetensors' own
 order (dtype, then name) with its own header format. Host memory: one layer and a copy buffer.
 The adapter factors of every module are collected on the way (rank x (d_in + d_out) fp16 each).
@@ -83,9 +84,7 @@ def save_checkpoint_streamed(source, tokenizer, result: CompressionResult, plan:
         order += names
         parts.append(parts_dir / f"layer-{index}.safetensors")
     order += [name for name in rest if not _before_layers(model, name, layer_prefix)]
-    rest_file = parts_dir / "rest.safetensors"
-    _save_part(rest_file, source, rest)
-    parts.append(rest_file)
+    copied = _rest_parts(source, rest, parts_dir, parts)
 
     # What model.save_pretrained writes besides the weights.
     model.config.dtype = str(source.dtype).split(".")[1]
@@ -93,7 +92,7 @@ def save_checkpoint_streamed(source, tokenizer, result: CompressionResult, plan:
     model.config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
-    write_checkpoint(parts, order, out_dir)
+    write_checkpoint(parts, order, out_dir, copied)
     if compressor is not None:
         from compressed_tensors.quantization import QuantizationStatus
 
@@ -175,19 +174,29 @@ def _before_layers(model: nn.Module, name: str, layer_prefix: str) -> bool:
     return names.index(name) < first_layer
 
 
-def _save_part(path: Path, source, names: list[str]) -> None:
-    """The tensors outside the layers, one at a time from the checkpoint (parameters, in the compute
-    dtype) or the module (persistent buffers)."""
+def _rest_parts(source, names: list[str], parts_dir: Path, parts: list[Path]) -> dict[str, tuple[Path, int, dict]]:
+    """Where the tensors outside the layers come from: a parameter stored in the compute dtype is copied
+    byte for byte from the checkpoint (returned: name -> (file, data start, header entry)); any other
+    (converted parameter, persistent buffer) is written to a part file of its own, one at a time."""
     from safetensors.torch import save_file
 
     state = source.model.state_dict(keep_vars=True)
-    tensors = {}
-    for name in names:
+    copied = {}
+    for number, name in enumerate(names):
         value = state[name]
         if isinstance(value, nn.Parameter) or value.device.type == "meta":
+            path, start, entry = source.reader.where[name]
+            if SAFETENSORS_DTYPES[entry["dtype"]] in (source.dtype, *NOT_CONVERTED):
+                copied[name] = (path, start, entry)
+                continue
             value = source.reader.get(name, source.dtype)
-        tensors[name] = value.detach().contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+        part = parts_dir / f"rest-{number}.safetensors"
+        save_file({name: value.detach().contiguous()}, str(part), metadata={"format": "pt"})
+        parts.append(part)
+    return copied
+
+
+NOT_CONVERTED = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)  # CheckpointReader.get
 
 
 # --- safetensors assembled from parts, as safetensors and transformers write it -------------------------
@@ -202,12 +211,14 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, header
 
 
-def write_checkpoint(parts: list[Path], order: list[str], out_dir: Path) -> None:
+def write_checkpoint(parts: list[Path], order: list[str], out_dir: Path,
+                     copied: dict[str, tuple[Path, int, dict[str, Any]]]) -> None:
     """model.safetensors (or shards of at most MAX_SHARD_SIZE plus model.safetensors.index.json, split as
-    save_pretrained splits them) from the tensors in the part files; `order`: state dict order."""
+    save_pretrained splits them) from the tensors in the part files and those `copied` from elsewhere
+    (name -> (safetensors file, its data start, the tensor's header entry)); `order`: state dict order."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    where: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    where: dict[str, tuple[Path, int, dict[str, Any]]] = dict(copied)
     for path in parts:
         start, header = read_header(path)
         for name, entry in header.items():
@@ -228,8 +239,8 @@ def write_checkpoint(parts: list[Path], order: list[str], out_dir: Path) -> None
 def _write_file(path: Path, entries: list[tuple[str, Path, int, dict[str, Any]]]) -> None:
     """One safetensors file: safetensors' tensor order and compact header (padded with spaces to 8 bytes),
     then each tensor's bytes copied from its part."""
-    ordered = [entry for name in _safetensors_order({e[0]: e[3]["dtype"] for e in entries}) for entry in entries
-               if entry[0] == name]
+    by_name = {entry[0]: entry for entry in entries}
+    ordered = [by_name[name] for name in _safetensors_order({name: e[3]["dtype"] for name, e in by_name.items()})]
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, _, _, entry in ordered:
