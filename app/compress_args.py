@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "compensation_method": ("compensation", "method", str),
     "rank": ("compensation", "rank", int),
     "adapter_bits": ("compensation", "adapter_bits", int),
+    "refine": ("compensation", "refine", int),
     "calibration": ("calibration", "dataset", str),
     "split": ("calibration", "split", str),
     "text_field": ("calibration", "text_field", str),

@@ -179,6 +179,24 @@ def plan_to_dict(plan: CompressionPlan) -> dict:
     return {k: (asdict(v) if v is not None else None) for k, v in vars(plan).items()}
 
 
+# The merge that completed issue 15's numeric fixes (error_after from an untouched W, fp64 Gram, no cut of
+# the damped spectrum, true ranks, stored adapters, one owner per default). Rows run on code without it
+# (and rows from before provenance was recorded, which came with it) measured through the defects.
+FIXES_COMMIT = "cfe14ea"
+
+
+def on_fixed_code(run: dict, fixes: str = FIXES_COMMIT, repo: Path = ROOT) -> bool:
+    """Whether a stored row ran on code that contains the commit `fixes` (git history of repo)."""
+    commit = (run.get("provenance") or {}).get("commit")
+    if commit is None:
+        return False
+    check = subprocess.run(["git", "merge-base", "--is-ancestor", fixes, commit], cwd=repo,
+                           capture_output=True, check=False)
+    if check.returncode not in (0, 1):
+        raise RuntimeError(f"git cannot compare commit {commit} with {fixes}: {check.stderr.decode().strip()}")
+    return check.returncode == 0
+
+
 def load_run(name: str) -> dict | None:
     """The stored row, whenever it was written (summaries read every row there is)."""
     path = RUNS / f"{name}.json"
@@ -340,9 +358,9 @@ def two_four(method: str) -> SparsitySpec:
 def compensation(method: str, **kwargs) -> CompensationSpec:
     """The benchmark's compensation, every value stated (the job spec's defaults are the user's, not the
     protocol's): the paper's exact EoRA (damp 0) unless a row names its damping, no sink tokens, fp16
-    adapters, the relative budget criterion without a floor, the server's default max_rank."""
+    adapters, the relative budget criterion without a floor, no joint refinement, the server's default max_rank."""
     values = {"max_rank": Settings.model_fields["max_rank"].default, "adapter_bits": None,
-              "budget_criterion": "relative", "min_rank": 0, "damp": 0.0, "sink_tokens": 0}
+              "budget_criterion": "relative", "min_rank": 0, "damp": 0.0, "sink_tokens": 0, "refine": 0}
     return CompensationSpec(method=method, **{**values, **kwargs})
 
 

@@ -50,6 +50,9 @@ RANK64_BUDGET_PER_LAYER = 64  # uniform rank whose parameter count the global bu
 # The budget again with half of it spent as a uniform floor (rank 32 on every Linear) and the other half
 # by the criterion: added after the plain budget lost to uniform rank 64 in the GPTQ 3-bit settings.
 BUDGET_FLOOR = 32
+# Joint compression and compensation (compensation.refine, issue 16): rounds fixed before any row ran (the
+# issue's example value), not chosen on these windows.
+REFINE = 2
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ def variants(budget_params: int, options: Options | None = None) -> dict[str, di
                 "eora", budget_params=budget_params, budget_criterion="relative", min_rank=BUDGET_FLOOR, **kw)},
             options.suffixed("eora_r64_adapter4bit"): {"compensation": common.compensation(
                 "eora", rank=64, adapter_bits=4, adapter_group_size=64, **kw)},
+            **{f"{options.suffixed(f'eora_r{rank}')}_refine{REFINE}": {"compensation": common.compensation(
+                "eora", rank=rank, refine=REFINE, **kw)} for rank in (16, 64)},
         }
     return {
         "eora_r64": {"compensation": common.compensation("eora", rank=64)},
@@ -213,6 +218,7 @@ def _row(run: dict, base: dict, fp32: float) -> dict:
         "compress_wall_seconds": run["compress_wall_seconds"],
         "stages": run["stages"],
         "commit": run.get("provenance", {}).get("commit"),  # None: a row from before provenance was recorded
+        "fixed_code": common.on_fixed_code(run),  # False: measured through the defects issue 15 fixed
     }
 
 
@@ -232,6 +238,10 @@ def _checks(rows: dict, chosen: Options | None) -> dict:
             e, s = rows.get(f"eora_r{rank}{suffix}"), rows.get(f"svd_r{rank}")
             if e and s:
                 checks[f"{label} beats SVD at rank {rank}"] = e["ppl"] < s["ppl"]
+        for rank in (16, 64):
+            e, j = rows.get(f"eora_r{rank}{suffix}"), rows.get(f"eora_r{rank}{suffix}_refine{REFINE}")
+            if e and j:
+                checks[f"{label} refine {REFINE} beats sequential at rank {rank}"] = j["ppl"] < e["ppl"]
         u = rows.get(f"eora_r64{suffix}")
         for budget, criterion in (("eora_budget_r64eq", "sigma^2/(d_out+d_in)"), ("eora_budget_r64eq_relnorm", "relative"),
                                   (f"eora_budget_r64eq_relnorm_min{BUDGET_FLOOR}", f"relative, floor {BUDGET_FLOOR}")):

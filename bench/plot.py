@@ -54,44 +54,70 @@ def variant_runs(base_name: str, chosen: Options | None) -> list[tuple[str, str,
     return out
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (bits, ppl) points no other point beats on both, by increasing bits."""
+    front: list[tuple[float, float]] = []
+    for bits, ppl in sorted(points):
+        if not front or ppl < front[-1][1]:
+            front.append((bits, ppl))
+    return front
+
+
 def main() -> int:
+    from matplotlib.lines import Line2D
+
     fp32 = json.loads((common.RESULTS / "fp32_reference.json").read_text())["ppl"]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    gptq = [(r["bits"]["total"], r["ppl"], n) for n in ("gptq3_g64", "gptq4_g64", "gptq8_g64") if (r := common.load_run(n))]
-    if gptq:
-        ax.plot([b for b, _, _ in gptq], [p for _, p, _ in gptq], "k-o",
-                label="GPTQ g64 without act-order, no compensation (3/4/8-bit)")
-        for b, p, n in gptq:
-            ax.annotate(n.split("_")[0], (b, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    actorder = [(r["bits"]["total"], r["ppl"]) for n in ("gptq3_g64_actorder", "gptq4_g64_actorder")
-                if (r := common.load_run(n))]
-    if actorder:
-        ax.plot([b for b, _ in actorder], [p for _, p in actorder], "k--^", mfc="none",
-                label="GPTQ g64 act-order (the job default), no compensation (3/4-bit)")
-    rtn = [(r["bits"]["total"], r["ppl"]) for n in ("rtn3_g64", "rtn4_g64") if (r := common.load_run(n))]
-    if rtn:
-        ax.plot([b for b, _ in rtn], [p for _, p in rtn], "x", color="grey", ms=9, label="RTN g64, no compensation (3/4-bit)")
-    ax.axhline(fp32, color="grey", ls=":", label=f"fp32 reference ({fp32:.2f}; 16 bits stored as fp16)")
+    fig, ax = plt.subplots(figsize=(12, 6.5))
+    points: list[tuple[float, float]] = []  # every configuration drawn, for the Pareto front
+
+    def alpha(run: dict) -> float:  # rows from before issue 15's fixes are drawn faded
+        return 1.0 if common.on_fixed_code(run) else 0.35
+
+    families = [  # uncompensated lines: (runs, style, label)
+        (("gptq3_g64", "gptq4_g64", "gptq8_g64"), "-o", "k", "GPTQ g64, no act-order (3/4/8-bit)"),
+        (("gptq3_g64_actorder", "gptq4_g64_actorder"), "--^", "k", "GPTQ g64 act-order, the job default (3/4-bit)"),
+        (("rtn3_g64", "rtn4_g64"), ":x", "grey", "RTN g64 (3/4-bit)"),
+    ]
+    for names, style, color, label in families:
+        runs = [(n, r) for n in names if (r := common.load_run(n))]
+        if not runs:
+            continue
+        ax.plot([r["bits"]["total"] for _, r in runs], [r["ppl"] for _, r in runs], style, color=color, mfc="none",
+                label=label, alpha=min(alpha(r) for _, r in runs))
+        points += [(r["bits"]["total"], r["ppl"]) for _, r in runs]
     colors = {"gptq3_g64": "tab:blue", "sparsegpt_2of4": "tab:red", "sparsegpt_2of4_gptq4_g64": "tab:green",
               "gptq3_g64_actorder": "tab:purple"}
+    markers_used: dict[str, str] = {}
     for base_name, label in SERIES.items():
         base = common.load_run(base_name)
         if base is None:
             continue
         color = colors[base_name]
-        ax.plot(base["bits"]["total"], base["ppl"], "o", color=color, mfc="none", ms=9,
-                label=f"{label.rstrip(' +')}, no compensation")
+        series = [(base["bits"]["total"], base["ppl"])]
+        ax.plot(*series[0], "o", color=color, mfc="none", ms=9, alpha=alpha(base))
         for vlabel, marker, run in variant_runs(base_name, chosen_options()):
-            ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, label=f"{label} {vlabel}")
+            ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=8, alpha=alpha(run))
+            markers_used[vlabel.split(", damp")[0]] = marker
+            series.append((run["bits"]["total"], run["ppl"]))
+        points += series
+        ax.plot([], [], "s", color=color, label=f"{label.rstrip(' +')} (+ compensation: marker below)")
+    front = pareto_front(points)
+    ax.step([b for b, _ in front], [p for _, p in front], "-", where="post", color="tab:orange", lw=2.5, alpha=0.5,
+            zorder=0, label="Pareto front of the configurations drawn")
+    ax.axhline(fp32, color="grey", ls=":", label=f"fp32 reference ({fp32:.2f}; 16 bits stored as fp16)")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], ls="", marker="o", mfc="none", color="k", label="no compensation")]
+    handles += [Line2D([], [], ls="", marker=m, color="k", label=v) for v, m in markers_used.items()]
+    handles += [Line2D([], [], ls="", marker="o", color="k", alpha=0.35,
+                       label=f"faded: measured before issue 15's fixes ({common.FIXES_COMMIT})")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.set_yscale("log")
     ax.set_xlabel("effective bits per weight, decoder Linears (codes + scales/zeros + 2:4 mask + adapters)")
     ax.set_ylabel("held-out perplexity (80 x 512 Wikipedia tokens, log scale)")
-    ax.set_title("SmolLM2-135M: perplexity vs storage")
+    ax.set_title("SmolLM2-135M: perplexity vs storage (EoRA with damp 1.0 where run)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right", ncol=1)
-    fig.tight_layout()
     out = common.RESULTS / "ppl_vs_bits.png"
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     print(out)
     print(tables())
     return 0
@@ -112,16 +138,25 @@ NAMES = {
 }
 
 
+PRE_FIX = "(pre-fix)"
+
+
+def pre_fix_mark(run: dict) -> str:
+    return "" if common.on_fixed_code(run) else f" {PRE_FIX}"
+
+
 def tables() -> str:
     lines = []
     fp32 = json.loads((common.RESULTS / "fp32_reference.json").read_text())["ppl"]
-    lines += ["### Quality", "", "| configuration | perplexity | x fp32 | bits/weight | compress wall (s) | eval (s) |",
+    lines += [f"Rows marked {PRE_FIX} ran on code from before issue 15's numeric fixes (commit "
+              f"{common.FIXES_COMMIT}); the others on code that contains them.", "",
+              "### Quality", "", "| configuration | perplexity | x fp32 | bits/weight | compress wall (s) | eval (s) |",
               "|---|---:|---:|---:|---:|---:|", f"| fp32 reference | {fp32:.2f} | 1.00 | 16 | - | - |"]
     for name, label in NAMES.items():
         run = common.load_run(name)
         if run is not None:
-            lines.append(f"| {label} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | {run['bits']['total']:.3f} | "
-                         f"{run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
+            lines.append(f"| {label}{pre_fix_mark(run)} | {run['ppl']:.2f} | {run['ppl'] / fp32:.2f} | "
+                         f"{run['bits']['total']:.3f} | {run['compress_wall_seconds']:.0f} | {run['eval_seconds']:.0f} |")
     sweep = common.RESULTS / "damp_sweep.json"
     if sweep.exists():
         record = json.loads(sweep.read_text())
@@ -146,7 +181,8 @@ def tables() -> str:
                          f"+{b['sparsity_metadata']:.0f}+{b['adapters']:.3f}")
                 gap = "-" if variant == "none" else f"{100 * row['gap_recovered']:.1f}%"
                 val = "-" if row.get("val_ppl") is None else f"{row['val_ppl']:.2f}"
-                lines.append(f"| {variant} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "
+                label = variant if row["fixed_code"] else f"{variant} {PRE_FIX}"
+                lines.append(f"| {label} | {row['ppl']:.2f} | {val} | {gap} | {split} | {row['adapter_params']:,} | "
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]

@@ -69,6 +69,45 @@ def compress_weight(
     return CompressedWeight(new_weight, quantized, mask, perf_counter() - start)
 
 
+def compress_jointly(
+    weight: Tensor,
+    gram: Tensor,
+    quant: QuantSpec | None,
+    sparsity: SparsitySpec | None,
+    spec: CompensationSpec,
+    rank: int,
+    name: str,
+    compensate_gram: Tensor | None = None,
+    space: Eigenspace | None = None,
+) -> tuple[CompressedWeight, list[float]]:
+    """Joint compression and compensation of one weight (d_out, d_in): spec.refine rounds of
+    compress(W - BA) with the same Gram, then BA refit on what that compression lost.
+
+    Round 0 is compress-then-compensate. Each round's calibration error ||(W - W' - BA) X|| / ||W X||
+    is measured on gram (as error_after is); the compressed weight W' of the round with the least
+    error is returned with every round's error (round 0 first). Its adapter is what
+    compensation_factors(W - W', ...) gives again (deterministic), so the caller compensates it as any
+    other compressed weight. The seconds include the rounds' decompositions.
+    compensate_gram, space: the compensation's Gram (sink tokens left out) and its eigenspace.
+    """
+    start = perf_counter()
+    compensate_gram = gram if compensate_gram is None else compensate_gram
+    compressed = compress_weight(weight, gram, quant, sparsity, name)
+    best, errors = compressed, []
+    for round_ in range(spec.refine + 1):
+        residual = weight.float() - compressed.weight.float()  # (d_out, d_in)
+        adapter = compensation_factors(residual, compensate_gram, spec, rank, name, space)
+        errors.append(relative_output_error(residual - adapter.delta(), weight, gram))
+        if errors[-1] < min(errors[:-1], default=float("inf")):
+            best = compressed
+        if round_ == spec.refine or adapter.rank == 0:
+            break
+        target = (weight.float() - adapter.delta()).to(weight.dtype)  # (d_out, d_in): W - BA as served
+        compressed = compress_weight(target, gram, quant, sparsity, name)
+    best.seconds = perf_counter() - start
+    return best, errors
+
+
 def compensation_eigenspace(gram: Tensor, spec: CompensationSpec, name: str) -> Eigenspace | None:
     """The Gram's eigendecomposition EoRA projects onto, made once per input group; None for SVD."""
     return gram_eigenspace(gram, name, damp=spec.damp) if spec.method == "eora" else None

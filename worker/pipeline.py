@@ -69,7 +69,8 @@ def compensation_spec(c: Compensation, max_rank: int) -> CompensationSpec | None
         method=c.method, rank=c.rank, budget_params=None if budget is None else budget.params,
         budget_fraction=None if budget is None else budget.fraction, max_rank=max_rank, adapter_bits=c.adapter_bits,
         budget_criterion=RankBudget.model_fields["criterion"].default if budget is None else budget.criterion,
-        min_rank=0 if budget is None else budget.min_rank, damp=c.damp, sink_tokens=c.sink_tokens)
+        min_rank=0 if budget is None else budget.min_rank, damp=c.damp, sink_tokens=c.sink_tokens,
+        refine=c.refine)
 
 
 def compression_plan(spec: JobSpec, max_rank: int):
@@ -419,9 +420,12 @@ def layer_summary(report) -> dict[str, Any]:
 
 def module_summary(m) -> dict[str, Any]:
     """Relative output errors ||(W - W')X|| / ||WX|| without and with compensation, rank, sparsity."""
-    return {"error_before": round(m.error_before, 6),
-            "error_after": None if m.error_after is None else round(m.error_after, 6),
-            "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
+    summary = {"error_before": round(m.error_before, 6),
+               "error_after": None if m.error_after is None else round(m.error_after, 6),
+               "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
+    if m.refine_errors:  # compensation.refine: error_after of each round, round 0 = compress then compensate
+        summary["refine_errors"] = [round(e, 6) for e in m.refine_errors]
+    return summary
 
 
 def compression_summary(result) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class ModuleReport:
     compensate_seconds: float = 0.0
     adapter_params: int = 0
     adapter_bytes: int = 0
+    refine_errors: list[float] = field(default_factory=list)  # error_after of each joint round (round 0 first)
 
 
 @dataclass

@@ -51,6 +51,7 @@ from worker.linear_compress import (
     compensation_eigenspace,
     compensation_factors,
     compensation_spectrum,
+    compress_jointly,
     compress_weight,
     objective_norm,
     relative_output_error,
@@ -336,7 +337,14 @@ class _Run:
                 # A copy: the layer's weight is overwritten with Wc below, and error_after and the
                 # budget's objective_norm must still see W.
                 original = linear.weight.detach().clone()  # (d_out, d_in)
-                compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
+                refine_errors = []
+                if plan.compensates and plan.compensation.refine:  # fixed rank: the job spec's rule
+                    rank = min(plan.compensation.rank, rank_cap(*original.shape))
+                    compressed, refine_errors = compress_jointly(original, gram, plan.quant, plan.sparsity,
+                                                                 plan.compensation, rank, name,
+                                                                 group_grams.compensate, group_grams.space)
+                else:
+                    compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
                 residual = original.float() - compressed.weight.float()  # (d_out, d_in) fp32
                 stats_start = perf_counter()
                 report = ModuleReport(
@@ -347,6 +355,7 @@ class _Run:
                     zero_fraction=float((compressed.weight == 0).float().mean()),
                     error_before=relative_output_error(residual, original, gram),
                     compress_seconds=compressed.seconds,
+                    refine_errors=refine_errors,
                 )
                 self.result.statistics_seconds += perf_counter() - stats_start
                 self.result.compression_seconds += compressed.seconds

@@ -110,6 +110,10 @@ class Compensation(Strict):
     sink_tokens: int = Field(0, ge=0, le=64, description="Leading positions of each calibration window left out "
                              "of the compensation's X^T X (they still count for the compression): attention-sink "
                              "tokens carry massive activations that can own nearly all of it.")
+    refine: int = Field(0, ge=0, le=8, description="Rounds of joint compression and compensation per Linear: "
+                        "compress W - BA again (same Gram), refit BA to what that compression lost, and keep the "
+                        "round with the least calibration error (round 0 is compress-then-compensate). Each round "
+                        "costs one more compression and decomposition per Linear. Needs a fixed rank.")
 
     def above_max_rank(self, max_rank: int) -> tuple[str, str] | None:
         """(field, reason) when a rank asked for is above the server's max_rank (Settings.max_rank), else
@@ -123,10 +127,12 @@ class Compensation(Strict):
     @model_validator(mode="after")
     def _rank(self) -> Compensation:
         if self.method == "none":
-            if self.rank is not None or self.rank_budget is not None or self.adapter_bits is not None:
-                raise ValueError("method 'none' takes no rank, rank_budget or adapter_bits")
+            if any((self.rank is not None, self.rank_budget is not None, self.adapter_bits is not None, self.refine)):
+                raise ValueError("method 'none' takes no rank, rank_budget, adapter_bits or refine")
         elif (self.rank is None) == (self.rank_budget is None):
             raise ValueError(f"method '{self.method}' needs exactly one of rank or rank_budget")
+        if self.refine and self.rank is None:
+            raise ValueError("refine needs a fixed rank (a rank budget allocates ranks after compressing once)")
         return self
 
 

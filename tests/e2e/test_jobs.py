@@ -182,6 +182,23 @@ def test_eora_job_exports_a_peft_adapter(service, tiny_llama_dir, calibration_tx
     assert job["metrics"]["verification"]["adapter"] is True
 
 
+def test_refined_job_exports_what_it_measured(service, tiny_llama_dir, calibration_txt):
+    """compensation.refine 2: the artifact (compressed weights + adapter) reloads cold and matches the
+    in-memory logits, and every module's events carry its rounds' errors, error_after the least."""
+    client, settings = service
+    spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4, "refine": 2})
+    job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    assert job["metrics"]["verification"]["adapter"] is True
+    events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
+    modules = {name: m for e in events if e["data"] and "modules" in e["data"] for name, m in e["data"]["modules"].items()}
+    assert len(modules) == 14
+    for name, m in modules.items():
+        assert len(m["refine_errors"]) == 3 and m["error_after"] == min(m["refine_errors"]), name
+    squeeze = json.loads((artifact_dir(settings, job) / "squeeze.json").read_text())
+    assert squeeze["job"]["compensation"]["refine"] == 2
+
+
 def test_job_from_a_one_line_calibration_file_succeeds(service, tiny_llama_dir, tmp_path):
     """No blank lines, no newline: one document. The last tenth of its tokens is held back for evaluation,
     the job says how many windows that gave, and the finished job's progress reads done, 2 of 2 layers."""

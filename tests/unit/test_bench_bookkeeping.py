@@ -45,3 +45,32 @@ def test_fresh_reuses_only_rows_this_process_wrote(runs):
     common._written.add("new_row.json")  # what run_config records after writing a row
     assert common.reusable_run("new_row")["ppl"] == 2.0
     assert json.loads((runs / "new_row.json").read_text())["ppl"] == 2.0
+
+
+def test_rows_are_told_apart_by_whether_their_code_has_the_fix(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    git("init", "-q")
+    commits = []
+    for message in ("before", "the fix", "after"):
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", message)
+        commits.append(git("rev-parse", "HEAD"))
+    before, fix, after = commits
+
+    def fixed(run: dict) -> bool:
+        return common.on_fixed_code(run, fixes=fix, repo=tmp_path)
+
+    assert fixed({"provenance": {"commit": after}}) and fixed({"provenance": {"commit": fix}})
+    assert not fixed({"provenance": {"commit": before}})
+    assert not fixed({"ppl": 1.0})  # no provenance: from before it was recorded
+    with pytest.raises(RuntimeError, match="cannot compare"):
+        fixed({"provenance": {"commit": "0" * 40}})
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from bench.plot import pareto_front
+
+    points = [(4.3, 24.8), (3.3, 44.2), (6.2, 28.8), (4.0, 34.5), (3.3, 60.4), (8.4, 20.8)]
+    assert pareto_front(points) == [(3.3, 44.2), (4.0, 34.5), (4.3, 24.8), (8.4, 20.8)]

@@ -78,6 +78,10 @@ INVALID = [
     ("sink tokens fill the window", {**VALID, "calibration": {"dataset": "allenai/c4", "seq_len": 16},
                                      "compensation": {"method": "eora", "rank": 8, "sink_tokens": 16}},
      "compensation.sink_tokens"),
+    ("refine with a rank budget", {**VALID, "compensation": {"method": "eora", "rank_budget": {"fraction": 0.1},
+                                                             "refine": 2}}, "compensation"),
+    ("refine 9 rounds", {**VALID, "compensation": {"method": "eora", "rank": 8, "refine": 9}}, "compensation.refine"),
+    ("refine without compensation", {**VALID, "compensation": {"method": "none", "refine": 1}}, "compensation"),
 ]
 
 
@@ -139,7 +143,8 @@ def test_the_plan_takes_the_job_specs_defaults():
     assert (plan.quant.method, plan.quant.bits, plan.quant.group_size, plan.quant.damp, plan.quant.act_order) == (
         "gptq", 4, 128, 0.01, True)
     c = plan.compensation
-    assert (c.method, c.rank, c.damp, c.sink_tokens, c.adapter_bits, c.max_rank) == ("eora", 8, 1.0, 0, None, 512)
+    assert (c.method, c.rank, c.damp, c.sink_tokens, c.adapter_bits, c.max_rank, c.refine) == (
+        "eora", 8, 1.0, 0, None, 512, 0)
 
 
 def test_defaults_are_documented_values():

@@ -55,3 +55,6 @@ class CompensationSpec:
     # count for the compression itself): attention-sink tokens carry massive activations that can own
     # nearly all of X^T X (99.8 % of its trace at SmolLM2-135M layer 11 down_proj).
     sink_tokens: int
+    # Rounds of joint compression and compensation (fixed rank only): compress W - BA, refit BA on what
+    # that lost, keep the round with the least calibration error; 0 = compress, then compensate.
+    refine: int

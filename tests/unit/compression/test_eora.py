@@ -180,7 +180,7 @@ def test_budget_spectrum_is_what_the_compensation_removes(weight, gram, dw, meth
     sum_{i>r} sigma_i^2 of ||dW||^2 in that spec's norm (damped Gram for damped EoRA, Frobenius for
     SVD), and objective_norm is ||W|| in the same norm."""
     spec = CompensationSpec(method=method, rank=max(rank, 1), damp=damp, max_rank=512, adapter_bits=None,
-                            budget_criterion="relative", min_rank=0, sink_tokens=0)
+                            budget_criterion="relative", min_rank=0, sink_tokens=0, refine=0)
     sigma = compensation_spectrum(dw, gram, spec, "m").double()
     metric = gram.double() + damp * gram.double().diagonal().mean() * torch.eye(64, dtype=torch.float64)
     if method == "svd":
