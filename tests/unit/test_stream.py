@@ -32,6 +32,8 @@ PLANS = {  # as tests/unit/test_resume.py
     "rtn4 + svd r512 (capped, with notes)": CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32),
                                                             compensation=compensation(method="svd", rank=512)),
     "2:4 magnitude, dense export": CompressionPlan(sparsity=sparsity(method="magnitude", n=2, m=4)),
+    "rtn4 + eora r4, refine 2": CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32),
+                                                compensation=compensation(rank=4, refine=2)),
 }
 EXTRA = {"job": {}, "model": {"id": "tiny", "revision": None, "source": "local"}, "calibration": {},
          "evaluation": {}}
