@@ -6,8 +6,9 @@ heads, SmolLM2's tokenizer and vocabulary of 49,152 with tied embeddings; the 32
 in fp32), built once, seeded, with transformers' LlamaConfig + save_pretrained into bench/.cache;
 plus SmolLM2-135M (bench/.data). Job: GPTQ 4-bit g128 + EoRA rank 64 through `squeeze compress`
 (worker.pipeline.run_pipeline: load, calibration, evaluation before and after, compression, export,
-export check), one torch thread. Calibration: Lee windows (random models: 16 x 256 tokens; SmolLM2:
-16 x 512), evaluation on the first windows of wiki_eval.txt (random models 4, SmolLM2 8).
+export check), one torch thread. Calibration: Lee windows (random models: 8 x 128 tokens; SmolLM2:
+8 x 512), evaluation on the first windows of wiki_eval.txt (random models 4, SmolLM2 8), few to keep
+the run short on 2 shared cores.
 
 Each job runs in its own process; its peak RSS is the kernel's high-water mark (VmHWM of
 /proc/<pid>/status, read by the job itself at its end, which equals getrusage's ru_maxrss). Reported
@@ -47,8 +48,8 @@ SEED = 0
 JOB = ["--quant-method", "gptq", "--bits", "4", "--group-size", "128", "--compensation-method", "eora",
        "--rank", "64", "--calibration", str(DATA / "lee_background.txt"), "--eval-dataset",
        str(DATA / "wiki_eval.txt")]
-SIZES = {"random": ["--num-samples", "16", "--seq-len", "256", "--eval-windows", "4"],
-         "smollm2": ["--num-samples", "16", "--seq-len", "512", "--eval-windows", "8"]}
+SIZES = {"random": ["--num-samples", "8", "--seq-len", "128", "--eval-windows", "4"],
+         "smollm2": ["--num-samples", "8", "--seq-len", "512", "--eval-windows", "8"]}
 
 
 def random_model(layers: int) -> Path:
