@@ -4,7 +4,7 @@
 Models: random LLaMA-architecture models of 8, 16 and 32 decoder layers at hidden 1024 (FFN 2048, 16
 heads, SmolLM2's tokenizer and vocabulary of 49,152 with tied embeddings; the 32-layer one is 1.54 GB
 in fp32), built once, seeded, with transformers' LlamaConfig + save_pretrained into bench/.cache;
-plus SmolLM2-135M (bench/.data). Job: GPTQ 4-bit g128 + EoRA rank 64 through `squeeze compress`
+plus SmolLM2-135M (bench/.data). Job: GPTQ 4-bit g128 (SmolLM2: g64) + EoRA rank 64 through `squeeze compress`
 (worker.pipeline.run_pipeline: load, calibration, evaluation before and after, compression, export,
 export check), one torch thread. Calibration: Lee windows (random models: 8 x 128 tokens; SmolLM2:
 8 x 512), evaluation on the first windows of wiki_eval.txt (random models 4, SmolLM2 8), few to keep
@@ -49,7 +49,8 @@ JOB = ["--quant-method", "gptq", "--bits", "4", "--group-size", "128", "--compen
        "--rank", "64", "--calibration", str(DATA / "lee_background.txt"), "--eval-dataset",
        str(DATA / "wiki_eval.txt")]
 SIZES = {"random": ["--num-samples", "8", "--seq-len", "128", "--eval-windows", "4"],
-         "smollm2": ["--num-samples", "8", "--seq-len", "512", "--eval-windows", "8"]}
+         "smollm2": ["--num-samples", "8", "--seq-len", "512", "--eval-windows", "8",
+                     "--group-size", "64"]}  # 128 does not divide 576 (the later flag wins)
 
 
 def random_model(layers: int) -> Path:
