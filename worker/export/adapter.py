@@ -115,6 +115,11 @@ def save_adapter(adapters: dict[str, LowRankAdapter], out_dir: Path) -> AdapterI
     folder = out_dir / ADAPTER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
+    # PEFT writes target_modules in the order of a Python set (it differs from process to process with
+    # string hashing); sorted, the same job writes the same bytes. Same JSON layout as PEFT's.
+    written = json.loads((folder / CONFIG_NAME).read_text())
+    written["target_modules"] = sorted(written["target_modules"])
+    (folder / CONFIG_NAME).write_text(json.dumps(written, indent=2, sort_keys=True))
     quantized = [adapter.quantized is not None for adapter in adapters.values()]
     if any(quantized) and not all(quantized):
         raise ValueError("some adapters are quantized and others not: one adapter file holds one form")
