@@ -110,6 +110,13 @@ class Settings(BaseSettings):
     # The device memory this worker advertises for routing; None = measured (CUDA total memory, or host memory
     # on the CPU, capped by a cgroup limit).
     worker_memory_gib: float | None = None
+    # Stream the model from its safetensors one decoder layer at a time (worker.stream): host memory
+    # does not grow with the number of layers; the artifacts are the same bytes as with False (the
+    # whole model loaded in memory first).
+    stream_layers: bool = True
+    # The dtype weights and activations are computed in; "auto" = the checkpoint's own. Gram matrices
+    # and decompositions stay fp32/fp64 whatever this is.
+    compute_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     # s3://bucket/prefix: layer checkpoints are also kept there, so a worker on another machine resumes.
     checkpoint_s3_uri: str | None = None
 

@@ -36,13 +36,14 @@ class Quiet:
 
 @torch.no_grad()
 def plain_perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) with the model's own forward, summed over all predicted tokens."""
+    """exp(mean next-token NLL) with the model's own forward, summed over all predicted tokens window by
+    window (fp32 within a window, fp64 across), as worker.evaluate.perplexity sums."""
     nll, count = 0.0, 0
     for batch in windows.split(batch_size):
         logits = model(input_ids=batch).logits[:, :-1].float()  # (b, L-1, vocab)
         targets = batch[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 reduction="sum").item()
+        for row in range(batch.shape[0]):
+            nll += float(torch.nn.functional.cross_entropy(logits[row], targets[row], reduction="sum").double())
         count += targets.numel()
     return math.exp(nll / count)
 

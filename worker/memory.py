@@ -1,12 +1,15 @@
 """What a job must hold in memory at the least, from the model's config and the job spec, checked
 before any weight is read so that a job this worker cannot hold fails at once with the numbers.
 
-These are lower bounds, not predictions of the peak: the worker loads the whole model in fp32 on the
-host (peak RSS measured at about 3.3x that on SmolLM2, most of it from loading), keeps the calibration
-activations between layers on the host, and puts one decoder layer, one batch of its activations and
-the layer's fp64 Gram matrices on the device. A job is refused only when even this minimum does not
-fit, so no job that could run is refused; a job that passes may still run out of memory (its worker
-then dies, and the job fails after max_attempts with where it was last seen).
+These are lower bounds, not predictions of the peak. Streamed (Settings.stream_layers, the default;
+worker.stream): the host holds one decoder layer twice while it is compressed (original and
+compressed weights), the embeddings or the head while they are used, and the calibration
+activations between layers; nothing grows with the number of layers. Whole-model (stream_layers
+off): the whole model in the compute dtype plus the activations (peak RSS measured at about 3.3x the
+fp32 model on SmolLM2, most of it from loading). Either way the device holds one decoder layer, one
+batch of its activations and the layer's fp64 Gram matrices. A job is refused only when even this
+minimum does not fit, so no job that could run is refused; a job that passes may still run out of
+memory (its worker then dies, and the job fails after max_attempts with where it was last seen).
 """
 
 from __future__ import annotations
@@ -44,17 +47,29 @@ def parameter_counts(config) -> tuple[int, int]:
     return embeddings + layers * layer + hidden, layer
 
 
-def minimum_need(config, num_samples: int, seq_len: int, batch_size: int, on_cpu: bool) -> MemoryNeed:
-    """The least this job holds: the fp32 model and the calibration activations on the host; on the
-    device one fp32 decoder layer, one batch of activations and the layer's fp64 Grams (at least the
-    MLP's input and the down projection's)."""
+def minimum_need(config, num_samples: int, seq_len: int, batch_size: int, on_cpu: bool, streamed: bool = False,
+                 dtype_bytes: int = FP32) -> MemoryNeed:
+    """The least this job holds: on the host the model (whole, or streamed: its largest decoder layer,
+    original and compressed, and the embeddings) and the calibration activations, in the compute dtype
+    (dtype_bytes per number); on the device one decoder layer, one batch of activations and the layer's
+    fp64 Grams (at least the MLP's input and the down projection's). On the CPU both on the host, the
+    layer counted once when streamed (the device's layer is the host's)."""
     params, layer = parameter_counts(config)
     hidden, inter = config.hidden_size, config.intermediate_size
-    host = {"model (fp32)": params * FP32, "calibration activations (fp32)": num_samples * seq_len * hidden * FP32}
-    device = {"one decoder layer (fp32)": layer * FP32,
-              "one batch of activations (fp32)": min(batch_size, num_samples) * seq_len * max(hidden, inter) * FP32,
+    name = {FP32: "fp32", 2: "16-bit"}.get(dtype_bytes, f"{dtype_bytes} bytes")
+    activations = {f"calibration activations ({name})": num_samples * seq_len * hidden * dtype_bytes}
+    if streamed:
+        host = {f"one decoder layer, original and compressed ({name})": 2 * layer * dtype_bytes,
+                f"embeddings ({name})": config.vocab_size * hidden * dtype_bytes, **activations}
+    else:
+        host = {f"model ({name})": params * dtype_bytes, **activations}
+    device = {f"one decoder layer ({name})": layer * dtype_bytes,
+              f"one batch of activations ({name})": min(batch_size, num_samples) * seq_len * max(hidden, inter)
+              * dtype_bytes,
               "Gram matrices (fp64)": (hidden * hidden + inter * inter) * FP64}
     if on_cpu:
+        if streamed:
+            device.pop(f"one decoder layer ({name})")
         return MemoryNeed(host={**host, **{f"{k}, on the CPU": v for k, v in device.items()}}, device={})
     return MemoryNeed(host=host, device=device)
 
@@ -94,7 +109,8 @@ def refusal(need: MemoryNeed, host_free: int | None, device_free: int | None, de
     return None
 
 
-def check_memory(model_dir: Path, spec, device, batch_size: int = 8) -> None:
+def check_memory(model_dir: Path, spec, device, batch_size: int = 8, streamed: bool = False,
+                 dtype_bytes: int = FP32) -> None:
     """Refuse (JobFailure), from the model's config alone, a job whose minimum memory does not fit this
     worker; a folder without a readable config is left to load_model's own message."""
     import torch
@@ -105,7 +121,7 @@ def check_memory(model_dir: Path, spec, device, batch_size: int = 8) -> None:
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         need = minimum_need(config, spec.calibration.num_samples, spec.calibration.seq_len, batch_size,
-                            on_cpu=device.type == "cpu")
+                            on_cpu=device.type == "cpu", streamed=streamed, dtype_bytes=dtype_bytes)
     except (OSError, ValueError, AttributeError, TypeError):
         return
     device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

@@ -125,11 +125,29 @@ def decoder_linears(model: nn.Module, arch: Architecture) -> dict[str, nn.Linear
     }
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a local folder: safetensors only, no remote code, CPU, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=False)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from a local folder: safetensors only, no remote code, CPU, eval mode.
+    dtype: the compute dtype, or "auto" for the checkpoint's own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(path)
+    check_model_folder(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    architecture_for_type(config.model_type)  # fail before reading gigabytes of weights
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model.eval()
+    get_architecture(model)
+    return model, load_tokenizer(folder)
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse (ModelLoadError) a folder that is not a transformers model with safetensors weights."""
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
@@ -142,13 +160,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn
             "pickle files can run arbitrary code; convert the checkpoint with save_pretrained("
             "safe_serialization=True) first"
         )
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    architecture_for_type(config.model_type)  # fail before reading gigabytes of weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    model.eval()
-    get_architecture(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    return model, tokenizer
 
 
 def _resolve(root: nn.Module, dotted: str) -> nn.Module:

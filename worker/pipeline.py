@@ -7,6 +7,7 @@ that receives progress, events and cancellation checks.
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
 import time
 import uuid
@@ -227,15 +228,32 @@ def _held_back_windows(stream: torch.Tensor, num_windows: int, seq_len: int, not
     return stream[: count * seq_len].reshape(count, seq_len)
 
 
+def compute_dtype(setting: str) -> torch.dtype | None:
+    """Settings.compute_dtype as a torch dtype; None for "auto" (the checkpoint's own)."""
+    return None if setting == "auto" else getattr(torch, setting)
+
+
 def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter,
                  token: str | None = None) -> PipelineResult:
     """token: the job's own Hugging Face token (else the server's), for download and Hub upload."""
+    scratch = settings.data_dir / "work" / f"{job_id}.layers"  # a streamed run's finished layers
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        return _run_pipeline(job_id, spec, settings, reporter, token, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter: Reporter, token: str | None,
+                  scratch: Path) -> PipelineResult:
     from worker.evaluate import perplexity
-    from worker.export import export_model, reference_logits, verify_export
+    from worker.export import export_model, reference_logits, verify_export, verify_export_streamed
+    from worker.export.streamed import layer_logits
     from worker.hub import resolve_model
-    from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model
+    from worker.models import ModelLoadError, UnsupportedArchitecture, get_architecture, load_model, load_tokenizer
     from worker.sequential import compress_model
     from worker.storage import DestinationOptions, LocalDestination, destination_for
+    from worker.stream import StreamedLayers
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -254,21 +272,30 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
 
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
     resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
+    dtype = compute_dtype(settings.compute_dtype)
     if settings.memory_check:
         from worker.memory import check_memory
 
-        check_memory(resolved.path, spec, device)
+        check_memory(resolved.path, spec, device, streamed=settings.stream_layers,
+                     dtype_bytes=4 if dtype is None else dtype.itemsize)  # "auto": at most fp32
     try:
-        model, tokenizer = load_model(resolved.path)
-        arch = get_architecture(model)
+        if settings.stream_layers:
+            model = StreamedLayers(resolved.path, scratch, dtype)
+            tokenizer = load_tokenizer(resolved.path)
+        else:
+            model, tokenizer = load_model(resolved.path, "auto" if dtype is None else dtype)
+        arch = model.arch if settings.stream_layers else get_architecture(model)
     except (ModelLoadError, UnsupportedArchitecture) as exc:  # messages name the folder: show the caller's id
         raise JobFailure(f"model {spec.model.id!r}: {_without_path(exc, resolved.path)}") from None
     except (OSError, ValueError) as exc:
         raise JobFailure(f"model {spec.model.id!r} could not be loaded: {_without_path(exc, resolved.path)}") from None
-    n_layers = len(arch.decoder_layers(model))
+    skeleton = model.model if settings.stream_layers else model  # the CausalLM (all on meta when streamed)
+    n_layers = len(arch.decoder_layers(skeleton))
     timings["load_s"] = time.perf_counter() - started
+    how = ("streamed from its safetensors one decoder layer at a time" if settings.stream_layers
+           else "loaded whole on CPU")
     reporter.progress("loading", 3.0, layer=0, layers=n_layers,
-                      message=f"loaded {arch.family} model with {n_layers} decoder layers on CPU; compute device {device}")
+                      message=f"{arch.family} model with {n_layers} decoder layers {how}; compute device {device}")
 
     calibration, evaluation, data_info = load_windows(spec, settings, tokenizer, token)
     for note in data_info["notes"]:
@@ -278,7 +305,7 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.check_cancelled()
 
     plan = compression_plan(spec, settings.max_rank)
-    check_plan_fits(model, arch, plan)
+    check_plan_fits(skeleton, arch, plan)
     from worker.resume import open_checkpoints
 
     checkpoints, resume = open_checkpoints(job_id, spec, settings, getattr(reporter, "attempt", None), plan, device,
@@ -327,7 +354,8 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
     reporter.progress("exporting", 92.0, layer=n_layers, layers=n_layers,
                       message="exporting the compressed checkpoint and adapter")
     verify_windows = calibration[:2, : min(128, calibration.shape[1])]
-    reference = reference_logits(model, verify_windows)
+    reference = (layer_logits(model, verify_windows, device) if settings.stream_layers
+                 else reference_logits(model, verify_windows))
     work = settings.data_dir / "work" / str(job_id)
     shutil.rmtree(work, ignore_errors=True)
     try:  # a failed or cancelled job leaves no work folder behind
@@ -339,7 +367,10 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
             "evaluation": {"perplexity_before": ppl_before, "perplexity_after": ppl_after,
                            "windows": data_info["evaluation_windows"], "source": data_info["evaluation_source"]},
         })
-        verified = verify_export(work, reference, verify_windows)
+        if settings.stream_layers:  # layer by layer, as it was made
+            verified = verify_export_streamed(work, reference, verify_windows, scratch / "verify", device)
+        else:
+            verified = verify_export(work, reference, verify_windows)
         timings["export_s"] = time.perf_counter() - t0
         reporter.progress("exporting", 96.0, layer=n_layers, layers=n_layers,
                           message=f"export reloaded cold and matched in-memory logits (max diff {verified.max_abs_diff:.3g})")
@@ -361,6 +392,10 @@ def run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter:
         "perplexity_ratio": ppl_after / ppl_before,
         "layers": n_layers,
         "device": str(device),
+        "memory": {"streamed": settings.stream_layers, "compute_dtype": str(reference.dtype).removeprefix("torch."),
+                   "calibration_activations_bytes": calibration.numel() * skeleton.config.hidden_size
+                   * reference.dtype.itemsize,
+                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "model_revision": resolved.revision,
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},

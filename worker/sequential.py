@@ -56,9 +56,12 @@ from worker.linear_compress import (
     objective_norm,
     relative_output_error,
 )
-from worker.models import Architecture, get_architecture
+from worker.models import Architecture
 from worker.plan import CompressionPlan, CompressionResult, LayerReport, ModuleReport
 from worker.resume import LayerCheckpoints, ResumePoint, module_tensors, report_record, restore_module
+from worker.stream import ModelLayers, StreamedLayers
+
+LayerSource = ModelLayers | StreamedLayers
 
 
 @dataclass
@@ -173,19 +176,31 @@ def gram_hooks(
             handle.remove()
 
 
-def walk_layers(model: nn.Module, windows: Tensor, device: torch.device, batch_size: int = 8) -> list[Tensor]:
+def layer_source(model: nn.Module | LayerSource) -> LayerSource:
+    """A model loaded whole as a layer source; a source as it is (worker.stream)."""
+    return model if isinstance(model, (ModelLayers, StreamedLayers)) else ModelLayers(model)
+
+
+def capture_inputs(source: LayerSource, windows: Tensor, batch_size: int) -> LayerInputs:
+    """capture_layer_inputs with the embeddings and final norm materialised meanwhile."""
+    source.model.eval()
+    with source.parts("embed_tokens", "final_norm"):
+        return capture_layer_inputs(source.model, source.arch, windows, batch_size)
+
+
+def walk_layers(model: nn.Module | LayerSource, windows: Tensor, device: torch.device,
+                batch_size: int = 8) -> list[Tensor]:
     """The last decoder layer's outputs per batch (on CPU), one layer on the device at a time."""
-    arch = get_architecture(model)
-    model.eval()
-    inputs = capture_layer_inputs(model, arch, windows, batch_size)
-    for index, layer in enumerate(arch.decoder_layers(model)):
-        with _on_device(layer, device):
+    source = layer_source(model)
+    inputs = capture_inputs(source, windows, batch_size)
+    for index in range(len(source)):
+        with source.layer(index) as layer, _on_device(layer, device):
             forward_layer(layer, inputs, index, device, keep_outputs=True)
     return inputs.hidden
 
 
 def compress_model(
-    model: nn.Module,
+    model: nn.Module | LayerSource,
     windows: Tensor,
     plan: CompressionPlan,
     device: torch.device,
@@ -196,6 +211,9 @@ def compress_model(
     resume: ResumePoint | None = None,
 ) -> CompressionResult:
     """Compress (and compensate) every decoder Linear in place, layer by layer; see the module doc.
+
+    model: a model loaded whole, or a layer source (worker.stream.StreamedLayers: each finished layer
+    goes to its store, and the result's QuantizedWeight tensors are left on the meta device).
 
     windows: (num_windows, seq_len) token ids. on_layer (after each layer) and on_module (after each
     Linear) may raise to cancel; the exception propagates and the model is left partly compressed.
@@ -211,9 +229,10 @@ class _Run:
     """State of one compress_model call."""
 
     def __init__(self, model, windows, plan, device, on_layer, batch_size):
-        self.model = model
-        self.arch = get_architecture(model)
-        self.layers = self.arch.decoder_layers(model)
+        self.source = layer_source(model)
+        self.model = self.source.model
+        self.arch = self.source.arch
+        self.layers = self.source.layers
         self.windows = windows
         self.plan = plan
         self.device = device
@@ -228,6 +247,7 @@ class _Run:
         self.capped: dict[str, int] = {}  # fixed rank at/above the dense-delta crossover: name -> cap
         self.short: dict[str, int] = {}  # fewer real directions than the rank asked: name -> true rank
         self.ranks: dict[str, int] | None = None  # budget plans: the allocation, once made
+        self.records: dict[str, dict] = {}  # report_record of every finished module, by full name
         self.on_module: Callable[[], None] | None = None
         self.checkpoints: LayerCheckpoints | None = None
 
@@ -254,28 +274,29 @@ class _Run:
         if first >= len(self.layers):
             return
         start = perf_counter()
-        inputs = capture_layer_inputs(self.model, self.arch, self.windows, self.batch_size)
+        inputs = capture_inputs(self.source, self.windows, self.batch_size)
         if hidden is not None:
             inputs.hidden = hidden
         self.result.calibration_seconds += perf_counter() - start
-        for index, layer in enumerate(self.layers):
-            if index < first:
-                continue
-            layer_start = perf_counter()
-            self._timed("transfer_seconds", layer.to, self.device)
-            try:
-                grams = self._grams(layer, inputs, index) if self.plan.compresses else {}
-                reports = process(index, layer, grams)
-                del grams
-                self._timed("propagation_seconds", forward_layer, layer, inputs, index, self.device, True)
-            finally:
-                self._timed("transfer_seconds", layer.to, "cpu")
-            self._park_quantized_weights(layer, index)
-            self.step += 1
+        for index in range(first, len(self.layers)):
+            with self.source.layer(index) as layer:
+                self._reload_stored(index)
+                layer_start = perf_counter()
+                self._timed("transfer_seconds", layer.to, self.device)
+                try:
+                    grams = self._grams(layer, inputs, index) if self.plan.compresses else {}
+                    reports = process(index, layer, grams)
+                    del grams
+                    self._timed("propagation_seconds", forward_layer, layer, inputs, index, self.device, True)
+                finally:
+                    self._timed("transfer_seconds", layer.to, "cpu")
+                self._park_quantized_weights(layer, index)
+                self.step += 1
+                tensors = self._finish_layer(layer, index)
             if self.checkpoints is not None:
                 last = index == len(self.layers) - 1
-                self.checkpoints.save(stage, index, self._layer_tensors(layer, index), None if last else inputs.hidden,
-                                      self._bookkeeping())
+                self.checkpoints.save(stage, index, tensors, None if last else inputs.hidden, self._bookkeeping())
+            del tensors
             if self.on_layer is not None:
                 self.on_layer(
                     LayerReport(
@@ -459,6 +480,33 @@ class _Run:
                 quantized.scales = quantized.scales.cpu()
                 quantized.zeros = quantized.zeros.cpu()
 
+    def _finish_layer(self, layer: nn.Module, index: int) -> dict[str, Tensor]:
+        """Record the finished layer's modules and hand it to the source; its checkpoint tensors. A streamed
+        run then keeps none of the layer's tensors in memory: its codes are left on the meta device and
+        its residuals (budget plans) are read back from the store in walk 2."""
+        tensors = self._layer_tensors(layer, index) if self.source.streamed or self.checkpoints is not None else {}
+        records = {}
+        for relative, name in self._layer_modules(index):
+            records[relative] = self.records[name] = report_record(self.result.modules[name],
+                                                                   layer.get_submodule(relative))
+        self.source.finish(index, layer, tensors, records)
+        if self.source.streamed:
+            for _, name in self._layer_modules(index):
+                _forget_tensors(self.result.modules[name].quantized)
+                self.residuals.pop(name, None)
+        return tensors
+
+    def _reload_stored(self, index: int) -> None:
+        """A streamed run's second walk: the layer's codes and walk-1 residuals back from the store."""
+        stored = self.source.stored_tensors(index)
+        for relative, name in self._layer_modules(index) if stored else ():
+            quantized = self.result.modules[name].quantized
+            if quantized is not None:
+                quantized.codes, quantized.scales, quantized.zeros = (
+                    stored[f"{relative}.{part}"] for part in ("codes", "scales", "zeros"))
+            if f"{relative}.residual" in stored:
+                self.residuals[name] = stored[f"{relative}.residual"]
+
     def _layer_modules(self, index: int) -> list[tuple[str, str]]:
         """(relative, full name) of the layer's compressed Linears."""
         prefix = f"{self.arch.layers}.{index}."
@@ -479,10 +527,7 @@ class _Run:
     def _bookkeeping(self) -> dict:
         """Everything but tensors that the rest of the run reads: reports, counters, notes, ranks."""
         result = self.result
-        modules = {}
-        for name, report in result.modules.items():
-            index, relative = name[len(self.arch.layers) + 1:].split(".", 1)
-            modules[name] = report_record(report, self.layers[int(index)].get_submodule(relative))
+        modules = {name: self.records[name] for name in result.modules}
         seconds = {k: getattr(result, k) for k in ("calibration_seconds", "compression_seconds",
                                                    "compensation_seconds", "statistics_seconds",
                                                    "propagation_seconds", "transfer_seconds")}
@@ -500,23 +545,35 @@ class _Run:
         self.step, self.capped, self.short = run["step"], dict(run["capped"]), dict(run["short"])
         self.objective_norms, self.ranks = dict(run["objective_norms"]), run["ranks"]
         records = run["modules"]
+        self.records = dict(records)
         for index in sorted(resume.layers):
             tensors = resume.layer_tensors(index)
-            layer = self.layers[index]
             prefix = f"{self.arch.layers}.{index}."
-            for name in [n for n in records if n.startswith(prefix)]:  # in the order the run made them
-                relative = name[len(prefix):]
-                self.result.modules[name] = restore_module(layer, relative, relative, tensors, records[name])
-                if f"{relative}.residual" in tensors:
-                    self.residuals[name] = tensors[f"{relative}.residual"]
-                if f"{relative}.spectrum" in tensors and self.ranks is None:  # not yet allocated
-                    self.spectra[name] = tensors[f"{relative}.spectrum"]
+            with self.source.layer(index) as layer:
+                for name in [n for n in records if n.startswith(prefix)]:  # in the order the run made them
+                    relative = name[len(prefix):]
+                    self.result.modules[name] = restore_module(layer, relative, relative, tensors, records[name])
+                    if f"{relative}.residual" in tensors:
+                        self.residuals[name] = tensors[f"{relative}.residual"]
+                    if f"{relative}.spectrum" in tensors and self.ranks is None:  # not yet allocated
+                        self.spectra[name] = tensors[f"{relative}.spectrum"]
+                if self.source.streamed:
+                    self._park_quantized_weights(layer, index)
+                    self._finish_layer(layer, index)
         return resume.walk, resume.done, resume.hidden()
 
     def _timed(self, total: str, fn, *args) -> None:
         start = perf_counter()
         fn(*args)
         setattr(self.result, total, getattr(self.result, total) + perf_counter() - start)
+
+
+def _forget_tensors(quantized) -> None:
+    """A QuantizedWeight's tensors replaced by meta tensors of the same shape and dtype (its layer's store
+    holds them)."""
+    if quantized is not None:
+        for field in ("weight", "codes", "scales", "zeros"):
+            setattr(quantized, field, torch.empty_like(getattr(quantized, field), device="meta"))
 
 
 def _sparsity_pattern(spec: SparsitySpec | None) -> str | None:

@@ -46,13 +46,21 @@ def test_refusal_names_what_does_not_fit():
     assert "2.00 GiB on cuda:0" in refusal(need, 4 * GiB, 1 * GiB, "cuda:0")
 
 
-def test_a_model_too_big_for_this_worker_fails_before_any_weight_is_read(tmp_path, capsys):
-    """A 70B-sized config over a folder whose weights file is not even a checkpoint: the refusal comes
-    from the config alone (reading the weights would fail differently)."""
-    folder = tmp_path / "llama-70b-config-only"
+@pytest.mark.parametrize(("streamed", "dims", "expected"), [
+    (False, dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+     r"model \(fp32\) 262\.83 \+"),
+    # Streamed, a 70B model needs ~18 GiB: a 405B-sized one (one layer 11.9 GiB in fp32, 54.8 GiB in all) is refused.
+    (True, dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128),
+     r"one decoder layer, original and compressed \(fp32\) 23\.75 \+ embeddings \(fp32\) 7\.83 \+"),
+])
+def test_a_model_too_big_for_this_worker_fails_before_any_weight_is_read(tmp_path, capsys, monkeypatch, streamed,
+                                                                         dims, expected):
+    """A config over a folder whose weights file is not even a checkpoint: the refusal comes from the
+    config alone (reading the weights would fail differently)."""
+    monkeypatch.setenv("SQUEEZE_STREAM_LAYERS", str(streamed).lower())
+    folder = tmp_path / "llama-config-only"
     folder.mkdir()
-    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                         num_key_value_heads=8, vocab_size=128256)
+    config = LlamaConfig(**dims, num_key_value_heads=8, vocab_size=128256)
     config.save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"not a checkpoint")
     calibration = tmp_path / "cal.txt"
@@ -61,7 +69,18 @@ def test_a_model_too_big_for_this_worker_fails_before_any_weight_is_read(tmp_pat
                  "--group-size", "128", "--calibration", str(calibration), "--num-samples", "8", "--seq-len", "32"])
     err = " ".join(capsys.readouterr().err.split())  # the console wraps lines
     assert code != 0
-    assert re.search(r"needs at least \d+\.\d\d GiB of host memory \(model \(fp32\) 262\.83 \+", err), err
+    assert re.search(r"needs at least \d+\.\d\d GiB of host memory \(" + expected, err), err
     assert re.search(r"this worker has \d+\.\d\d GiB available", err), err
     assert not (tmp_path / "out").exists()
-    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 80
+    assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == dims["num_hidden_layers"]
+
+
+def test_the_streamed_minimum_does_not_grow_with_the_layers():
+    def need(layers: int) -> MemoryNeed:
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
+                             vocab_size=32000)
+        return minimum_need(config, num_samples=16, seq_len=128, batch_size=8, on_cpu=True, streamed=True)
+
+    assert need(8).host_bytes == need(32).host_bytes
+    assert need(8).host["one decoder layer, original and compressed (fp32)"] == 2 * 4 * parameter_counts(
+        LlamaConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=16))[1]

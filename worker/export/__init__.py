@@ -13,10 +13,13 @@ Folder written by export_model:
 
 export_model consumes the model (adapters unwrapped, Linears replaced by compressed-tensors'
 packed form): compute reference logits first (reference_logits), then export, then verify_export.
+A streamed run (worker.stream.StreamedLayers) exports the same files one layer at a time
+(worker.export.streamed).
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +37,14 @@ from worker.export.manifest import (
     write_manifest,
 )
 from worker.export.sizes import linear_sizes
-from worker.export.verify import VerifyInfo, reference_logits, verify_export
+from worker.export.streamed import save_checkpoint_streamed
+from worker.export.verify import VerifyInfo, reference_logits, verify_export, verify_export_streamed
 from worker.linear_compress import unwrap_adapters
 from worker.plan import CompressionPlan, CompressionResult
+from worker.stream import StreamedLayers
 
-__all__ = ["ExportError", "ExportInfo", "VerifyInfo", "export_model", "reference_logits", "verify_export"]
+__all__ = ["ExportError", "ExportInfo", "VerifyInfo", "export_model", "reference_logits", "verify_export",
+           "verify_export_streamed"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class ExportInfo:
         return self.manifest["notes"]
 
 
-def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: CompressionPlan, out_dir: Path,
+def export_model(model: nn.Module | StreamedLayers, tokenizer, result: CompressionResult, plan: CompressionPlan, out_dir: Path,
                  manifest_extra: dict[str, Any]) -> ExportInfo:
     """Write the artifact of a compress_model run into out_dir (created; must be empty if it exists).
 
@@ -68,9 +74,16 @@ def export_model(model: nn.Module, tokenizer, result: CompressionResult, plan: C
         raise ExportError(f"export folder {out_dir} is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    adapters = unwrap_adapters(model)
-    _check_adapters(adapters, result)
-    checkpoint = save_checkpoint(model, tokenizer, result, plan, out_dir)
+    if isinstance(model, StreamedLayers):
+        adapters: dict = {}
+        parts = model.store.folder / "export"
+        checkpoint = save_checkpoint_streamed(model, tokenizer, result, plan, out_dir, parts, adapters)
+        shutil.rmtree(parts, ignore_errors=True)
+        _check_adapters(adapters, result)
+    else:
+        adapters = unwrap_adapters(model)
+        _check_adapters(adapters, result)
+        checkpoint = save_checkpoint(model, tokenizer, result, plan, out_dir)
     adapter = save_adapter(adapters, out_dir) if adapters else None
     _check_adapter_bytes(adapter, result)
 

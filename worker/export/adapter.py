@@ -115,6 +115,11 @@ def save_adapter(adapters: dict[str, LowRankAdapter], out_dir: Path) -> AdapterI
     folder = out_dir / ADAPTER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
+    # PEFT writes target_modules in the order of a Python set (it differs from process to process with
+    # string hashing); sorted, the same job writes the same bytes. Same JSON layout as PEFT's.
+    written = json.loads((folder / CONFIG_NAME).read_text())
+    written["target_modules"] = sorted(written["target_modules"])
+    (folder / CONFIG_NAME).write_text(json.dumps(written, indent=2, sort_keys=True))
     quantized = [adapter.quantized is not None for adapter in adapters.values()]
     if any(quantized) and not all(quantized):
         raise ValueError("some adapters are quantized and others not: one adapter file holds one form")
@@ -163,8 +168,9 @@ def _save_quantized(adapters: dict[str, LowRankAdapter], path: Path) -> str:
     if len(bits) != 1:
         raise ValueError(f"adapter factors are quantized to different widths {sorted(bits)}")
     width = bits.pop()
-    save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors}),
-                                       "format": "pt"})
+    # One metadata entry only: safetensors writes a header's metadata in hash-map order, which differs from
+    # process to process once there are two keys, and the same job must write the same bytes.
+    save_file(tensors, path, metadata={QUANTIZED_METADATA_KEY: json.dumps({"bits": width, "factors": factors})})
     return f"int{width} codes and zero points, float16 group scales"
 
 

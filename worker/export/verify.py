@@ -21,6 +21,8 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -28,8 +30,9 @@ from time import perf_counter
 import torch
 from torch import Tensor, nn
 
-from worker.export.adapter import ADAPTER_DIR, DEQUANTIZE_RECIPE, QUANTIZED_NAME
+from worker.export.adapter import ADAPTER_DIR, CONFIG_NAME, DEQUANTIZE_RECIPE, QUANTIZED_NAME, WEIGHTS_NAME
 from worker.export.checkpoint import ExportError
+from worker.stream import CheckpointReader, StreamedLayers
 
 FP32_TOLERANCE = 1e-4
 HALF_PRECISION_ULPS = 4
@@ -79,6 +82,39 @@ def verify_export(out_dir: Path, reference_logits: Tensor, windows: Tensor, atol
     model = load_export(Path(out_dir))
     has_adapter = (Path(out_dir) / ADAPTER_DIR).is_dir()
     logits = torch.cat([model(input_ids=batch).logits.cpu() for batch in windows.split(batch_size)])
+    max_abs_diff = _compare(logits, reference_logits, atol, rtol)
+    return VerifyInfo(windows=windows.shape[0], max_abs_diff=max_abs_diff,
+                      max_abs_logit=float(reference_logits.float().abs().max()), atol=atol, rtol=rtol,
+                      adapter=has_adapter, seconds=perf_counter() - start)
+
+
+@torch.no_grad()
+def verify_export_streamed(out_dir: Path, reference_logits: Tensor, windows: Tensor, scratch: Path,
+                           device: torch.device, atol: float | None = None, rtol: float | None = None,
+                           batch_size: int = 4) -> VerifyInfo:
+    """verify_export without holding the reloaded model whole (streamed jobs): the export's layers are
+    read one at a time (worker.stream.StreamedLayers over its files), each quantized Linear dequantized
+    by the same compressed-tensors call transformers makes when it loads with
+    CompressedTensorsConfig(dequantize=True), and the adapter's fp16 factors (after the card's recipe
+    when stored quantized) added as CompensatedLinear adds them (what PEFT computes at scaling 1, which
+    the adapter config is checked to give every module). scratch: a folder for the recipe's output."""
+    start = perf_counter()
+    default_atol, default_rtol = default_tolerance(reference_logits.dtype)
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    source = _ExportLayers(Path(out_dir), scratch, reference_logits.dtype)
+    from worker.evaluate import iter_logits
+
+    logits = torch.cat([out.to(reference_logits.dtype).cpu()
+                        for _, out in iter_logits(source, windows, device, batch_size)])
+    max_abs_diff = _compare(logits, reference_logits, atol, rtol)
+    return VerifyInfo(windows=windows.shape[0], max_abs_diff=max_abs_diff,
+                      max_abs_logit=float(reference_logits.float().abs().max()), atol=atol, rtol=rtol,
+                      adapter=source.adapter is not None, seconds=perf_counter() - start)
+
+
+def _compare(logits: Tensor, reference_logits: Tensor, atol: float, rtol: float) -> float:
+    """max |logits - reference|; raises ExportError with the numbers when over atol + rtol * |reference|."""
     if logits.shape != reference_logits.shape:
         raise ExportError(f"reloaded model gives logits of shape {tuple(logits.shape)}, the in-memory model "
                           f"{tuple(reference_logits.shape)}")
@@ -94,8 +130,87 @@ def verify_export(out_dir: Path, reference_logits: Tensor, windows: Tensor, atol
             f"{float(logits[window, position, token]):.6g} vs {float(reference[window, position, token]):.6g}); "
             f"allowed {atol:g} + {rtol:g} * |reference|"
         )
-    return VerifyInfo(windows=windows.shape[0], max_abs_diff=max_abs_diff, max_abs_logit=float(reference.abs().max()),
-                      atol=atol, rtol=rtol, adapter=has_adapter, seconds=perf_counter() - start)
+    return max_abs_diff
+
+
+class _ExportReader(CheckpointReader):
+    """An export's tensors, each quantized Linear's weight dequantized as transformers does on load."""
+
+    PACKED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+    def __init__(self, folder: Path, quantization_config: dict | None):
+        super().__init__(folder)
+        self.scheme = None
+        if quantization_config is not None:
+            from compressed_tensors.compressors import BaseCompressor
+            from compressed_tensors.quantization import QuantizationConfig
+            from transformers.integrations.compressed_tensors import get_dense_scheme
+
+            config = QuantizationConfig.model_validate(quantization_config)
+            self.scheme = get_dense_scheme(config)
+            self.compressor = BaseCompressor.get_value_from_registry(self.scheme.format or config.format)
+
+    def __contains__(self, key: str) -> bool:
+        return super().__contains__(key) or self._packed(key)
+
+    def _packed(self, key: str) -> bool:
+        return self.scheme is not None and key.endswith(".weight") and super().__contains__(f"{key}_packed")
+
+    def get(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
+        if not self._packed(key):
+            return super().get(key, dtype)
+        module = key.removesuffix(".weight")
+        state = {name: super(_ExportReader, self).get(f"{module}.{name}") for name in self.PACKED
+                 if super(_ExportReader, self).__contains__(f"{module}.{name}")}
+        weight = self.compressor.decompress(state, self.scheme)["weight"]
+        return weight if dtype is None else weight.to(dtype)
+
+
+class _ExportLayers(StreamedLayers):
+    """An exported folder as a layer source, with its adapter (if any) attached to each layer."""
+
+    def __init__(self, out_dir: Path, scratch: Path, dtype: torch.dtype):
+        config = json.loads((out_dir / "config.json").read_text())
+        reader = _ExportReader(out_dir, config.get("quantization_config"))
+        super().__init__(out_dir, scratch / "layers", dtype, reader=reader)
+        self.adapter = None
+        adapter_dir = out_dir / ADAPTER_DIR
+        if adapter_dir.is_dir():
+            if (adapter_dir / QUANTIZED_NAME).is_file():
+                adapter_dir = Path(shutil.copytree(adapter_dir, scratch / ADAPTER_DIR))
+                exec(compile(DEQUANTIZE_RECIPE, "model card recipe", "exec"), {"folder": str(adapter_dir)})  # noqa: S102
+            from safetensors import safe_open
+
+            self.adapter = safe_open(str(adapter_dir / WEIGHTS_NAME), framework="pt")
+            self.adapter_config = json.loads((adapter_dir / CONFIG_NAME).read_text())
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        with super().layer(index) as layer:
+            if self.adapter is not None:
+                prefix = f"{self.arch.layers}.{index}"
+                for relative in self.arch.linear_names:
+                    self._attach(layer, prefix, relative)
+            yield layer
+
+    def _attach(self, layer: nn.Module, prefix: str, relative: str) -> None:
+        from worker.compression.adapters import LowRankAdapter
+        from worker.export.adapter import peft_key
+        from worker.linear_compress import attach_compensation
+
+        name = f"{prefix}.{relative}"
+        key_a, key_b = f"{peft_key(name, 'A')}.weight", f"{peft_key(name, 'B')}.weight"
+        if key_a not in self.adapter.keys():
+            return
+        lora_a, lora_b = self.adapter.get_tensor(key_a), self.adapter.get_tensor(key_b)
+        config = self.adapter_config
+        rank = config.get("rank_pattern", {}).get(name, config["r"])
+        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
+        if rank != lora_a.shape[0] or alpha != rank:
+            raise ExportError(f"{name}: the adapter config gives rank {rank} and alpha {alpha} (scaling "
+                              f"{alpha / rank:g}) for factors of rank {lora_a.shape[0]}; Squeeze adapters have "
+                              "scaling 1")
+        attach_compensation(layer, relative, LowRankAdapter(lora_b, lora_a, None))
 
 
 def load_export(out_dir: Path) -> nn.Module:
