@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from app.settings import Settings
-from worker.memory import GiB
+from worker.memory import GiB, cgroup_memory, meminfo_bytes
 
 # Prints the total memory of the device the pipeline would pick (worker.pipeline.pick_device), or -1 for the CPU.
 _PROBE = """
@@ -26,20 +25,11 @@ print(torch.cuda.get_device_properties(device).total_memory if device.type == "c
 
 def host_total() -> int | None:
     """MemTotal, capped by a cgroup v2 limit when one is set."""
-    total = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-    except OSError:
+    total = meminfo_bytes("MemTotal")
+    if total is None:
         return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            total = int(limit) if total is None else min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return total
+    cgroup = cgroup_memory()
+    return total if cgroup is None else min(total, cgroup[0])
 
 
 def advertised_memory(settings: Settings) -> tuple[int | None, str]:

@@ -74,24 +74,35 @@ def minimum_need(config, num_samples: int, seq_len: int, batch_size: int, on_cpu
     return MemoryNeed(host=host, device=device)
 
 
-def host_available() -> int | None:
-    """Bytes this process can still get: MemAvailable, capped by a cgroup v2 limit when one is set."""
-    available = None
+def meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field ("MemTotal", "MemAvailable") in bytes, or None when unreadable."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
     except OSError:
-        return None
+        pass
+    return None
+
+
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, current usage) in bytes of this process's cgroup v2, or None when it sets no limit."""
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            room = int(limit) - used
-            available = room if available is None else min(available, room)
+        if limit == "max":
+            return None
+        return int(limit), int(Path("/sys/fs/cgroup/memory.current").read_text())
     except (OSError, ValueError):
-        pass
-    return available
+        return None
+
+
+def host_available() -> int | None:
+    """Bytes this process can still get: MemAvailable, capped by a cgroup v2 limit when one is set."""
+    available = meminfo_bytes("MemAvailable")
+    if available is None:
+        return None
+    cgroup = cgroup_memory()
+    return available if cgroup is None else min(available, cgroup[0] - cgroup[1])
 
 
 def refusal(need: MemoryNeed, host_free: int | None, device_free: int | None, device: str) -> str | None:

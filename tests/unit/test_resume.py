@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import worker.resume as resume_module
+from tests.interrupts import Stop, stop_after
 from tests.specs import compensation, quant, sparsity
 from worker.errors import LostOwnership
 from worker.linear_compress import CompensatedLinear
@@ -29,17 +30,6 @@ PLANS = {
     "rtn4 + svd r512 (capped, with notes)": CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32),
                                                             compensation=compensation(method="svd", rank=512)),
 }
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after(steps: int):
-    def on_layer(report):
-        if report.step == steps:
-            raise Stop(f"worker lost after step {steps}")
-    return on_layer
 
 
 def assert_same_run(model, result, reference_model, reference):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.fixtures_models import SAMPLE_DOCS, build_tiny_model
+from tests.interrupts import Stop, stop_after
 from tests.specs import compensation, quant, sparsity
 from worker.evaluate import perplexity
 from worker.export import ExportError, export_model, reference_logits, verify_export, verify_export_streamed
@@ -50,17 +51,6 @@ def model_dirs(tmp_path_factory, tiny_tokenizer):
         tiny_tokenizer.save_pretrained(folder)
         folders[family] = folder
     return folders
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after(steps: int):
-    def on_layer(report):
-        if report.step == steps:
-            raise Stop(f"worker lost after step {steps}")
-    return on_layer
 
 
 def same_files(a, b) -> None:
