@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.linear_compress import CompensatedLinear
+from worker.memory import trim_heap
 from worker.models import Architecture, ModelLoadError, architecture_for_type, check_model_folder, get_architecture
 
 RECORDS_KEY = "squeeze.records"
@@ -194,6 +195,7 @@ class StreamedLayers:
         finally:
             for _, module in modules:
                 _release(module)
+            trim_heap()
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
@@ -215,6 +217,7 @@ class StreamedLayers:
             _unwrap(layer)
             _release(layer)
             self.held -= 1
+            trim_heap()
 
     def finish(self, index: int, layer: nn.Module, tensors: dict[str, Tensor], records: dict[str, Any]) -> None:
         """Keep a finished layer's compressed modules in the store (records: worker.resume.report_record
