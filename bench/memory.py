@@ -196,9 +196,11 @@ def make_cgroup(limit: int) -> tuple[Path, str]:
 
 
 def row(name: str, model: Path, result: dict, size: int) -> dict:
+    from bench.common import provenance  # here, not at the top: the jobs' child processes do not import it
+
     peak = result.get("peak_rss_bytes")
     return {"model": name, **result, "model_fp32_bytes": size,
-            "peak_over_fp32": None if peak is None else round(peak / size, 3)}
+            "peak_over_fp32": None if peak is None else round(peak / size, 3), "provenance": provenance()}
 
 
 def main() -> None:
