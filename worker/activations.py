@@ -17,10 +17,13 @@ else the disk. On the CPU the device is the host, so "auto" there picks host or 
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Literal
 
@@ -30,11 +33,13 @@ from torch import Tensor, nn
 
 from worker.memory import GiB, activation_bytes, host_available, minimum_need
 from worker.models import Architecture
+from worker.stream import SAFETENSORS_DTYPES
 
 Where = Literal["device", "host", "disk"]
 CPU = torch.device("cpu")
 DEVICE_SHARE = 0.9  # of the device's free memory "auto" lets activations and a layer's working set take
 HOST_SHARE = 0.8  # of host_available(): the job's host need is a lower bound, its peak is higher
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,14 @@ class Activations:
         self.where = placement.where
         self.home = device if placement.where == "device" else CPU
         self._tensors: list[Tensor | None] = []  # None per batch when on disk
-        self._sizes: list[int] = []  # bytes per batch
+        self._layouts: list[tuple[torch.Size, torch.dtype]] = []  # per batch
         self._folder: Path | None = None
         if placement.where == "disk" and placement.folder is not None:
             placement.folder.mkdir(parents=True, exist_ok=True)
             self._folder = Path(tempfile.mkdtemp(prefix="activations-", dir=placement.folder))
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._layouts)
 
     def __getitem__(self, b: int) -> Tensor:
         if self._folder is None:
@@ -78,7 +83,7 @@ class Activations:
         return load_file(self._path(b))["hidden"]
 
     def __setitem__(self, b: int, tensor: Tensor) -> None:
-        self._sizes[b] = tensor.numel() * tensor.element_size()
+        self._layouts[b] = (tensor.shape, tensor.dtype)
         if self._folder is None:
             self._tensors[b] = tensor.to(self.home)
         else:
@@ -90,7 +95,7 @@ class Activations:
 
     def append(self, tensor: Tensor) -> None:
         self._tensors.append(None)
-        self._sizes.append(0)
+        self._layouts.append((tensor.shape, tensor.dtype))
         self[len(self) - 1] = tensor
 
     def overwrite(self, batches: Iterable[Tensor]) -> None:
@@ -106,11 +111,27 @@ class Activations:
 
     @property
     def nbytes(self) -> int:
-        return sum(self._sizes)
+        return sum(prod(shape) * dtype.itemsize for shape, dtype in self._layouts)
+
+    def write(self, path: Path, prefix: str = "hidden.") -> None:
+        """Every batch into one safetensors file (keys prefix0, prefix1, ...) with one batch in host memory
+        at a time: the header is made from the batches' shapes and dtypes, their bytes follow in order."""
+        header, offset = {}, 0
+        for b, (shape, dtype) in enumerate(self._layouts):
+            size = prod(shape) * dtype.itemsize
+            header[f"{prefix}{b}"] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                                      "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for tensor in self:
+                f.write(tensor.to(CPU).contiguous().flatten().view(torch.uint8).numpy())
 
     def close(self) -> None:
         self._tensors.clear()
-        self._sizes.clear()
+        self._layouts.clear()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
 

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from worker.activations import Activations
 from worker.checkpoint_store import ATTEMPT_PREFIX, S3CheckpointStore
 from worker.compression.adapters import LowRankAdapter, QuantizedFactor
 from worker.compression.quantize import QuantizedWeight
@@ -133,7 +134,7 @@ class LayerCheckpoints:
             self.store.clear(keep=self.attempt)
         return resume
 
-    def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: Iterable[Tensor] | None,
+    def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: Activations | None,
              run: dict[str, Any]) -> None:
         """Commit layer `index` of `walk` as finished, with the inputs of the next layer (None after the last).
         Raises LostOwnership when a newer attempt took this attempt's folder over."""
@@ -144,7 +145,7 @@ class LayerCheckpoints:
         inputs_file = None
         if inputs is not None:
             inputs_file = f"{walk}-inputs-{index + 1}.safetensors"
-            _save_tensors(self.folder / inputs_file, {f"hidden.{b}": h for b, h in enumerate(inputs)})
+            _written(self.folder / inputs_file, inputs.write)  # keys hidden.<batch>, one batch in memory at a time
         superseded = {self._layers.get(index), self._inputs} - {layer_file, inputs_file, None}
         self._layers[index] = layer_file
         self._inputs = inputs_file
@@ -219,8 +220,13 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    _written(path, lambda tmp: save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _written(path: Path, write: Callable[[Path], None]) -> None:
+    """write(a temporary path), then renamed to path: a crash leaves the old file or none."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    write(tmp)
     os.replace(tmp, path)
 
 

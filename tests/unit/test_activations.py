@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.fixtures_models import SAMPLE_DOCS
 from tests.interrupts import Stop, stop_after
@@ -53,6 +54,10 @@ def test_the_container_gives_back_what_it_was_given(where, tmp_path):
         assert torch.equal(held[0], batches[0]) and torch.equal(held[1], batches[1] * 2)
         assert [t.dtype for t in held] == [torch.bfloat16] * 2
         assert len(batch_files(tmp_path)) == (2 if where == "disk" else 0)
+        held.write(tmp_path / "inputs.safetensors")  # what a layer checkpoint keeps of them
+        written = load_file(tmp_path / "inputs.safetensors")
+        assert written.keys() == {"hidden.0", "hidden.1"}
+        assert torch.equal(written["hidden.0"], batches[0]) and torch.equal(written["hidden.1"], batches[1] * 2)
         with pytest.raises(ValueError, match="1 batches given for the 2 held"):
             held.overwrite(batches[:1])
     assert batch_files(tmp_path) == [] and len(held) == 0
