@@ -36,6 +36,7 @@ from worker.models import Architecture
 from worker.stream import SAFETENSORS_DTYPES
 
 Where = Literal["device", "host", "disk"]
+Setting = Literal["auto", "device", "host", "disk"]  # Settings.activations
 CPU = torch.device("cpu")
 DEVICE_SHARE = 0.9  # of the device's free memory "auto" lets activations and a layer's working set take
 HOST_SHARE = 0.8  # of host_available(): the job's host need is a lower bound, its peak is higher
@@ -86,8 +87,10 @@ class Activations:
         self._layouts[b] = (tensor.shape, tensor.dtype)
         if self._folder is None:
             self._tensors[b] = tensor.to(self.home)
-        else:
-            save_file({"hidden": tensor.to(CPU).contiguous()}, str(self._path(b)))
+        else:  # a new file renamed over the old: a tensor still read from the old one stays intact
+            tmp = self._path(b).with_suffix(".tmp")
+            save_file({"hidden": tensor.to(CPU).contiguous()}, str(tmp))
+            tmp.replace(self._path(b))
 
     def __iter__(self) -> Iterator[Tensor]:
         for b in range(len(self)):
@@ -127,7 +130,7 @@ class Activations:
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
             for tensor in self:
-                f.write(tensor.to(CPU).contiguous().flatten().view(torch.uint8).numpy())
+                f.write(tensor.to(CPU).contiguous().flatten().view(torch.uint8).numpy().data)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -149,13 +152,13 @@ class Activations:
 # --- which placement a job takes -----------------------------------------------------------------------
 
 
-def choose_placement(setting: str, activation_bytes: int, device_need: int, host_need: int, on_cpu: bool,
+def choose_placement(setting: Setting, activation_bytes: int, device_need: int, host_need: int, on_cpu: bool,
                      device_free: int | None, host_free: int | None) -> Where:
     """Settings.activations resolved: a fixed setting as it is; "auto" as in the module doc. device_need and
     host_need: what the job holds there besides the activations (worker.memory.minimum_need); a free
     amount that cannot be read (None) counts as fitting on the host and as not fitting on the device."""
     if setting != "auto":
-        return setting  # type: ignore[return-value]  # Settings validates it
+        return setting
     if not on_cpu and device_free is not None and activation_bytes + device_need <= device_free * DEVICE_SHARE:
         return "device"
     if host_free is None or activation_bytes + host_need <= host_free * HOST_SHARE:
@@ -163,7 +166,7 @@ def choose_placement(setting: str, activation_bytes: int, device_need: int, host
     return "disk"
 
 
-def decide_placement(setting: str, config, num_windows: int, seq_len: int, *, device: torch.device, streamed: bool,
+def decide_placement(setting: Setting, config, num_windows: int, seq_len: int, *, device: torch.device, streamed: bool,
                      dtype_bytes: int, batch_size: int = 8) -> tuple[Where, int, str]:
     """(placement, activation bytes, why) for a job whose largest walk has num_windows x seq_len tokens."""
     on_cpu = device.type == "cpu"

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import SecretStr
@@ -25,6 +25,9 @@ from app.jobs.spec import Compensation, JobSpec, Quantization, RankBudget, Spars
 from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.errors import JobFailure
+
+if TYPE_CHECKING:
+    from worker.activations import Placement
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +418,7 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
 
 
 def _place_activations(settings: Settings, skeleton, calibration: torch.Tensor, evaluation: torch.Tensor,
-                       device: torch.device, scratch: Path, reporter: Reporter):
+                       device: torch.device, scratch: Path, reporter: Reporter) -> tuple[Placement, int]:
     """Where the job's activations between layers live (Settings.activations, decided once for every walk
     from the larger of the calibration and evaluation sets) and their size in bytes, said in an event."""
     from worker.activations import Placement, decide_placement

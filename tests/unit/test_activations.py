@@ -173,3 +173,32 @@ def test_a_job_publishes_the_same_files_wherever_its_activations_live(setting, t
     assert ({k: v for k, v in metrics["compression"].items() if k != seconds}
             == {k: v for k, v in host["compression"].items() if k != seconds})
     same_files(root / "out-host", root / f"out-{setting}")
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict]] = []
+
+    def event(self, stage, message, level="info", data=None) -> None:
+        self.events.append((stage, message, data))
+
+
+@pytest.mark.parametrize(("setting", "host_free", "expected"), [
+    ("disk", 100 * GiB, "disk"), ("device", 100 * GiB, "device"), ("auto", 100 * GiB, "host"), ("auto", 0, "disk")])
+def test_the_job_says_where_its_activations_live_and_their_size(setting, host_free, expected, tiny_llama,
+                                                                 calibration_windows, tmp_path, monkeypatch):
+    """Decided once for the larger of the calibration and evaluation sets, said in an event."""
+    import worker.activations
+    from app.settings import Settings
+    from worker.pipeline import _place_activations
+
+    monkeypatch.setattr(worker.activations, "host_available", lambda: host_free)
+    evaluation = calibration_windows.repeat(2, 1)  # (16, 32): larger than the calibration's (8, 32)
+    reporter = Events()
+    placement, size = _place_activations(Settings(data_dir=tmp_path, activations=setting), tiny_llama,
+                                         calibration_windows, evaluation, CPU, tmp_path / "scratch", reporter)
+    assert placement == Placement(expected, tmp_path / "scratch" / "activations")
+    assert size == 16 * 32 * 64 * 4  # (windows, seq_len, hidden) fp32
+    [(stage, message, data)] = reporter.events
+    assert data == {"activations": expected, "activations_bytes": size}
+    assert f"{size:,} bytes" in message and ("auto: " in message) == (setting == "auto")
