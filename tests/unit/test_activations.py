@@ -20,7 +20,7 @@ from worker.evaluate import iter_logits, perplexity
 from worker.memory import GiB
 from worker.plan import CompressionPlan
 from worker.resume import LayerCheckpoints
-from worker.sequential import compress_model
+from worker.sequential import compress_model, walk_layers
 
 CPU = torch.device("cpu")
 GPTQ3 = quant(method="gptq", bits=3, group_size=32)
@@ -119,6 +119,25 @@ def test_every_placement_evaluates_to_the_same_perplexity(tiny_llama, calibratio
     assert len(batch_files(tmp_path)) == 3  # the final hidden states, read back batch by batch
     logits.close()  # an evaluation stopped early still removes its files
     assert batch_files(tmp_path) == []
+
+
+@pytest.mark.gpu  # deselected by default; run on a CUDA machine with `pytest -m gpu`
+def test_on_cuda_the_device_placement_keeps_them_there_and_computes_the_same_bits(tiny_llama, calibration_windows,
+                                                                                   tmp_path):
+    cuda = torch.device("cuda")
+    for where, device_type in (("device", "cuda"), ("host", "cpu"), ("disk", "cpu")):
+        with walk_layers(tiny_llama, calibration_windows, cuda, batch_size=3,
+                         placement=Placement(where, tmp_path)) as final:
+            assert {final[b].device.type for b in range(len(final))} == {device_type}, where
+    plan = PLANS["gptq3 + eora budget (two walks)"]
+    reference_model = copy.deepcopy(tiny_llama)
+    reference = compress_model(reference_model, calibration_windows, plan, cuda, batch_size=3)
+    for where, placement in placements(tmp_path).items():
+        model = copy.deepcopy(tiny_llama)
+        result = compress_model(model, calibration_windows, plan, cuda, batch_size=3, activations=placement)
+        assert_same_run(model, result, reference_model, reference)
+        assert perplexity(model, calibration_windows, cuda, placement=placement) == perplexity(
+            reference_model, calibration_windows, cuda), where
 
 
 @pytest.mark.parametrize(("setting", "on_cpu", "device_free", "host_free", "expected"), [
