@@ -112,10 +112,6 @@ class Activations:
         if count != len(self):
             raise ValueError(f"{count} batches given for the {len(self)} held")
 
-    @property
-    def nbytes(self) -> int:
-        return sum(prod(shape) * dtype.itemsize for shape, dtype in self._layouts)
-
     def write(self, path: Path, prefix: str = "hidden.") -> None:
         """Every batch into one safetensors file (keys prefix0, prefix1, ...) with one batch in host memory
         at a time: the header is made from the batches' shapes and dtypes, their bytes follow in order."""
