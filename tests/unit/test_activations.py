@@ -1,5 +1,5 @@
 """Where the activations between decoder layers live (worker.activations): device, host or disk give the
-same numbers bit for bit (compression, resumed compression, perplexity, a whole job), the disk files
+same numbers bit for bit (compression, resumed and streamed compression, perplexity, a whole job), the disk files
 exist while a walk runs and are gone after it, and "auto" picks by the free memory."""
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from tests.specs import compensation, quant
 from worker.activations import Activations, Placement, choose_placement
 from worker.evaluate import iter_logits, perplexity
 from worker.memory import GiB
+from worker.models import load_model
 from worker.plan import CompressionPlan
 from worker.resume import LayerCheckpoints
 from worker.sequential import compress_model, walk_layers
+from worker.stream import StreamedLayers
 
 CPU = torch.device("cpu")
 GPTQ3 = quant(method="gptq", bits=3, group_size=32)
@@ -108,6 +110,23 @@ def test_a_run_resumed_with_the_disk_placement_ends_where_an_undisturbed_one_doe
                                 resume=resume, activations=disk)
         assert_same_run(model, result, reference_model, reference)
         assert batch_files(disk.folder) == []
+
+
+@pytest.mark.parametrize("where", ["device", "disk"])
+def test_a_streamed_run_with_each_placement_is_the_whole_models(where, tiny_model_dir, calibration_windows, tmp_path):
+    """A layer source that streams the checkpoint (worker.stream), its activations on the device or the disk:
+    the same reports and perplexities as the whole model with its activations on the host."""
+    plan = PLANS["gptq3 + eora budget (two walks)"]
+    model, _ = load_model(tiny_model_dir)
+    reference = compress_model(model, calibration_windows, plan, CPU, batch_size=3)
+    source = StreamedLayers(tiny_model_dir, tmp_path / "store", torch.float32)
+    placement = Placement(where, tmp_path / "scratch")
+    result = compress_model(source, calibration_windows, plan, CPU, batch_size=3, activations=placement)
+    assert [(m.name, m.error_before, m.error_after, m.rank) for m in result.modules.values()] == [
+        (m.name, m.error_before, m.error_after, m.rank) for m in reference.modules.values()]
+    assert perplexity(source, calibration_windows, CPU, placement=placement) == perplexity(model, calibration_windows,
+                                                                                          CPU)
+    assert batch_files(tmp_path / "scratch") == []
 
 
 def test_every_placement_evaluates_to_the_same_perplexity(tiny_llama, calibration_windows, tmp_path):
