@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     # The dtype weights and activations are computed in; "auto" = the checkpoint's own. Gram matrices
     # and decompositions stay fp32/fp64 whatever this is.
     compute_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # Where the calibration activations between decoder layers live (worker.activations): on the compute
+    # device, in host memory, or spilled to files in the job's work folder; "auto" = the device when they
+    # and one layer's working set fit its free memory, else the host when they fit its available memory
+    # with a margin, else the disk. The numbers are the same wherever they live.
+    activations: Literal["auto", "device", "host", "disk"] = "auto"
     # s3://bucket/prefix: layer checkpoints are also kept there, so a worker on another machine resumes.
     checkpoint_s3_uri: str | None = None
 

@@ -19,9 +19,9 @@ import time
 import torch
 
 from bench import common
+from worker.activations import capture_layer_inputs
 from worker.models import get_architecture
 from worker.plan import CompressionPlan
-from worker.sequential import capture_layer_inputs
 
 
 @torch.no_grad()

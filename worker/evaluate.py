@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.activations import HOST, Placement
 from worker.sequential import LayerSource, layer_source, walk_layers
 
 
 @torch.no_grad()
 def iter_logits(
     model: nn.Module | LayerSource, windows: Tensor, device: torch.device, batch_size: int = 8,
-    head_batch: int | None = None,
+    head_batch: int | None = None, placement: Placement = HOST,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(window batch (b, L), logits (b, L, vocab) fp32 on device) per batch of windows.
 
@@ -23,11 +24,12 @@ def iter_logits(
     time on the device; the final norm and lm_head (with a tied embedding, that weight too) are
     materialised, and visit the device, only while logits are computed. head_batch: logits for that
     many windows at a time (b <= head_batch), since (b, L, vocab) is the largest tensor of a
-    small model's evaluation (SmolLM2, 8 x 512 windows: 805 MB); None = batch_size.
+    small model's evaluation (SmolLM2, 8 x 512 windows: 805 MB); None = batch_size. placement: where
+    the activations between layers live (worker.activations).
     """
     source = layer_source(model)
-    final_hidden = walk_layers(source, windows, device, batch_size)  # per batch (b, L, hidden), CPU
-    with source.parts("final_norm", "lm_head"):
+    final_hidden = walk_layers(source, windows, device, batch_size, placement)  # per batch (b, L, hidden)
+    with final_hidden, source.parts("final_norm", "lm_head"):
         head = [source.arch.module(source.model, "final_norm"), source.arch.module(source.model, "lm_head")]
         for module in head:
             module.to(device)
@@ -41,14 +43,15 @@ def iter_logits(
                 module.to("cpu")
 
 
-def perplexity(model: nn.Module | LayerSource, windows: Tensor, device: torch.device, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module | LayerSource, windows: Tensor, device: torch.device, batch_size: int = 8,
+               placement: Placement = HOST) -> float:
     """exp(mean token NLL): every window predicts its tokens 1..L-1 from the tokens before them.
 
     The NLL is summed window by window (fp32 within a window, fp64 across), with one window's logits
     in memory at a time."""
     nll = 0.0
     predicted = 0
-    for window, logits in iter_logits(model, windows, device, batch_size, head_batch=1):
+    for window, logits in iter_logits(model, windows, device, batch_size, head_batch=1, placement=placement):
         targets = window[:, 1:].to(device)  # (1, L-1)
         predicting = logits[:, :-1].reshape(-1, logits.shape[-1])  # a copy: (L-1, vocab)
         del logits  # at most two (1, L, vocab) tensors live at once (with cross_entropy's log-softmax)

@@ -4,7 +4,8 @@ before any weight is read so that a job this worker cannot hold fails at once wi
 These are lower bounds, not predictions of the peak. Streamed (Settings.stream_layers, the default;
 worker.stream): the host holds one decoder layer twice while it is compressed (original and
 compressed weights), the embeddings or the head while they are used, and the calibration
-activations between layers; nothing grows with the number of layers. Whole-model (stream_layers
+activations between layers (unless Settings.activations puts them on the device or may spill them
+to disk: worker.activations); nothing grows with the number of layers. Whole-model (stream_layers
 off): the whole model in the compute dtype plus the activations (peak RSS measured at about 3.3x the
 fp32 model on SmolLM2, most of it from loading). Either way the device holds one decoder layer, one
 batch of its activations and the layer's fp64 Gram matrices. A job is refused only when even this
@@ -49,23 +50,32 @@ def parameter_counts(config) -> tuple[int, int]:
     return embeddings + layers * layer + hidden, layer
 
 
+def activation_bytes(config, num_samples: int, seq_len: int, dtype_bytes: int = FP32) -> int:
+    """The calibration activations between two decoder layers: (num_samples, seq_len, hidden)."""
+    return num_samples * seq_len * config.hidden_size * dtype_bytes
+
+
 def minimum_need(config, num_samples: int, seq_len: int, batch_size: int, on_cpu: bool, streamed: bool = False,
-                 dtype_bytes: int = FP32) -> MemoryNeed:
+                 dtype_bytes: int = FP32, activations: str = "host") -> MemoryNeed:
     """The least this job holds: on the host the model (whole, or streamed: its largest decoder layer,
     original and compressed, and the embeddings) and the calibration activations, in the compute dtype
     (dtype_bytes per number); on the device one decoder layer, one batch of activations and the layer's
     fp64 Grams (at least the MLP's input and the down projection's). On the CPU both on the host, the
-    layer counted once when streamed (the device's layer is the host's)."""
+    layer counted once when streamed (the device's layer is the host's). activations (Settings.activations):
+    where the activations are counted: "host", "device" (the host on the CPU), or nowhere for "disk" and
+    "auto" (which can always spill them to disk)."""
     params, layer = parameter_counts(config)
     hidden, inter = config.hidden_size, config.intermediate_size
     name = {FP32: "fp32", 2: "16-bit"}.get(dtype_bytes, f"{dtype_bytes} bytes")
-    activations = {f"calibration activations ({name})": num_samples * seq_len * hidden * dtype_bytes}
+    held = {f"calibration activations ({name})": activation_bytes(config, num_samples, seq_len, dtype_bytes)}
+    on_host = held if activations == "host" or (activations == "device" and on_cpu) else {}
     if streamed:
         host = {f"one decoder layer, original and compressed ({name})": 2 * layer * dtype_bytes,
-                f"embeddings ({name})": config.vocab_size * hidden * dtype_bytes, **activations}
+                f"embeddings ({name})": config.vocab_size * hidden * dtype_bytes, **on_host}
     else:
-        host = {f"model ({name})": params * dtype_bytes, **activations}
-    device = {f"one decoder layer ({name})": layer * dtype_bytes,
+        host = {f"model ({name})": params * dtype_bytes, **on_host}
+    on_device = held if activations == "device" and not on_cpu else {}
+    device = {**on_device, f"one decoder layer ({name})": layer * dtype_bytes,
               f"one batch of activations ({name})": min(batch_size, num_samples) * seq_len * max(hidden, inter)
               * dtype_bytes,
               "Gram matrices (fp64)": (hidden * hidden + inter * inter) * FP64}
@@ -123,7 +133,7 @@ def refusal(need: MemoryNeed, host_free: int | None, device_free: int | None, de
 
 
 def check_memory(model_dir: Path, spec, device, batch_size: int = 8, streamed: bool = False,
-                 dtype_bytes: int = FP32) -> None:
+                 dtype_bytes: int = FP32, activations: str = "host") -> None:
     """Refuse (JobFailure), from the model's config alone, a job whose minimum memory does not fit this
     worker; a folder without a readable config is left to load_model's own message."""
     import torch
@@ -134,7 +144,8 @@ def check_memory(model_dir: Path, spec, device, batch_size: int = 8, streamed: b
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         need = minimum_need(config, spec.calibration.num_samples, spec.calibration.seq_len, batch_size,
-                            on_cpu=device.type == "cpu", streamed=streamed, dtype_bytes=dtype_bytes)
+                            on_cpu=device.type == "cpu", streamed=streamed, dtype_bytes=dtype_bytes,
+                            activations=activations)
     except (OSError, ValueError, AttributeError, TypeError):
         return
     device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

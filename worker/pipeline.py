@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import SecretStr
@@ -25,6 +25,9 @@ from app.jobs.spec import Compensation, JobSpec, Quantization, RankBudget, Spars
 from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.errors import JobFailure
+
+if TYPE_CHECKING:
+    from worker.activations import Placement
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +280,8 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         from worker.memory import check_memory
 
         check_memory(resolved.path, spec, device, streamed=settings.stream_layers,
-                     dtype_bytes=4 if dtype is None else dtype.itemsize)  # "auto": at most fp32
+                     dtype_bytes=4 if dtype is None else dtype.itemsize,  # "auto": at most fp32
+                     activations=settings.activations)
     try:
         if settings.stream_layers:
             model = StreamedLayers(resolved.path, scratch, dtype)
@@ -302,6 +306,8 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         reporter.event("calibration", note, level="warning")
     reporter.progress("calibration", 5.0, layer=0, layers=n_layers,
                       message=f"calibration {tuple(calibration.shape)} tokens, evaluation {tuple(evaluation.shape)}")
+    placement, activations_bytes = _place_activations(settings, skeleton, calibration, evaluation, device, scratch,
+                                                      reporter)
     reporter.check_cancelled()
 
     plan = compression_plan(spec, settings.max_rank)
@@ -315,7 +321,7 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
     if resume is not None and "perplexity_before" in resume.meta:
         ppl_before = resume.meta["perplexity_before"]
     else:
-        ppl_before = perplexity(model, evaluation, device)
+        ppl_before = perplexity(model, evaluation, device, placement=placement)
     timings["eval_before_s"] = time.perf_counter() - t0
     reporter.progress("evaluating", 10.0, layer=0, layers=n_layers, message=f"perplexity before: {ppl_before:.4f}")
     reporter.check_cancelled()
@@ -340,13 +346,13 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
 
     t0 = time.perf_counter()
     result = compress_model(model, calibration, plan, device, on_layer=on_layer, on_module=reporter.check_cancelled,
-                            checkpoints=checkpoints, resume=resume)
+                            checkpoints=checkpoints, resume=resume, activations=placement)
     timings["compress_s"] = time.perf_counter() - t0
     for note in result.notes:
         reporter.event("compress", note, level="warning")
 
     t0 = time.perf_counter()
-    ppl_after = perplexity(model, evaluation, device)
+    ppl_after = perplexity(model, evaluation, device, placement=placement)
     timings["eval_after_s"] = time.perf_counter() - t0
     reporter.progress("evaluating", 90.0, layer=n_layers, layers=n_layers, message=f"perplexity after: {ppl_after:.4f}")
     reporter.check_cancelled()
@@ -395,6 +401,7 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         "memory": {"streamed": settings.stream_layers, "compute_dtype": str(reference.dtype).removeprefix("torch."),
                    "calibration_activations_bytes": calibration.numel() * skeleton.config.hidden_size
                    * reference.dtype.itemsize,
+                   "activations": placement.where, "activations_bytes": activations_bytes,
                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "model_revision": resolved.revision,
         "data": data_info,
@@ -408,6 +415,24 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
     artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
                  "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
+
+
+def _place_activations(settings: Settings, skeleton, calibration: torch.Tensor, evaluation: torch.Tensor,
+                       device: torch.device, scratch: Path, reporter: Reporter) -> tuple[Placement, int]:
+    """Where the job's activations between layers live (Settings.activations, decided once for every walk
+    from the larger of the calibration and evaluation sets) and their size in bytes, said in an event."""
+    from worker.activations import Placement, decide_placement
+    from worker.memory import GiB
+
+    largest = max(calibration, evaluation, key=torch.Tensor.numel)
+    dtype_bytes = next(skeleton.parameters()).element_size()  # the compute dtype (streamed: on meta)
+    where, size, why = decide_placement(settings.activations, skeleton.config, *largest.shape, device=device,
+                                        streamed=settings.stream_layers, dtype_bytes=dtype_bytes)
+    where_said = {"device": f"on {device}", "host": "in host memory", "disk": "on disk, in the job's work folder"}
+    reporter.event("calibration", f"activations between layers: {size / GiB:.3f} GiB ({size:,} bytes, the larger "
+                                  f"of calibration and evaluation), kept {where_said[where]} ({why})",
+                   data={"activations": where, "activations_bytes": size})
+    return Placement(where, scratch / "activations"), size
 
 
 def layer_summary(report) -> dict[str, Any]:

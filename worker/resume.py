@@ -32,14 +32,17 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from worker.activations import Activations
 from worker.checkpoint_store import ATTEMPT_PREFIX, S3CheckpointStore
 from worker.compression.adapters import LowRankAdapter, QuantizedFactor
 from worker.compression.quantize import QuantizedWeight
@@ -68,11 +71,9 @@ class ResumePoint:
     def layer_tensors(self, index: int) -> dict[str, Tensor]:
         return load_file(self.folder / self.layers[index])
 
-    def hidden(self) -> list[Tensor] | None:
-        if self.inputs is None:
-            return None
-        tensors = load_file(self.folder / self.inputs)
-        return [tensors[f"hidden.{b}"] for b in range(len(tensors))]
+    def hidden(self) -> Iterator[Tensor] | None:
+        """The inputs of layer `done`, per batch, read one batch at a time; None when the walk is complete."""
+        return None if self.inputs is None else _read_batches(self.folder / self.inputs)
 
 
 def open_checkpoints(job_id, spec, settings, attempt: int | None, plan, device: torch.device,
@@ -133,7 +134,7 @@ class LayerCheckpoints:
             self.store.clear(keep=self.attempt)
         return resume
 
-    def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: list[Tensor] | None,
+    def save(self, walk: str, index: int, tensors: dict[str, Tensor], inputs: Activations | None,
              run: dict[str, Any]) -> None:
         """Commit layer `index` of `walk` as finished, with the inputs of the next layer (None after the last).
         Raises LostOwnership when a newer attempt took this attempt's folder over."""
@@ -144,7 +145,7 @@ class LayerCheckpoints:
         inputs_file = None
         if inputs is not None:
             inputs_file = f"{walk}-inputs-{index + 1}.safetensors"
-            _save_tensors(self.folder / inputs_file, {f"hidden.{b}": h for b, h in enumerate(inputs)})
+            _written(self.folder / inputs_file, inputs.write)  # keys hidden.<batch>, one batch in memory at a time
         superseded = {self._layers.get(index), self._inputs} - {layer_file, inputs_file, None}
         self._layers[index] = layer_file
         self._inputs = inputs_file
@@ -219,9 +220,20 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    _written(path, lambda tmp: save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _written(path: Path, write: Callable[[Path], None]) -> None:
+    """write(a temporary path), then renamed to path: a crash leaves the old file or none."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _read_batches(path: Path) -> Iterator[Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        for b in range(len(f.keys())):
+            yield f.get_tensor(f"hidden.{b}")
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -1,7 +1,8 @@
 """The sequential pipeline: the one owner of the decoder-layer loop and of the statistics hooks.
 
-Only one decoder layer sits on the compute device at a time; the activations between layers stay on
-CPU in the model's dtype, one tensor (batch, seq_len, hidden) per batch of windows.
+Only one decoder layer sits on the compute device at a time; the activations between layers (one
+tensor (batch, seq_len, hidden) per batch of windows, in the model's dtype) live on the device, the
+host or the disk, as the run's placement says (worker.activations).
 
 How a decoder layer is called directly: the inputs of every layer are recorded from the base
 model's own forward (each layer temporarily replaced by an identity recorder), so a layer later
@@ -27,15 +28,15 @@ gate/up of the same layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from time import perf_counter
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from worker.activations import CPU, HOST, Activations, LayerInputs, Placement, capture_layer_inputs, forward_layer
 from worker.compression.eora import Eigenspace
 from worker.compression.gram import accumulate_gram
 from worker.compression.ranks import (
@@ -62,73 +63,6 @@ from worker.resume import LayerCheckpoints, ResumePoint, module_tensors, report_
 from worker.stream import ModelLayers, StreamedLayers
 
 LayerSource = ModelLayers | StreamedLayers
-
-
-@dataclass
-class LayerInputs:
-    """The current decoder layer's inputs, per batch of windows, on CPU."""
-
-    hidden: list[Tensor]  # per batch (b, seq_len, hidden) in the model dtype
-    layer_kwargs: list[list[dict]]  # [batch][layer] keyword arguments the base model passes the layer
-
-
-class _InputRecorder(nn.Module):
-    """Stands in for a decoder layer while inputs are captured: records its call, returns its input."""
-
-    def __init__(self, calls: list[dict]):
-        super().__init__()
-        self.calls = calls
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        if args:
-            raise TypeError("decoder layers are expected to take everything but hidden_states by keyword")
-        self.calls.append({"hidden_states": hidden_states, **kwargs})
-        return hidden_states
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, arch: Architecture, windows: Tensor, batch_size: int) -> LayerInputs:
-    """Layer 0's inputs and every layer's keyword arguments, from the base model's forward on CPU.
-
-    The decoder layers are swapped for identity recorders, so this costs the embeddings, masks,
-    rotary embeddings and final norm only (no lm_head).
-    """
-    layers = arch.decoder_layers(model)
-    base_model = arch.module(model, "base_model")
-    calls: list[list[dict]] = [[] for _ in layers]
-    originals = list(layers)
-    try:
-        for i in range(len(layers)):
-            layers[i] = _InputRecorder(calls[i])
-        for batch in windows.split(batch_size):
-            base_model(input_ids=batch, use_cache=False)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-    hidden = [call.pop("hidden_states") for call in calls[0]]
-    for per_layer in calls[1:]:
-        for call in per_layer:
-            call.pop("hidden_states")
-    layer_kwargs = [[calls[layer][b] for layer in range(len(layers))] for b in range(len(hidden))]
-    return LayerInputs(hidden=hidden, layer_kwargs=layer_kwargs)
-
-
-@torch.no_grad()
-def forward_layer(layer: nn.Module, inputs: LayerInputs, index: int, device: torch.device, keep_outputs: bool) -> None:
-    """Run every batch through decoder layer `index` (already on device).
-
-    keep_outputs: replace inputs.hidden by the layer's outputs (propagation); otherwise the forward
-    only feeds whatever hooks are registered.
-    """
-    for b, hidden in enumerate(inputs.hidden):
-        kwargs = _to_device(inputs.layer_kwargs[b][index], device, {})
-        out = layer(hidden.to(device), **kwargs)
-        if isinstance(out, tuple):
-            out = out[0]
-        if keep_outputs:
-            if not torch.isfinite(out).all():
-                raise FloatingPointError(f"decoder layer {index} produced non-finite activations")
-            inputs.hidden[b] = out.to("cpu")
 
 
 class _Grams(NamedTuple):
@@ -181,21 +115,24 @@ def layer_source(model: nn.Module | LayerSource) -> LayerSource:
     return model if isinstance(model, (ModelLayers, StreamedLayers)) else ModelLayers(model)
 
 
-def capture_inputs(source: LayerSource, windows: Tensor, batch_size: int) -> LayerInputs:
+def capture_inputs(source: LayerSource, windows: Tensor, batch_size: int, placement: Placement = HOST,
+                   device: torch.device = CPU) -> LayerInputs:
     """capture_layer_inputs with the embeddings and final norm materialised meanwhile."""
     source.model.eval()
     with source.parts("embed_tokens", "final_norm"):
-        return capture_layer_inputs(source.model, source.arch, windows, batch_size)
+        return capture_layer_inputs(source.model, source.arch, windows, batch_size, placement, device)
 
 
 def walk_layers(model: nn.Module | LayerSource, windows: Tensor, device: torch.device,
-                batch_size: int = 8) -> list[Tensor]:
-    """The last decoder layer's outputs per batch (on CPU), one layer on the device at a time."""
+                batch_size: int = 8, placement: Placement = HOST) -> Activations:
+    """The last decoder layer's outputs per batch (where placement keeps them; the caller closes them),
+    one layer on the device at a time."""
     source = layer_source(model)
-    inputs = capture_inputs(source, windows, batch_size)
-    for index in range(len(source)):
-        with source.layer(index) as layer, _on_device(layer, device):
-            forward_layer(layer, inputs, index, device, keep_outputs=True)
+    inputs = capture_inputs(source, windows, batch_size, placement, device)
+    with _closed_on_error(inputs.hidden):
+        for index in range(len(source)):
+            with source.layer(index) as layer, _on_device(layer, device):
+                forward_layer(layer, inputs, index, device, keep_outputs=True)
     return inputs.hidden
 
 
@@ -209,6 +146,7 @@ def compress_model(
     on_module: Callable[[], None] | None = None,
     checkpoints: LayerCheckpoints | None = None,
     resume: ResumePoint | None = None,
+    activations: Placement = HOST,
 ) -> CompressionResult:
     """Compress (and compensate) every decoder Linear in place, layer by layer; see the module doc.
 
@@ -219,9 +157,10 @@ def compress_model(
     Linear) may raise to cancel; the exception propagates and the model is left partly compressed.
     checkpoints: each finished layer is committed there (worker.resume); resume: a committed state of
     an earlier attempt of the same run, whose finished layers are restored instead of recomputed.
+    activations: where the activations between layers live (worker.activations).
     """
     run = _Run(model, windows, plan, device, on_layer, batch_size)
-    run.on_module, run.checkpoints = on_module, checkpoints
+    run.on_module, run.checkpoints, run.placement = on_module, checkpoints, activations
     return run.execute(resume)
 
 
@@ -250,6 +189,7 @@ class _Run:
         self.records: dict[str, dict] = {}  # report_record of every finished module, by full name
         self.on_module: Callable[[], None] | None = None
         self.checkpoints: LayerCheckpoints | None = None
+        self.placement = HOST
 
     @torch.no_grad()
     def execute(self, resume: ResumePoint | None = None) -> CompressionResult:
@@ -269,15 +209,21 @@ class _Run:
         return self.result
 
     def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]], first: int = 0,
-              hidden: list[Tensor] | None = None) -> None:
+              hidden: Iterable[Tensor] | None = None) -> None:
         """Layers first.. of one walk; hidden: the inputs of layer `first` (restored from a checkpoint)."""
         if first >= len(self.layers):
             return
         start = perf_counter()
-        inputs = capture_inputs(self.source, self.windows, self.batch_size)
-        if hidden is not None:
-            inputs.hidden = hidden
-        self.result.calibration_seconds += perf_counter() - start
+        inputs = capture_inputs(self.source, self.windows, self.batch_size, self.placement, self.device)
+        with inputs.hidden:
+            if hidden is not None:
+                inputs.hidden.overwrite(hidden)
+            self.result.calibration_seconds += perf_counter() - start
+            self._walk_from(stage, process, first, inputs)
+
+    def _walk_from(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]], first: int,
+                   inputs: LayerInputs) -> None:
+        """Layers first.. of one walk, from their inputs."""
         for index in range(first, len(self.layers)):
             with self.source.layer(index) as layer:
                 self._reload_stored(index)
@@ -535,7 +481,7 @@ class _Run:
                 "notes": list(result.notes), "step": self.step, "capped": self.capped, "short": self.short,
                 "objective_norms": self.objective_norms, "ranks": self.ranks}
 
-    def _restore(self, resume: ResumePoint) -> tuple[str, int, list[Tensor] | None]:
+    def _restore(self, resume: ResumePoint) -> tuple[str, int, Iterable[Tensor] | None]:
         """Put an earlier attempt's finished layers back; (walk, first layer to compute, its inputs)."""
         run = resume.run
         for name, seconds in run["seconds"].items():
@@ -583,6 +529,16 @@ def _sparsity_pattern(spec: SparsitySpec | None) -> str | None:
 
 
 @contextmanager
+def _closed_on_error(activations: Activations):
+    """Activations freed (their files removed) when the walk making them fails."""
+    try:
+        yield activations
+    except BaseException:
+        activations.close()
+        raise
+
+
+@contextmanager
 def _on_device(module: nn.Module, device: torch.device):
     module.to(device)
     try:
@@ -590,16 +546,3 @@ def _on_device(module: nn.Module, device: torch.device):
     finally:
         module.to("cpu")
 
-
-def _to_device(obj, device: torch.device, memo: dict):
-    """Tensors inside (nested) kwargs moved to device; a tensor shared between entries moves once."""
-    if isinstance(obj, Tensor):
-        key = id(obj)
-        if key not in memo:
-            memo[key] = obj.to(device)
-        return memo[key]
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, memo) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(v, device, memo) for v in obj)
-    return obj

@@ -41,6 +41,23 @@ def test_the_minimum_counts_the_fp32_model_the_activations_and_one_layer():
     assert on_cpu.device == {} and on_cpu.host_bytes == need.host_bytes + need.device_bytes
 
 
+def test_the_minimum_counts_the_activations_where_the_setting_puts_them():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    activations = {"calibration activations (fp32)": 4 * 16 * 32 * 64}
+
+    def need(where: str, on_cpu: bool = False) -> MemoryNeed:
+        return minimum_need(config, num_samples=16, seq_len=32, batch_size=8, on_cpu=on_cpu, activations=where)
+
+    host = need("host")
+    on_device = need("device")
+    assert on_device.host_bytes == host.host_bytes - 4 * 16 * 32 * 64
+    assert on_device.device == {**activations, **host.device}
+    for where in ("disk", "auto"):  # auto can always spill them to disk
+        assert need(where).host_bytes == on_device.host_bytes and need(where).device == host.device
+    assert need("device", on_cpu=True) == need("host", on_cpu=True)  # on the CPU the device is the host
+
+
 def test_refusal_names_what_does_not_fit():
     need = MemoryNeed(host={"model (fp32)": 3 * GiB}, device={"one decoder layer (fp32)": 2 * GiB})
     assert refusal(need, host_free=4 * GiB, device_free=None, device="cpu") is None

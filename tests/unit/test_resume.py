@@ -12,9 +12,9 @@ import torch
 
 import worker.resume as resume_module
 from tests.interrupts import Stop, stop_after
+from tests.same_run import assert_same_run
 from tests.specs import compensation, quant, sparsity
 from worker.errors import LostOwnership
-from worker.linear_compress import CompensatedLinear
 from worker.plan import CompressionPlan
 from worker.resume import STATE_NAME, LayerCheckpoints
 from worker.sequential import compress_model
@@ -30,39 +30,6 @@ PLANS = {
     "rtn4 + svd r512 (capped, with notes)": CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32),
                                                             compensation=compensation(method="svd", rank=512)),
 }
-
-
-def assert_same_run(model, result, reference_model, reference):
-    """Every tensor of the models and every field of the results equal, bit for bit."""
-    state, expected = model.state_dict(), reference_model.state_dict()
-    assert state.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(state[name], tensor), name
-    assert list(result.modules) == list(reference.modules)  # the manifest lists modules in this order
-    for name, ref in reference.modules.items():
-        got = result.modules[name]
-        for field in ("shape", "sparsity", "zero_fraction", "error_before", "error_after", "rank", "adapter_params",
-                      "adapter_bytes"):
-            assert getattr(got, field) == getattr(ref, field), (name, field)
-        assert (got.quantized is None) == (ref.quantized is None), name
-        if ref.quantized is not None:
-            for part in ("codes", "scales", "zeros", "weight"):
-                assert torch.equal(getattr(got.quantized, part), getattr(ref.quantized, part)), (name, part)
-            assert (got.quantized.group_size, got.quantized.bits) == (ref.quantized.group_size, ref.quantized.bits)
-            # the export reads the codes' weight: it must be the model's own (restored) weight
-            module = model.get_submodule(name)
-            assert got.quantized.weight.data_ptr() == getattr(module, "base", module).weight.data_ptr()
-    assert result.notes == reference.notes
-    assert result.budget_params == reference.budget_params
-    for name, module in reference_model.named_modules():
-        if isinstance(module, CompensatedLinear):
-            got = model.get_submodule(name)
-            assert isinstance(got, CompensatedLinear), name
-            assert (got.quantized is None) == (module.quantized is None)
-            if module.quantized is not None:
-                for got_factor, ref_factor in zip(got.quantized, module.quantized, strict=True):
-                    assert torch.equal(got_factor.codes, ref_factor.codes)
-                    assert torch.equal(got_factor.scales, ref_factor.scales)
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))

@@ -12,6 +12,7 @@ import torch
 
 from tests.fixtures_models import SAMPLE_DOCS, build_tiny_model
 from tests.interrupts import Stop, stop_after
+from tests.same_run import same_files
 from tests.specs import compensation, quant, sparsity
 from worker.evaluate import perplexity
 from worker.export import ExportError, export_model, reference_logits, verify_export, verify_export_streamed
@@ -51,22 +52,6 @@ def model_dirs(tmp_path_factory, tiny_tokenizer):
         tiny_tokenizer.save_pretrained(folder)
         folders[family] = folder
     return folders
-
-
-def same_files(a, b) -> None:
-    """Every file of two artifact folders equal byte for byte (squeeze.json: but its creation time; the
-    destination's owner file names its job)."""
-    def files(root):
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
-                      and p.name != ".squeeze-owner.json")
-
-    names = files(a)
-    assert names == files(b)
-    for name in names:
-        left, right = (a / name).read_bytes(), (b / name).read_bytes()
-        if name == "squeeze.json":
-            left, right = ({k: v for k, v in json.loads(x).items() if k != "created_at"} for x in (left, right))
-        assert left == right, name
 
 
 @pytest.mark.parametrize("family", ["llama_tied", "llama", "mistral", "gemma3"])
