@@ -340,11 +340,11 @@ class _Run:
                 refine_errors = []
                 if plan.compensates and plan.compensation.refine:  # fixed rank: the job spec's rule
                     rank = min(plan.compensation.rank, rank_cap(*original.shape))
-                    compressed, refine_errors = compress_jointly(original, gram, plan.quant, plan.sparsity,
+                    compressed, refine_errors = compress_jointly(original, gram, plan.quant_for(name), plan.sparsity,
                                                                  plan.compensation, rank, name,
                                                                  group_grams.compensate, group_grams.space)
                 else:
-                    compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
+                    compressed = compress_weight(original, gram, plan.quant_for(name), plan.sparsity, name)
                 residual = original.float() - compressed.weight.float()  # (d_out, d_in) fp32
                 stats_start = perf_counter()
                 report = ModuleReport(
