@@ -17,6 +17,8 @@ class CompressionPlan:
     # Mixed precision: full Linear name ("model.layers.0.mlp.down_proj") -> its own quantizer, in place
     # of `quant` for that module; the modules not named here use `quant`.
     module_quant: Mapping[str, QuantSpec] = field(default_factory=dict)
+    # Per-module adapter ranks (0 = no adapter), in place of compensation.rank for the modules named.
+    module_rank: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Invariants only; the rules a user sees (and their messages) live in app/jobs/spec.py and, for
@@ -24,6 +26,9 @@ class CompressionPlan:
         if self.module_quant and self.quant is None:
             raise ValueError("per-module quantizers need a plan that quantizes (quant is None)")
         spec = self.compensation
+        if self.module_rank and (spec is None or spec.rank is None
+                                 or not all(0 <= r <= spec.max_rank for r in self.module_rank.values())):
+            raise ValueError("per-module ranks need a fixed-rank compensation and ranks in 0..max_rank")
         if spec is None or spec.method == "none":
             return
         if not self.compresses:
@@ -36,6 +41,10 @@ class CompressionPlan:
     def quant_for(self, name: str) -> QuantSpec | None:
         """The quantizer of the Linear with full dotted name `name`."""
         return self.module_quant.get(name, self.quant)
+
+    def rank_for(self, name: str) -> int:
+        """The adapter rank of the Linear `name` (fixed-rank plans)."""
+        return self.module_rank.get(name, self.compensation.rank)
 
     @property
     def compresses(self) -> bool:
