@@ -11,7 +11,9 @@ says it matters, and turn the choice into a CompressionPlan with per-module quan
    d_out) E||dy||^2: the weight of module m is the mean squared loss gradient per output coordinate,
    measured by one backward pass of the calibration windows through the original model, and E||dy||^2
    is what worker.candidates measures, tr(dW S dW^T). Unlike equal weights, this counts that an error in
-   an early layer's down_proj moves the loss more than the same error in a late q_proj.
+   an early layer's down_proj moves the loss more than the same error in a late q_proj (on the tiny test
+   model the weights span three decades). A streamed model has no whole-model backward pass: its Linears
+   weigh the same, and the job says so (TargetPlan.sensitivity_kind).
 3. Error curves: one walk over the original model's layers (inputs from the uncompressed layers before:
    an approximation, the compression run itself is sequential), every option of every Linear measured
    (worker.candidates.measure_options; with the quantizers' method replaced by `measure_with`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -34,14 +37,12 @@ from worker.candidates import Option, measure_options
 from worker.compression.allocate import Allocation, Candidate, allocate
 from worker.compression.ranks import rank_cap
 from worker.compression.specs import QuantSpec
-from worker.export.adapter import VLLM_LORA_RANKS
-from worker.export.manifest import VLLM_FUSED, VLLM_WNA16_BITS
+from worker.engines import VLLM_FUSED, VLLM_LORA_RANKS, VLLM_WNA16_BITS
 from worker.export.sizes import pack_quantized_bytes
 from worker.linear_compress import adapter_served_bytes, adapter_size, compensation_eigenspace
 from worker.models import decoder_linears
 from worker.plan import CompressionPlan
-from worker.sequential import capture_inputs, forward_layer, gram_hooks
-from worker.stream import ModelLayers
+from worker.sequential import LayerSource, capture_inputs, forward_layer, gram_hooks, layer_source
 
 
 class TargetError(ValueError):
@@ -73,6 +74,7 @@ class TargetPlan:
     allocation: Allocation
     chosen: dict[str, Option]
     sensitivity: dict[str, float]
+    sensitivity_kind: Literal["fisher", "uniform"]  # uniform: a streamed model (no whole-model backward pass)
 
     @property
     def bits_per_weight(self) -> float:
@@ -80,21 +82,23 @@ class TargetPlan:
         return 8 * self.allocation.bytes / self.weights
 
 
-def plan_for_target(model: nn.Module, windows: Tensor, base: CompressionPlan, target: SizeTarget,
+def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget,
                     device: torch.device, batch_size: int = 8) -> TargetPlan:
     """The plan meeting `target` with the least predicted loss increase; see the module doc.
 
     base: the job's quantizer (its method, symmetry, damp, order; bits and group size are chosen here),
-    sparsity and compensation (method, damp, adapter bits; its rank is chosen here). The model is held
-    whole and in eval mode; it is left unchanged.
+    sparsity and compensation (method, damp, adapter bits; its rank is chosen here). model: held whole
+    (in eval mode), or a streamed layer source, whose Linears all weigh the same (no backward pass
+    through the whole model); either is left unchanged. The plan's `quant` is the quantizer most
+    Linears got, module_quant the others'; with compensation every Linear's rank is in module_rank.
     """
     if base.quant is None or base.module_quant or base.module_rank:
         raise ValueError("a size target needs a base plan with one quantizer and no per-module choices")
     served = target.engine == "vllm"
     if served and base.compensates and base.compensation.adapter_bits is not None:
         raise TargetError("vLLM loads fp16 adapters: adapter_bits does not fit engine 'vllm'")
-    source = ModelLayers(model)
-    linears = decoder_linears(model, source.arch)
+    source = layer_source(model)
+    linears = decoder_linears(source.model, source.arch)
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
     scale_bytes = next(iter(linears.values())).weight.element_size()  # scales are stored in the model dtype
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
@@ -107,7 +111,10 @@ def plan_for_target(model: nn.Module, windows: Tensor, base: CompressionPlan, ta
                           f"stores {8 * smallest / weights:.4f} bits per weight ({smallest:,} bytes over {weights:,} "
                           "Linear weights)")
 
-    sensitivity = output_sensitivity(model, source.arch, windows, batch_size)
+    if source.streamed:
+        kind, sensitivity = "uniform", dict.fromkeys(linears, 1.0)
+    else:
+        kind, sensitivity = "fisher", output_sensitivity(source.model, source.arch, windows, batch_size)
     options = _measure(source, windows, base, target, device, batch_size, served)
     candidates, members = {}, {}
     for unit in units:
@@ -117,15 +124,16 @@ def plan_for_target(model: nn.Module, windows: Tensor, base: CompressionPlan, ta
     chosen = {}
     for key, index in allocation.choice.items():
         chosen.update(members[key][index])
-    module_quant = {name: replace(option.quant, method=base.quant.method) for name, option in chosen.items()}
-    plan = replace(base, module_quant=module_quant)
+    quants = {name: replace(option.quant, method=base.quant.method) for name, option in chosen.items()}
+    common = Counter(quants.values()).most_common(1)[0][0]  # ties: the first chosen
+    plan = replace(base, quant=common, module_quant={name: q for name, q in quants.items() if q != common})
     if base.compensates:
         ranks = {name: option.rank for name, option in chosen.items()}
         compensation = replace(base.compensation, rank=max(1, *ranks.values()), budget_params=None,
                                budget_fraction=None)
         plan = replace(plan, compensation=compensation, module_rank=ranks)
     return TargetPlan(plan=plan, budget=budget, weights=weights, allocation=allocation, chosen=chosen,
-                      sensitivity=sensitivity)
+                      sensitivity=sensitivity, sensitivity_kind=kind)
 
 
 def output_sensitivity(model: nn.Module, arch, windows: Tensor, batch_size: int) -> dict[str, float]:
@@ -199,7 +207,7 @@ def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, sh
 
 
 @torch.no_grad()
-def _measure(source: ModelLayers, windows: Tensor, base: CompressionPlan, target: SizeTarget, device: torch.device,
+def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget, device: torch.device,
              batch_size: int, served: bool) -> dict[str, list[Option]]:
     """Every option of every decoder Linear, one layer on the device at a time (original weights)."""
     arch, spec = source.arch, base.compensation if base.compensates else None

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from worker.engines import VLLM_FUSED, VLLM_WNA16_BITS
 from worker.export.adapter import (
     ADAPTER_DIR,
     DEQUANTIZE_RECIPE,
@@ -27,9 +28,7 @@ FORMAT_VERSION = 1
 # model, the calibration windows' description with their hash, and the evaluation results.
 REQUIRED_EXTRA = ("job", "model", "calibration", "evaluation")
 LIBRARIES = ("squeeze", "torch", "transformers", "compressed-tensors", "peft", "safetensors")
-VLLM_WNA16_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 scheme: W4A16 and W8A16
 MARLIN_GROUP_SIZES = (None, 32, 64, 128)  # None = per channel
-VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's packed_modules_mapping
 COMPUTED_KEYS = frozenset({"format_version", "created_at", "libraries", "plan", "checkpoint", "adapter", "modules",
                            "serving", "notes", "files"})
 
