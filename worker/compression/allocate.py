@@ -14,8 +14,11 @@ exact search takes the fewest bytes, then the first it formed, modules and candi
   one module's step, not a fraction of the total, and is reported with every allocation.
 - An exact search: modules merged one at a time into the Pareto frontier of partial plans (bytes,
   error), pruned by dominance, by the budget (with the cheapest completion of the modules left) and by
-  the incumbent (the LP plan's error, against the least error the modules left can add). Exact when no
-  module's merge forms more than max_states partial plans; otherwise the LP plan stands, with its gap.
+  the Lagrangian bound at the LP multiplier against the incumbent (the LP plan); candidates whose
+  reduced cost alone exceeds the incumbent's gap are fixed out first. Exact when no module's merge
+  forms more than max_states partial plans; otherwise the LP plan stands, with its certified gap.
+  Measured on synthetic model-sized instances (2 busy CPU cores): 210 modules x 60 candidates exact in
+  under 0.1 s; 120 units x 1200 candidates (vLLM's fused sets) exact in 0.5-16 s.
 Candidates' bytes are exact integers (what the files will hold), so the budget is met exactly.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-MAX_STATES = 2_000_000  # partial plans the exact search may form at one module before the LP plan stands
+MAX_STATES = 500_000  # partial plans the exact search may form at one module before the LP plan stands
 
 
 @dataclass(frozen=True)
@@ -172,22 +175,29 @@ def _exact(names: list[str], costs: dict[str, list[tuple[int, float]]], budget: 
     max_states partial plans. A partial plan (bytes b, error e) of the first k modules survives only if
     it can still fit and its Lagrangian bound e + sum_{j >= k} min_c (e_jc + lam b_jc) - lam (budget - b)
     (a lower bound on any completion, for any lam >= 0; lam = the LP multiplier makes it tightest) does
-    not exceed the incumbent (to rounding). Each level keeps (bytes, error, parent index, candidate)."""
+    not exceed the incumbent (to rounding); candidates are fixed out first by the same bound. Each level
+    keeps (bytes, error, parent index, candidate)."""
+    # Reduced-cost fixing: a candidate whose priced cost e + lam b exceeds its module's least by more than
+    # the gap between the incumbent and the Lagrangian bound is in no plan that beats the incumbent.
+    priced_least = {name: min(e + multiplier * b for b, e in costs[name]) for name in names}
+    lagrangian = sum(priced_least.values()) - multiplier * budget
+    slack = 1e-9 * max(abs(incumbent), 1e-300)
+    kept_options = {name: [i for i, (b, e) in enumerate(costs[name])
+                           if e + multiplier * b - priced_least[name] <= incumbent - lagrangian + slack] for name in names}
     cheapest_rest = [0] * (len(names) + 1)  # least bytes the modules names[k:] can add
     priced_rest = [0.0] * (len(names) + 1)  # sum over names[k:] of min_c (error + multiplier * bytes)
     for k in range(len(names) - 1, -1, -1):
-        options = costs[names[k]]
-        cheapest_rest[k] = cheapest_rest[k + 1] + min(b for b, _ in options)
-        priced_rest[k] = priced_rest[k + 1] + min(e + multiplier * b for b, e in options)
-    slack = 1e-9 * max(abs(incumbent), 1e-300)
+        cheapest_rest[k] = cheapest_rest[k + 1] + min(b for b, _ in costs[names[k]])
+        priced_rest[k] = priced_rest[k + 1] + priced_least[names[k]]
     levels: list[list[tuple[int, float, int, int]]] = [[(0, 0.0, -1, -1)]]
     for k, name in enumerate(names):
         frontier = levels[-1]
-        if len(frontier) * len(costs[name]) > max_states:
+        options = [(i, *costs[name][i]) for i in kept_options[name]]
+        if len(frontier) * len(options) > max_states:
             return None
         rest_bound = priced_rest[k + 1] - multiplier * budget - incumbent - slack  # bound - incumbent, less e + lam b
         merged = [(spent + b, error + e, parent, i) for parent, (spent, error, _, _) in enumerate(frontier)
-                  for i, (b, e) in enumerate(costs[name])
+                  for i, b, e in options
                   if spent + b + cheapest_rest[k + 1] <= budget
                   and error + e + multiplier * (spent + b) + rest_bound <= 0]
         merged.sort()

@@ -115,3 +115,16 @@ def test_bad_inputs_are_refused():
         allocate({"m": []}, {"m": 1.0}, 10)
     with pytest.raises(ValueError, match="must be >= 0"):
         allocate({"m": [Candidate(1, float("nan"))]}, {"m": 1.0}, 10)
+
+
+def test_a_model_sized_instance_is_solved_exactly():
+    """210 modules of 60 candidates (a SmolLM2-sized choice, too large for brute force): the Lagrangian
+    bounds keep the exact search small enough to finish, and its plan is no worse than the LP plan's."""
+    candidates, weights = random_instance(7, modules=210, most=60)
+    low = sum(min(c.bytes for c in options) for options in candidates.values())
+    high = sum(max(c.bytes for c in options) for options in candidates.values())
+    for budget in (low + (high - low) // 5, low + (high - low) // 2):
+        exact = allocate(candidates, weights, budget)
+        lp_plan = allocate(candidates, weights, budget, max_states=0)
+        assert exact.exact and exact.bytes <= budget
+        assert exact.lower_bound - 1e-9 <= exact.error <= lp_plan.error + 1e-12
