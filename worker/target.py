@@ -209,7 +209,8 @@ def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, sh
 @torch.no_grad()
 def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget, device: torch.device,
              batch_size: int, served: bool) -> dict[str, list[Option]]:
-    """Every option of every decoder Linear, one layer on the device at a time (original weights)."""
+    """Every option of every decoder Linear, one layer on the device at a time (original weights). One Gram
+    per input group over every token: compensation.sink_tokens are not left out of the curves' adapters."""
     arch, spec = source.arch, base.compensation if base.compensates else None
     inputs = capture_inputs(source, windows, batch_size)
     options: dict[str, list[Option]] = {}
