@@ -42,13 +42,15 @@ class Option:
 
 def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], sparsity: SparsitySpec | None,
                     compensation: CompensationSpec | None, ranks: Sequence[int], adapter_bits: Sequence[int | None],
-                    name: str, space: Eigenspace | None = None, served_adapters: bool = False) -> list[Option]:
+                    name: str, space: Eigenspace | None = None, served_adapters: bool = False,
+                    compensate_gram: Tensor | None = None) -> list[Option]:
     """Every (quantizer, rank, adapter precision) option of weight (d_out, d_in) under gram (d_in, d_in).
 
     ranks: adapter ranks to try (0 = no adapter; those at or above rank_cap are left out, and a rank
     beyond the error's real directions gives the true, smaller rank once); compensation: the method,
     damp and adapter group size the adapters are made with (its own rank fields are not used), None
-    for no adapters. space: compensation_eigenspace(gram) when the caller has it. served_adapters: count
+    for no adapters. compensate_gram: the Gram the adapters are fitted on when it is not `gram` (sink
+    tokens left out), space: compensation_eigenspace of it when the caller has it. served_adapters: count
     adapters at fp16 whatever they are stored in (engines that hold them so, e.g. vLLM).
     """
     d_out, d_in = weight.shape
@@ -64,7 +66,8 @@ def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], s
         useful = sorted({r for r in ranks if 0 < r <= rank_cap(d_out, d_in)})
         if compensation is None or not useful:
             continue
-        factors = compensation_decomposition(residual, gram, compensation, name, space)
+        fitted_on = gram if compensate_gram is None else compensate_gram
+        factors = compensation_decomposition(residual, fitted_on, compensation, name, space)
         for bits in adapter_bits:
             spec = replace(compensation, adapter_bits=bits)
             seen = set()

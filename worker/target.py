@@ -209,8 +209,8 @@ def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, sh
 @torch.no_grad()
 def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget, device: torch.device,
              batch_size: int, served: bool) -> dict[str, list[Option]]:
-    """Every option of every decoder Linear, one layer on the device at a time (original weights). One Gram
-    per input group over every token: compensation.sink_tokens are not left out of the curves' adapters."""
+    """Every option of every decoder Linear, one layer on the device at a time (original weights); adapters
+    fitted, as the run fits them, on the Gram without the compensation's sink tokens."""
     arch, spec = source.arch, base.compensation if base.compensates else None
     inputs = capture_inputs(source, windows, batch_size)
     options: dict[str, list[Option]] = {}
@@ -218,18 +218,20 @@ def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target
         with source.layer(index) as layer:
             layer.to(device)
             try:
-                with gram_hooks(layer, arch) as accumulators:
+                skip = 0 if spec is None else spec.sink_tokens
+                with gram_hooks(layer, arch, skip) as accumulators:
                     forward_layer(layer, inputs, index, device, keep_outputs=False)
                 for group, acc in accumulators.items():
                     first = f"{arch.layers}.{index}.{group[0]}"
-                    space = None if spec is None else compensation_eigenspace(acc.gram, spec, first)
+                    compensate = acc.body if skip else acc.gram
+                    space = None if spec is None else compensation_eigenspace(compensate, spec, first)
                     for relative in group:
                         name = f"{arch.layers}.{index}.{relative}"
                         weight = layer.get_submodule(relative).weight.detach()  # (d_out, d_in)
                         ranks = [r for r in target.ranks if r <= rank_cap(*weight.shape)]
                         options[name] = measure_options(
                             weight, acc.gram, _quants(base.quant, target, weight.shape[1]), base.sparsity, spec,
-                            ranks, (None if spec is None else spec.adapter_bits,), name, space, served)
+                            ranks, (None if spec is None else spec.adapter_bits,), name, space, served, compensate)
                 forward_layer(layer, inputs, index, device, keep_outputs=True)
             finally:
                 layer.to("cpu")

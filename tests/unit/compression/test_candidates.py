@@ -69,3 +69,17 @@ def test_bytes_are_the_export_formulas(weight, gram):
 def test_without_compensation_there_is_one_option_per_quantizer(weight, gram):
     options = measure_options(weight, gram, QUANTS, None, None, RANKS, (None,), "m")
     assert [(o.quant, o.rank) for o in options] == [(q, 0) for q in QUANTS]
+
+
+def test_adapters_are_fitted_on_the_compensation_gram_and_judged_on_every_token(weight, gram, inputs):
+    """As the run does with sink tokens: the adapter comes from the Gram without them, its error is over all."""
+    body = inputs[64:]  # (448, d_in): the tokens the compensation sees
+    body_gram = (body.T @ body / body.shape[0]).float()
+    quants = QUANTS[:2]
+    options = measure_options(weight, gram, quants, None, EXACT_EORA, (8,), (None,), "m", compensate_gram=body_gram)
+    for option in options:
+        residual = weight - quantize_rtn(weight, option.quant).weight
+        adapter = compensation_factors(residual, body_gram, EXACT_EORA, 8, "m")
+        assert option.error == pytest.approx(slow_error(residual - adapter.delta(), inputs), rel=1e-5)
+        fitted_on_all = compensation_factors(residual, gram, EXACT_EORA, 8, "m")
+        assert option.error > slow_error(residual - fitted_on_all.delta(), inputs)  # EoRA on all tokens is optimal there
