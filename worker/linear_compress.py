@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.compression.adapters import FACTOR_DTYPE, LowRankAdapter, adapter_group_size, stored_adapter
-from worker.compression.eora import Eigenspace, eora, eora_decompose, gram_eigenspace, svd_baseline, svd_decompose
+from worker.compression.eora import Eigenspace, LowRankFactors, eora_decompose, gram_eigenspace, svd_decompose
 from worker.compression.gptq import gptq_quantize
 from worker.compression.prune import prune
 from worker.compression.quantize import QuantizedWeight, quantize_rtn
@@ -120,13 +120,19 @@ def compensation_factors(
     form: fp16, or with spec.adapter_bits group-wise integer codes and their dequantized fp16 values,
     so evaluation sees exactly what the exported adapter computes. space: compensation_eigenspace(gram).
     """
-    if spec.method == "eora":
-        lora_b, lora_a = eora(residual, gram, rank, name=name, damp=spec.damp, space=space)
-    else:
-        lora_b, lora_a = svd_baseline(residual, gram, rank, name=name)
+    lora_b, lora_a = compensation_decomposition(residual, gram, spec, name, space).lowrank(rank)
     if not (torch.isfinite(lora_b).all() and torch.isfinite(lora_a).all()):
         raise FloatingPointError(f"{name}: compensation factors have non-finite values")
     return stored_adapter(lora_b, lora_a, spec.adapter_bits, spec.adapter_group_size, name)
+
+
+def compensation_decomposition(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str,
+                               space: Eigenspace | None = None) -> LowRankFactors:
+    """The decomposition of residual (d_out, d_in) that compensation_factors cuts at a rank: EoRA's
+    eigenspace-projected SVD (space: compensation_eigenspace(gram)) or the plain SVD."""
+    if spec.method == "eora":
+        return eora_decompose(residual, gram, name, damp=spec.damp, space=space)
+    return svd_decompose(residual, name)
 
 
 def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec, name: str,
@@ -134,9 +140,7 @@ def compensation_spectrum(residual: Tensor, gram: Tensor, spec: CompensationSpec
     """(p,) fp32 descending singular values of the decomposition compensation_factors cuts: sigma_i^2
     is what its i-th rank removes from the objective it minimises (EoRA: calibration-weighted error
     under the damped Gram; SVD: Frobenius error). The rank budget spends parameters by them."""
-    if spec.method == "eora":
-        return eora_decompose(residual, gram, name, damp=spec.damp, space=space).singular_values
-    return svd_decompose(residual, name).singular_values
+    return compensation_decomposition(residual, gram, spec, name, space).singular_values
 
 
 def objective_norm(weight: Tensor, gram: Tensor, spec: CompensationSpec) -> float:

@@ -21,7 +21,16 @@ from pydantic import SecretStr
 from app.errors import InvalidSpec
 from app.jobs.destinations import scheme_of
 from app.jobs.service import UPLOAD_PREFIX, looks_local, resolve_upload
-from app.jobs.spec import Compensation, JobSpec, Quantization, RankBudget, Sparsity
+from app.jobs.spec import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    Compensation,
+    JobSpec,
+    Quantization,
+    RankBudget,
+    Sparsity,
+    Target,
+)
 from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
 from worker.errors import JobFailure
@@ -54,8 +63,10 @@ def pick_device(setting: str) -> torch.device:
 
 
 def quant_spec(q: Quantization) -> QuantSpec:
-    return QuantSpec(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, damp=q.damp,
-                     act_order=q.act_order)
+    """With a size target the spec has no bits or group size: the defaults stand in until plan_for_target
+    chooses them for every Linear."""
+    return QuantSpec(method=q.method, bits=q.bits or DEFAULT_BITS, group_size=q.group_size or DEFAULT_GROUP_SIZE,
+                     symmetric=q.symmetric, damp=q.damp, act_order=q.act_order)
 
 
 def sparsity_spec(s: Sparsity) -> SparsitySpec:
@@ -68,8 +79,10 @@ def compensation_spec(c: Compensation, max_rank: int) -> CompensationSpec | None
     if c.method == "none":
         return None
     budget = c.rank_budget
+    # A size target's spec has neither rank nor budget: rank 1 stands in until plan_for_target chooses each Linear's.
+    rank = 1 if c.rank is None and budget is None else c.rank
     return CompensationSpec(
-        method=c.method, rank=c.rank, budget_params=None if budget is None else budget.params,
+        method=c.method, rank=rank, budget_params=None if budget is None else budget.params,
         budget_fraction=None if budget is None else budget.fraction, max_rank=max_rank, adapter_bits=c.adapter_bits,
         budget_criterion=RankBudget.model_fields["criterion"].default if budget is None else budget.criterion,
         min_rank=0 if budget is None else budget.min_rank, damp=c.damp, sink_tokens=c.sink_tokens,
@@ -97,7 +110,7 @@ def check_plan_fits(model, arch, plan) -> None:
     from worker.models import decoder_linears
 
     linears = decoder_linears(model, arch)
-    widths = sorted({linear.in_features for linear in linears.values()})
+    widths = sorted({linear.in_features for name, linear in linears.items() if name not in plan.module_quant})
     spec = plan.compensation
     if plan.uses_budget and spec.min_rank:
         shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
@@ -117,6 +130,24 @@ def check_plan_fits(model, arch, plan) -> None:
         if bad:
             raise JobFailure(f"sparsity.pattern {plan.sparsity.n}:{plan.sparsity.m} needs input widths divisible "
                              f"by {plan.sparsity.m}; this model has {bad[0]}")
+
+
+# A size target's options. Group sizes: not 32 (fp16 scales cost 0.5 bits per weight there, and SmolLM2, the
+# benchmark model, sits on a 4-bit group-32 grid that would flatter it); RTN measures the error curves (one
+# rounding per option; the job then runs its own quantizer on the chosen one).
+TARGET_BITS = (2, 3, 4, 8)
+TARGET_GROUP_SIZES = (64, 128, -1)
+
+
+def size_target(target: Target, compensates: bool, max_rank: int):
+    """The job's target as the worker's SizeTarget: what the engine loads, ranks up to the server's max_rank."""
+    from worker.engines import VLLM_LORA_RANKS, VLLM_WNA16_BITS
+    from worker.target import SizeTarget
+
+    ranks = (0, *(r for r in VLLM_LORA_RANKS if r <= max_rank)) if compensates else (0,)
+    return SizeTarget(bits_per_weight=target.bits_per_weight, engine=target.engine,
+                      bits=VLLM_WNA16_BITS if target.engine == "vllm" else TARGET_BITS,
+                      group_sizes=TARGET_GROUP_SIZES, ranks=ranks, measure_with="rtn")
 
 
 def _dataset_source(settings: Settings, ref: str, field: str) -> tuple[str, bool]:
@@ -311,6 +342,9 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
     reporter.check_cancelled()
 
     plan = compression_plan(spec, settings.max_rank)
+    target_info = None
+    if spec.target is not None and spec.target.bits_per_weight is not None:
+        plan, target_info = _plan_for_target(model, calibration, plan, spec, settings, device, reporter, n_layers)
     check_plan_fits(skeleton, arch, plan)
     from worker.resume import open_checkpoints
 
@@ -407,6 +441,7 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "compression": compression_summary(result),
+        "target": target_info,
         "adapter": None if info.adapter is None else info.adapter.sizes(),
         "size": info.sizes,  # counted from the artifact's files: bytes by part, bits per weight
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
@@ -435,6 +470,33 @@ def _place_activations(settings: Settings, skeleton, calibration: torch.Tensor, 
     return Placement(where, scratch / "activations"), size
 
 
+def _plan_for_target(model, calibration, plan, spec: JobSpec, settings: Settings, device, reporter,
+                     n_layers: int):
+    """(the plan meeting spec.target, what the job shows of it); an impossible target fails the job."""
+    from worker.target import TargetError, plan_for_target
+
+    target = size_target(spec.target, plan.compensates, settings.max_rank)
+    reporter.progress("planning", 6.0, layer=0, layers=n_layers,
+                      message=f"measuring every Linear's options for {target.bits_per_weight:g} bits per weight")
+    t0 = time.perf_counter()
+    try:
+        chosen = plan_for_target(model, calibration, plan, target, device)
+    except TargetError as exc:
+        raise JobFailure(str(exc)) from None
+    allocation = chosen.allocation
+    info = {"bits_per_weight": target.bits_per_weight, "engine": target.engine, "budget_bytes": chosen.budget,
+            "planned_bytes": allocation.bytes, "planned_bits_per_weight": chosen.bits_per_weight,
+            "optimal": allocation.exact, "gap": allocation.gap, "sensitivity": chosen.sensitivity_kind,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "modules": {name: {"bits": o.quant.bits, "group_size": o.quant.group_size, "rank": o.rank}
+                        for name, o in chosen.chosen.items()}}
+    reporter.event("planning", f"plan for {target.bits_per_weight:g} bits per weight: {allocation.bytes:,} of "
+                   f"{chosen.budget:,} bytes ({chosen.bits_per_weight:.4f} bits per weight), "
+                   f"{'optimal' if allocation.exact else f'within {allocation.gap:.3g} of the optimum'}",
+                   data={k: v for k, v in info.items() if k != "modules"})
+    return chosen.plan, info
+
+
 def layer_summary(report) -> dict[str, Any]:
     """What one layer report puts in the event log (numbers only, no tensors)."""
     return {
@@ -445,7 +507,8 @@ def layer_summary(report) -> dict[str, Any]:
 
 def module_summary(m) -> dict[str, Any]:
     """Relative output errors ||(W - W')X|| / ||WX|| without and with compensation, rank, sparsity."""
-    summary = {"error_before": round(m.error_before, 6),
+    summary = {"bits": m.quantized and m.quantized.bits, "group_size": m.quantized and m.quantized.group_size,
+               "error_before": round(m.error_before, 6),
                "error_after": None if m.error_after is None else round(m.error_after, 6),
                "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
     if m.refine_errors:  # compensation.refine: error_after of each round, round 0 = compress then compensate

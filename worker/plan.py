@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from worker.compression.quantize import QuantizedWeight
@@ -13,11 +14,21 @@ class CompressionPlan:
     quant: QuantSpec | None = None
     sparsity: SparsitySpec | None = None
     compensation: CompensationSpec | None = None
+    # Mixed precision: full Linear name ("model.layers.0.mlp.down_proj") -> its own quantizer, in place
+    # of `quant` for that module; the modules not named here use `quant`.
+    module_quant: Mapping[str, QuantSpec] = field(default_factory=dict)
+    # Per-module adapter ranks (0 = no adapter), in place of compensation.rank for the modules named.
+    module_rank: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Invariants only; the rules a user sees (and their messages) live in app/jobs/spec.py and, for
         the server's max_rank, app/jobs/service.py."""
+        if self.module_quant and self.quant is None:
+            raise ValueError("per-module quantizers need a plan that quantizes (quant is None)")
         spec = self.compensation
+        if self.module_rank and (spec is None or spec.rank is None
+                                 or not all(0 <= r <= spec.max_rank for r in self.module_rank.values())):
+            raise ValueError("per-module ranks need a fixed-rank compensation and ranks in 0..max_rank")
         if spec is None or spec.method == "none":
             return
         if not self.compresses:
@@ -26,6 +37,14 @@ class CompressionPlan:
         if (sum(given) != 1 or spec.sink_tokens < 0 or not 0 <= spec.min_rank <= spec.max_rank
                 or (spec.rank is not None and not 1 <= spec.rank <= spec.max_rank)):
             raise ValueError(f"inconsistent compensation plan: {spec}")
+
+    def quant_for(self, name: str) -> QuantSpec | None:
+        """The quantizer of the Linear with full dotted name `name`."""
+        return self.module_quant.get(name, self.quant)
+
+    def rank_for(self, name: str) -> int:
+        """The adapter rank of the Linear `name` (fixed-rank plans)."""
+        return self.module_rank.get(name, self.compensation.rank)
 
     @property
     def compresses(self) -> bool:

@@ -285,12 +285,12 @@ class _Run:
                 original = linear.weight.detach().clone()  # (d_out, d_in)
                 refine_errors = []
                 if plan.compensates and plan.compensation.refine:  # fixed rank: the job spec's rule
-                    rank = min(plan.compensation.rank, rank_cap(*original.shape))
-                    compressed, refine_errors = compress_jointly(original, gram, plan.quant, plan.sparsity,
+                    rank = min(plan.rank_for(name), rank_cap(*original.shape))
+                    compressed, refine_errors = compress_jointly(original, gram, plan.quant_for(name), plan.sparsity,
                                                                  plan.compensation, rank, name,
                                                                  group_grams.compensate, group_grams.space)
                 else:
-                    compressed = compress_weight(original, gram, plan.quant, plan.sparsity, name)
+                    compressed = compress_weight(original, gram, plan.quant_for(name), plan.sparsity, name)
                 residual = original.float() - compressed.weight.float()  # (d_out, d_in) fp32
                 stats_start = perf_counter()
                 report = ModuleReport(
@@ -307,7 +307,7 @@ class _Run:
                 self.result.compression_seconds += compressed.seconds
                 linear.weight.data.copy_(compressed.weight)
                 if plan.compensates and plan.compensation.rank is not None:
-                    self._compensate(layer, relative, report, residual, original, group_grams, plan.compensation.rank)
+                    self._compensate(layer, relative, report, residual, original, group_grams, plan.rank_for(name))
                 elif plan.uses_budget:
                     start = perf_counter()
                     spec = plan.compensation

@@ -11,7 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from worker.engines import VLLM_LORA_RANKS, VLLM_WNA16_BITS
+
 INT64_MAX = 2**63 - 1
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # quantization's, without a size target
 NAME = Field(min_length=1, max_length=255)  # split and field names
 URI = Field(min_length=1, max_length=1024)
 
@@ -29,8 +32,10 @@ class ModelRef(Strict):
 
 class Quantization(Strict):
     method: Literal["rtn", "gptq"] = "gptq"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, description="Input columns per scale/zero point; -1 = per output channel.")
+    # Defaults 4 and 128 (JobSpec fills them in); left None with target.bits_per_weight, which chooses them.
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="Default 4; chosen per Linear with a size target.")
+    group_size: int | None = Field(None, description="Input columns per scale/zero point; -1 = per output "
+                                   "channel. Default 128; chosen per Linear with a size target.")
     symmetric: bool = False
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, as a fraction of mean(diag(H)).")
     act_order: bool = Field(
@@ -40,8 +45,8 @@ class Quantization(Strict):
 
     @field_validator("group_size")
     @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value != -1 and not (value >= 8 and value & (value - 1) == 0):
+    def _group_size(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and not (value >= 8 and value & (value - 1) == 0):
             raise ValueError("group_size must be -1 (per channel) or a power of two >= 8")
         return value
 
@@ -129,11 +134,24 @@ class Compensation(Strict):
         if self.method == "none":
             if any((self.rank is not None, self.rank_budget is not None, self.adapter_bits is not None, self.refine)):
                 raise ValueError("method 'none' takes no rank, rank_budget, adapter_bits or refine")
-        elif (self.rank is None) == (self.rank_budget is None):
+        elif self.rank is not None and self.rank_budget is not None:
             raise ValueError(f"method '{self.method}' needs exactly one of rank or rank_budget")
         if self.refine and self.rank is None:
             raise ValueError("refine needs a fixed rank (a rank budget allocates ranks after compressing once)")
         return self
+
+
+class Target(Strict):
+    bits_per_weight: float | None = Field(
+        None, gt=0, le=16, description="Stored bits per weight over the decoder Linears (codes, scales, zero "
+        "points, adapters as stored; as served, at fp16, for engine 'vllm'), counted from the artifact's files. "
+        "The worker measures each Linear's error for every bit width, group size and adapter rank and chooses "
+        "them per Linear to meet it with the least predicted loss; quantization.bits/group_size and "
+        "compensation.rank/rank_budget are then not given.")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="What must load the artifact: 'vllm' allows only 4/8-bit weights, one scheme "
+        "per set vLLM fuses (q/k/v, gate/up), adapter ranks from vLLM's set and fp16 adapters; 'transformers' "
+        "allows every format the project exports.")
 
 
 class Calibration(Strict):
@@ -171,6 +189,7 @@ class JobSpec(Strict):
     quantization: Quantization | None = None
     sparsity: Sparsity | None = None
     compensation: Compensation | None = None
+    target: Target | None = None
     calibration: Calibration
     evaluation: Evaluation = Evaluation()
     destination: Destination = Destination()
@@ -182,6 +201,16 @@ class JobSpec(Strict):
         None, description="Hugging Face token for this job (model download and Hub upload). Sealed with the "
         "server's key before it is stored, never returned, erased when the job ends.", exclude=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_default(cls, data):
+        """quantization.bits 4 and group_size 128 when not given, unless target.bits_per_weight chooses them."""
+        quant = data.get("quantization") if isinstance(data, dict) else None
+        target = data.get("target") if isinstance(data, dict) else None
+        if isinstance(quant, dict) and not (isinstance(target, dict) and target.get("bits_per_weight") is not None):
+            data = {**data, "quantization": {"bits": DEFAULT_BITS, "group_size": DEFAULT_GROUP_SIZE, **quant}}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -208,7 +237,46 @@ class JobSpec(Strict):
             raise ValueError("quantization.act_order: SparseGPT + GPTQ run as one pass in the original column "
                              "order; act_order is not available with sparsity.method 'sparsegpt'")
         c = self.compensation
+        sized = self.target is not None and self.target.bits_per_weight is not None
+        if c is not None and c.method != "none" and c.rank is None and c.rank_budget is None and not sized:
+            raise ValueError(f"compensation: method '{c.method}' needs exactly one of rank or rank_budget (or "
+                             "target.bits_per_weight, which chooses the ranks)")
+        if sized:
+            self._sized_target()
+        elif self.quantization is not None and (self.quantization.bits is None or self.quantization.group_size is None):
+            raise ValueError("quantization.bits and group_size are needed unless target.bits_per_weight chooses them")
+        if self.target is not None and self.target.engine == "vllm":
+            self._vllm_target()
         if c is not None and c.method != "none" and c.sink_tokens >= self.calibration.seq_len:
             raise ValueError(f"compensation.sink_tokens ({c.sink_tokens}) must be below calibration.seq_len "
                              f"({self.calibration.seq_len}): no calibration token would be left to compensate on")
         return self
+
+    def _sized_target(self) -> None:
+        """target.bits_per_weight chooses bits, group sizes and ranks: the spec may not fix them."""
+        q, c = self.quantization, self.compensation
+        if q is None:
+            raise ValueError("target.bits_per_weight needs a quantization section (its method, symmetric, damp; "
+                             "the bits and group sizes are chosen per Linear)")
+        fixed = [name for name in ("bits", "group_size") if getattr(q, name) is not None]
+        if fixed:
+            raise ValueError(f"target.bits_per_weight chooses quantization.{' and '.join(fixed)} per Linear: "
+                             "give one or the other")
+        if c is not None and (c.rank is not None or c.rank_budget is not None or c.refine):
+            raise ValueError("target.bits_per_weight chooses the adapter rank per Linear: give no "
+                             "compensation.rank, rank_budget or refine")
+
+    def _vllm_target(self) -> None:
+        """What vLLM loads: 4/8-bit weights, fp16 adapters of a rank from its set."""
+        q, c = self.quantization, self.compensation
+        sized = self.target is not None and self.target.bits_per_weight is not None
+        if q is not None and not sized and q.bits not in VLLM_WNA16_BITS:
+            raise ValueError(f"target.engine 'vllm' loads {' and '.join(map(str, VLLM_WNA16_BITS))}-bit weights, "
+                             f"not quantization.bits {q.bits}")
+        if c is None or c.method == "none":
+            return
+        if c.adapter_bits is not None:
+            raise ValueError("target.engine 'vllm' loads fp16 adapters: give no compensation.adapter_bits")
+        if c.rank_budget is not None or (c.rank is not None and c.rank not in VLLM_LORA_RANKS):
+            raise ValueError(f"target.engine 'vllm' takes adapter ranks {list(VLLM_LORA_RANKS)}: give one of them "
+                             "as compensation.rank (a rank_budget allocates any rank), or target.bits_per_weight")

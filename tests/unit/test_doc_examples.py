@@ -52,7 +52,7 @@ def test_documented_spec_is_accepted_and_fits_its_model(label, spec, tmp_path):
     if widths is None:
         assert job.model.id.startswith("/"), f"{label}: add {job.model.id}'s Linear widths to LINEAR_INPUT_WIDTHS"
         return
-    if job.quantization is not None and job.quantization.group_size != -1:
+    if job.quantization is not None and job.quantization.group_size not in (-1, None):  # None: a size target's
         assert all(w % job.quantization.group_size == 0 for w in widths), \
             f"{label}: group_size {job.quantization.group_size} does not divide {job.model.id}'s widths {widths}"
     if job.sparsity is not None and job.sparsity.nm is not None:

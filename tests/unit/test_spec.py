@@ -82,7 +82,31 @@ INVALID = [
                                                              "refine": 2}}, "compensation"),
     ("refine 9 rounds", {**VALID, "compensation": {"method": "eora", "rank": 8, "refine": 9}}, "compensation.refine"),
     ("refine without compensation", {**VALID, "compensation": {"method": "none", "refine": 1}}, "compensation"),
+    ("target with fixed bits", {**VALID, "target": {"bits_per_weight": 4}}, "quantization.bits and group_size"),
+    ("target without quantization", {**with_("quantization", None), "sparsity": {"method": "wanda", "ratio": 0.5},
+                                     "target": {"bits_per_weight": 4}}, "needs a quantization section"),
+    ("target with a rank", {**with_("quantization", {"method": "rtn"}), "target": {"bits_per_weight": 4},
+                            "compensation": {"method": "eora", "rank": 8}}, "compensation.rank"),
+    ("target bits 0", {**with_("quantization", {"method": "rtn"}), "target": {"bits_per_weight": 0}},
+     "target.bits_per_weight"),
+    ("unknown engine", {**VALID, "target": {"engine": "tgi"}}, "target.engine"),
+    ("vllm 3-bit", {**with_("quantization.bits", 3), "target": {"engine": "vllm"}}, "quantization.bits 3"),
+    ("vllm adapter bits", {**VALID, "target": {"engine": "vllm"},
+                           "compensation": {"method": "eora", "rank": 8, "adapter_bits": 4}}, "compensation.adapter_bits"),
+    ("vllm rank 12", {**VALID, "target": {"engine": "vllm"}, "compensation": {"method": "eora", "rank": 12}},
+     "compensation.rank"),
+    ("no bits without a target", {**VALID, "quantization": {"method": "rtn", "bits": None}}, "quantization.bits"),
 ]
+
+
+def test_a_size_target_leaves_bits_and_ranks_to_the_worker_and_survives_storage():
+    spec = JobSpec.model_validate({**with_("quantization", {"method": "rtn"}), "compensation": {"method": "eora"},
+                                   "target": {"bits_per_weight": 3.6, "engine": "vllm"}})
+    assert (spec.quantization.bits, spec.quantization.group_size, spec.compensation.rank) == (None, None, None)
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec  # as the worker reads it back
+    plain = JobSpec.model_validate(VALID | {"quantization": {"method": "rtn"}})
+    assert (plain.quantization.bits, plain.quantization.group_size, plain.target) == (4, 128, None)
+    assert JobSpec.model_validate(plain.model_dump(mode="json")) == plain
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,10 @@ PLANS = {  # as tests/unit/test_resume.py
     "2:4 magnitude, dense export": CompressionPlan(sparsity=sparsity(method="magnitude", n=2, m=4)),
     "rtn4 + eora r4, refine 2": CompressionPlan(quant=quant(method="rtn", bits=4, group_size=32),
                                                 compensation=compensation(rank=4, refine=2)),
+    "mixed precision gptq4 g32 + rtn8 g64 mlp, eora r4": CompressionPlan(
+        quant=quant(method="gptq", bits=4, group_size=32), compensation=compensation(rank=4),
+        module_quant={f"model.layers.{i}.mlp.{p}": quant(method="rtn", bits=8, group_size=64, symmetric=True)
+                      for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}),
 }
 EXTRA = {"job": {}, "model": {"id": "tiny", "revision": None, "source": "local"}, "calibration": {},
          "evaluation": {}}

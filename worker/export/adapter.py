@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from worker.compression.adapters import FACTOR_DTYPE, LowRankAdapter
+from worker.engines import VLLM_LORA_RANKS
 from worker.linear_compress import adapter_served_bytes
 
 ADAPTER_DIR = "adapter"
@@ -39,8 +40,6 @@ QUANTIZED_NAME = "adapter_quantized.safetensors"
 QUANTIZED_METADATA_KEY = "squeeze"
 # The base model sits one folder up; PEFT records it, PeftModel.from_pretrained does not need it.
 BASE_MODEL_PATH = ".."
-# vLLM's --max-lora-rank accepts only these values.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 # Turns adapter_quantized.safetensors in `folder` into PEFT's adapter_model.safetensors (fp16), with
 # only torch and safetensors. Same arithmetic as QuantizedFactor.dequantize: fp32 product, one rounding.

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from worker.engines import VLLM_FUSED, VLLM_WNA16_BITS
 from worker.export.adapter import (
     ADAPTER_DIR,
     DEQUANTIZE_RECIPE,
@@ -17,7 +18,7 @@ from worker.export.adapter import (
     AdapterInfo,
     vllm_max_lora_rank,
 )
-from worker.export.checkpoint import PACK_QUANTIZED, CheckpointInfo
+from worker.export.checkpoint import MIXED_LOAD_RECIPE, PACK_QUANTIZED, CheckpointInfo
 from worker.plan import CompressionPlan, CompressionResult
 from worker.storage import MANIFEST_NAME, sha256_file
 
@@ -27,7 +28,6 @@ FORMAT_VERSION = 1
 # model, the calibration windows' description with their hash, and the evaluation results.
 REQUIRED_EXTRA = ("job", "model", "calibration", "evaluation")
 LIBRARIES = ("squeeze", "torch", "transformers", "compressed-tensors", "peft", "safetensors")
-VLLM_WNA16_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 scheme: W4A16 and W8A16
 MARLIN_GROUP_SIZES = (None, 32, 64, 128)  # None = per channel
 COMPUTED_KEYS = frozenset({"format_version", "created_at", "libraries", "plan", "checkpoint", "adapter", "modules",
                            "serving", "notes", "files"})
@@ -38,16 +38,7 @@ def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterI
     notes: list[str] = []
     vllm: dict[str, Any] = {"serves": True}
     if checkpoint.format == PACK_QUANTIZED:
-        if checkpoint.bits in VLLM_WNA16_BITS:
-            vllm["scheme"] = f"W{checkpoint.bits}A16 (compressed-tensors pack-quantized)"
-            if checkpoint.group_size not in MARLIN_GROUP_SIZES:
-                notes.append(f"group size {checkpoint.group_size}: vLLM's Marlin kernels take per-channel or groups "
-                             "of 32/64/128; other group sizes may be refused or run on slower kernels.")
-        else:
-            vllm = {"serves": False, "reason": f"vLLM's compressed-tensors WNA16 scheme serves 4- and 8-bit weights; "
-                                               f"this checkpoint is {checkpoint.bits}-bit"}
-            notes.append(f"{checkpoint.bits}-bit weights: load with transformers (dequantized); vLLM is not claimed "
-                         "to serve them.")
+        vllm, notes = _vllm_weights(checkpoint)
     else:
         vllm["scheme"] = "unquantized (dense weights)"
     if plan.sparsity is not None:
@@ -56,7 +47,12 @@ def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterI
                      "no sparse formats and vLLM no longer accelerates 2:4 sparsity, so the zeros bring no speed-up "
                      "or memory saving in vLLM; the artifact serves at dense speed.")
     transformers: dict[str, Any] = {"loads": True}
-    if checkpoint.format == PACK_QUANTIZED:
+    if checkpoint.mixed:
+        transformers["recipe"] = "the model card's mixed-precision recipe"
+        notes.append("mixed precision: transformers' CompressedTensorsConfig(dequantize=True) dequantizes every layer "
+                     "with one config group's scheme and fails on this checkpoint; load it with the model card's "
+                     "recipe (compressed-tensors dequantizes each group with its own scheme).")
+    elif checkpoint.format == PACK_QUANTIZED:
         transformers["quantization_config"] = "CompressedTensorsConfig(dequantize=True)"
         if not checkpoint.symmetric:
             notes.append("asymmetric weights: load with quantization_config=CompressedTensorsConfig(dequantize=True) "
@@ -79,6 +75,43 @@ def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterI
                          f"card's recipe first: it writes {ADAPTER_DIR}/{WEIGHTS_NAME} (fp16, "
                          f"{adapter.served_bytes:,} bytes, what an engine holds in memory).")
     return engines, notes
+
+
+def _vllm_weights(checkpoint: CheckpointInfo) -> tuple[dict[str, Any], list[str]]:
+    """Whether vLLM's compressed-tensors WNA16 scheme loads these weights, and the notes on why (not)."""
+    notes: list[str] = []
+    bits = sorted({scheme.bits for scheme in checkpoint.schemes})
+    unserved = [b for b in bits if b not in VLLM_WNA16_BITS]
+    width = "/".join(str(b) for b in bits)
+    if unserved:
+        notes.append(f"{'/'.join(map(str, unserved))}-bit weights: load with transformers (dequantized); vLLM is not "
+                     "claimed to serve them.")
+        return {"serves": False, "reason": f"vLLM's compressed-tensors WNA16 scheme serves 4- and 8-bit weights; "
+                                           f"this checkpoint is {width}-bit"}, notes
+    split = _split_fusions(checkpoint)
+    if split:
+        return {"serves": False, "reason": f"vLLM fuses q/k/v and gate/up into one layer and needs one scheme per "
+                                           f"fused set; {split} differ"}, notes
+    schemes = " + ".join(f"W{b}A16" for b in bits)
+    kind = "mixed, one config group per scheme" if checkpoint.mixed else "compressed-tensors pack-quantized"
+    odd = sorted({s.group_size for s in checkpoint.schemes if s.group_size not in MARLIN_GROUP_SIZES})
+    if odd:
+        notes.append(f"group size {'/'.join(map(str, odd))}: vLLM's Marlin kernels take per-channel or groups of "
+                     "32/64/128; other group sizes may be refused or run on slower kernels.")
+    return {"serves": True, "scheme": f"{schemes} ({kind})"}, notes
+
+
+def _split_fusions(checkpoint: CheckpointInfo) -> str | None:
+    """The first set of Linears vLLM fuses (its packed_modules_mapping) that the checkpoint stores with
+    different schemes, as "a, b"; None when every fused set shares one."""
+    scheme_of = {name: number for number, scheme in enumerate(checkpoint.schemes) for name in scheme.modules}
+    for name in scheme_of:
+        parent, _, child = name.rpartition(".")
+        for fused in VLLM_FUSED:
+            members = [f"{parent}.{member}" for member in fused if f"{parent}.{member}" in scheme_of]
+            if child in fused and len({scheme_of[member] for member in members}) > 1:
+                return ", ".join(members)
+    return None
 
 
 def library_versions() -> dict[str, str | None]:
@@ -118,7 +151,8 @@ def build_manifest(result: CompressionResult, plan: CompressionPlan, checkpoint:
                                                  **adapter.sizes()},
         "modules": {
             name: {"rank": m.rank, "error_before": m.error_before, "error_after": m.error_after,
-                   "sparsity": m.sparsity, "zero_fraction": m.zero_fraction}
+                   "sparsity": m.sparsity, "zero_fraction": m.zero_fraction,
+                   "bits": m.quantized and m.quantized.bits, "group_size": m.quantized and m.quantized.group_size}
             for name, m in result.modules.items()
         },
         "serving": engines,
@@ -156,10 +190,8 @@ def model_card(manifest: dict[str, Any]) -> str:
 
     what = []
     if quantized:
-        group = "per channel" if checkpoint["group_size"] is None else f"groups of {checkpoint['group_size']}"
-        grid = "symmetric" if checkpoint["symmetric"] else "asymmetric"
-        what.append(f"- weights: {checkpoint['bits']}-bit integers, {grid}, {group} "
-                    f"(compressed-tensors `pack-quantized`, {checkpoint['quantized_modules']} Linear layers)")
+        what += [f"- weights: {_scheme_text(scheme)} (compressed-tensors `pack-quantized`, {len(scheme['modules'])} "
+                 "Linear layers)" for scheme in checkpoint["schemes"]]
     sparsity = manifest["plan"]["sparsity"]
     if sparsity is not None:
         pattern = f"{sparsity['n']}:{sparsity['m']}" if sparsity["n"] is not None else f"{sparsity['ratio']:.0%}"
@@ -175,6 +207,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         what.append("- evaluation: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in evaluation.items()
                                                  if not isinstance(v, (dict, list))))
 
+    mixed = len(checkpoint["schemes"]) > 1
     load = "AutoModelForCausalLM.from_pretrained(path" + (
         ", quantization_config=CompressedTensorsConfig(dequantize=True))" if quantized else ")")
     imports = "from transformers import AutoModelForCausalLM, AutoTokenizer" + (
@@ -182,10 +215,18 @@ def model_card(manifest: dict[str, Any]) -> str:
     lines = [*front, "", f"# {model.get('id', 'model')} compressed by Squeeze", "",
              f"Source revision `{model.get('revision')}`. Details, per-layer errors and file checksums: "
              "`squeeze.json`.",
-             "", *what, "", "## transformers", "", "```python", imports,
-             'path = "."  # this folder, or the Hub repo id', f"model = {load}",
-             "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
-    if quantized:
+             "", *what, "", "## transformers", ""]
+    if mixed:
+        lines += ["Each config group of this mixed-precision checkpoint has its own scheme; transformers' "
+                  "`CompressedTensorsConfig(dequantize=True)` applies one scheme to every layer, so load it this "
+                  "way (compressed-tensors dequantizes each group's Linears with its scheme):", "",
+                  "```python", 'path = "."  # this folder, or a local copy of the Hub repo',
+                  MIXED_LOAD_RECIPE.rstrip("\n"), "from transformers import AutoTokenizer",
+                  "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
+    else:
+        lines += ["```python", imports, 'path = "."  # this folder, or the Hub repo id', f"model = {load}",
+                  "tokenizer = AutoTokenizer.from_pretrained(path)", "```"]
+    if quantized and not mixed:
         lines += ["", "`dequantize=True` (formerly `run_compressed=False`) unpacks the integer weights once at load, "
                       "so the model runs on any device, CPU included. Keep it: without it, transformers loads "
                       "symmetric checkpoints but fails on asymmetric ones (`weight_zero_point` shape mismatch)."]
@@ -222,6 +263,11 @@ def model_card(manifest: dict[str, Any]) -> str:
     if manifest["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in manifest["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _scheme_text(scheme: dict[str, Any]) -> str:
+    group = "per channel" if scheme["group_size"] is None else f"groups of {scheme['group_size']}"
+    return f"{scheme['bits']}-bit integers, {'symmetric' if scheme['symmetric'] else 'asymmetric'}, {group}"
 
 
 def quantized_adapter_recipe(folder: str) -> str:

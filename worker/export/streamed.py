@@ -26,15 +26,17 @@ from torch import Tensor, nn
 
 from worker.compression.quantize import QuantizedWeight
 from worker.export.checkpoint import (
-    DENSE,
     PACK_QUANTIZED,
-    PACKABLE_BITS,
     CheckpointInfo,
     ExportError,
     _check_grids,
     _check_packed_codes,
     _quantization_config,
+    _quantized_modules,
     _set_grids,
+    dense_info,
+    quantized_info,
+    stored_schemes,
 )
 from worker.linear_compress import CompensatedLinear
 from worker.plan import CompressionPlan, CompressionResult
@@ -50,26 +52,18 @@ def save_checkpoint_streamed(source, tokenizer, result: CompressionResult, plan:
     layers are left in compressed-tensors' form); adapters: filled with {full Linear name: adapter}."""
     model, arch = source.model, source.arch
     parts_dir.mkdir(parents=True, exist_ok=True)
-    info = CheckpointInfo(format=DENSE, bits=None, group_size=None, symmetric=None, quantized_modules=0)
+    info = dense_info()
     config = compressor = None
     if plan.quant is not None:
-        bits = plan.quant.bits
-        if bits not in PACKABLE_BITS:
-            raise ExportError(f"{bits}-bit weights cannot be exported: compressed-tensors' pack-quantized format "
-                              "holds 1..8-bit integers")
-        missing = [name for name, report in result.modules.items() if report.quantized is None]
-        if missing:
-            raise ExportError(f"the plan quantizes, but {len(missing)} module(s) have no codes (first: {missing[0]})")
-        per_channel = plan.quant.group_size == -1
-        config = _quantization_config(model, result.modules, plan, per_channel)
+        schemes = stored_schemes(result, plan)
+        config = _quantization_config(model, _quantized_modules(result), schemes)
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import apply_quantization_config
 
         skeleton = copy.deepcopy(model)  # all on meta: only for the config the compressor writes
         apply_quantization_config(skeleton, config, show_progress=False)
         compressor = ModelCompressor.from_pretrained_model(skeleton, quantization_format=PACK_QUANTIZED)
-        info = CheckpointInfo(format=PACK_QUANTIZED, bits=bits, group_size=None if per_channel else
-                              plan.quant.group_size, symmetric=plan.quant.symmetric, quantized_modules=len(result.modules))
+        info = quantized_info(schemes)
 
     order: list[str] = []  # tensor names in the state dict order of a model held whole
     parts: list[Path] = []

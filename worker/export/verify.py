@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.export.adapter import ADAPTER_DIR, CONFIG_NAME, DEQUANTIZE_RECIPE, QUANTIZED_NAME, WEIGHTS_NAME
-from worker.export.checkpoint import ExportError
+from worker.export.checkpoint import MIXED_LOAD_RECIPE, ExportError
 from worker.stream import CheckpointReader, StreamedLayers
 
 FP32_TOLERANCE = 1e-4
@@ -140,29 +140,33 @@ class _ExportReader(CheckpointReader):
 
     def __init__(self, folder: Path, quantization_config: dict | None):
         super().__init__(folder)
-        self.scheme = None
+        self.config = None
         if quantization_config is not None:
-            from compressed_tensors.compressors import BaseCompressor
             from compressed_tensors.quantization import QuantizationConfig
-            from transformers.integrations.compressed_tensors import get_dense_scheme
 
-            config = QuantizationConfig.model_validate(quantization_config)
-            self.scheme = get_dense_scheme(config)
-            self.compressor = BaseCompressor.get_value_from_registry(self.scheme.format or config.format)
+            self.config = QuantizationConfig.model_validate(quantization_config)
+            groups = list(self.config.config_groups.values())
+            # One group targets every Linear ("Linear"); several name their Linears (MIXED_LOAD_RECIPE).
+            self.schemes = {} if len(groups) == 1 else {module: group for group in groups for module in group.targets}
+            self.single = groups[0] if len(groups) == 1 else None
 
     def __contains__(self, key: str) -> bool:
         return super().__contains__(key) or self._packed(key)
 
     def _packed(self, key: str) -> bool:
-        return self.scheme is not None and key.endswith(".weight") and super().__contains__(f"{key}_packed")
+        return self.config is not None and key.endswith(".weight") and super().__contains__(f"{key}_packed")
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
         if not self._packed(key):
             return super().get(key, dtype)
+        from compressed_tensors.compressors import BaseCompressor
+
         module = key.removesuffix(".weight")
+        scheme = self.single or self.schemes[module]
+        compressor = BaseCompressor.get_value_from_registry(scheme.format or self.config.format)
         state = {name: super(_ExportReader, self).get(f"{module}.{name}") for name in self.PACKED
                  if super(_ExportReader, self).__contains__(f"{module}.{name}")}
-        weight = self.compressor.decompress(state, self.scheme)["weight"]
+        weight = compressor.decompress(state, scheme)["weight"]
         return weight if dtype is None else weight.to(dtype)
 
 
@@ -215,20 +219,27 @@ class _ExportLayers(StreamedLayers):
 
 def load_export(out_dir: Path) -> nn.Module:
     """The exported model loaded the way its model card tells users to: transformers, with
-    CompressedTensorsConfig(dequantize=True) when quantized; then PEFT when there is an adapter, after
+    CompressedTensorsConfig(dequantize=True) when quantized with one scheme, the card's
+    MIXED_LOAD_RECIPE when with several; then PEFT when there is an adapter, after
     the card's dequantize recipe when the adapter is stored quantized (run on a copy, so the artifact
     folder keeps exactly the files its manifest lists). CPU, eval mode."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     config = json.loads((out_dir / "config.json").read_text())
     kwargs = {}
-    if "quantization_config" in config:
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-    with warnings.catch_warnings():
-        # transformers warns that the checkpoint's own quantization_config wins; only `dequantize` is taken
-        # from ours, which is the point.
-        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(out_dir, **kwargs)
+    groups = config.get("quantization_config", {}).get("config_groups", {})
+    if len(groups) > 1:  # mixed precision
+        scope = {"path": str(out_dir)}
+        exec(compile(MIXED_LOAD_RECIPE, "model card recipe", "exec"), scope)  # noqa: S102
+        model = scope["model"]
+    else:
+        if groups:
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        with warnings.catch_warnings():
+            # transformers warns that the checkpoint's own quantization_config wins; only `dequantize` is
+            # taken from ours, which is the point.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(out_dir, **kwargs)
     adapter_dir = out_dir / ADAPTER_DIR
     if adapter_dir.is_dir():
         from peft import PeftModel

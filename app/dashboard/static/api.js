@@ -70,18 +70,24 @@ export function el(tag, attrs = {}, ...children) {
 export function methodSummary(spec) {
   const parts = [];
   const q = spec.quantization, s = spec.sparsity, c = spec.compensation;
-  if (q) parts.push(`${q.method.toUpperCase()} ${q.bits}-bit${q.group_size === -1 ? " per-channel" : ` g${q.group_size}`}`);
+  const sized = spec.target && spec.target.bits_per_weight != null;  // bits, groups and ranks chosen per Linear
+  if (q && sized) parts.push(`${q.method.toUpperCase()} to ${spec.target.bits_per_weight} bits/weight (${spec.target.engine})`);
+  else if (q) parts.push(`${q.method.toUpperCase()} ${q.bits}-bit${q.group_size === -1 ? " per-channel" : ` g${q.group_size}`}`);
   if (s) parts.push(`${s.method} ${s.pattern || `${Math.round(s.ratio * 100)}%`}`);
   if (c && c.method !== "none") {
-    const rank = c.rank ? `r${c.rank}` : c.rank_budget.params ? `budget ${c.rank_budget.params} params`
-      : `budget ${c.rank_budget.fraction}`;
+    const rank = c.rank ? `r${c.rank}` : !c.rank_budget ? "ranks per Linear"
+      : c.rank_budget.params ? `budget ${c.rank_budget.params} params` : `budget ${c.rank_budget.fraction}`;
     parts.push(`${c.method === "eora" ? "EoRA" : "SVD"} ${rank}${c.adapter_bits ? ` (${c.adapter_bits}-bit)` : ""}`);
   }
   return parts.join(" + ");
 }
 
-// The weight bits the spec asks for (16 when only pruned): a nominal figure, not counted from files.
-export function nominalBits(spec) { return spec.quantization ? spec.quantization.bits : 16; }
+// The weight bits the spec asks for (16 when only pruned; a size target's bits per weight): a nominal
+// figure, not counted from files.
+export function nominalBits(spec) {
+  if (spec.target && spec.target.bits_per_weight != null) return spec.target.bits_per_weight;
+  return spec.quantization ? spec.quantization.bits : 16;
+}
 
 // Stored bits per decoder-Linear weight, counted from the artifact's files (codes, scales, zero points,
 // adapter as stored); null for jobs finished before the worker reported it.

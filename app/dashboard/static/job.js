@@ -77,7 +77,9 @@ function sizeSection(job) {
   const counted = key => size ? bytes(size[key]) : "not reported (a job from before sizes were counted)";
   const perWeight = key => size && size.linear_weights ? ` (${(8 * size[key] / size.linear_weights).toFixed(3)} bits/weight)` : "";
   const rows = [
-    ["weights (codes)", q ? `${q.bits}-bit codes, ${q.group_size === -1 ? "per output channel" : `groups of ${q.group_size}`}, `
+    ["weights (codes)", q && q.bits == null ? `bits and group sizes per Linear (size target: metrics.target), `
+      + `${q.symmetric ? "symmetric" : "asymmetric"}`
+      : q ? `${q.bits}-bit codes, ${q.group_size === -1 ? "per output channel" : `groups of ${q.group_size}`}, `
       + `${q.symmetric ? "symmetric" : "asymmetric"}` : "not quantized (dense weights as stored)",
       counted("codes_bytes") + perWeight("codes_bytes")],
     ["scales", q ? "one per group" : "none", counted("scales_bytes") + perWeight("scales_bytes")],

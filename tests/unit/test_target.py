@@ -1,0 +1,139 @@
+"""Size targets on a tiny LLaMA: the plan the allocator chooses compresses, exports and verifies, and
+its stored bits per weight, summed from the files' tensors, are the allocation's bytes exactly and
+within the target; vLLM targets keep fused sets on one scheme; an impossible target fails before any
+work with the smallest size in the message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.specs import compensation, quant
+from tests.unit.test_export import VERIFY_WINDOWS, extra
+from worker import target as target_module
+from worker.export import export_model, reference_logits, verify_export
+from worker.export.sizes import module_bytes, pack_quantized_bytes
+from worker.models import get_architecture, load_model
+from worker.plan import CompressionPlan
+from worker.sequential import compress_model
+from worker.target import SizeTarget, TargetError, output_sensitivity, plan_for_target
+
+CPU = torch.device("cpu")
+BASE = CompressionPlan(quant=quant(method="rtn"), compensation=compensation(method="eora", rank=8))
+ANY = SizeTarget(bits_per_weight=4.5, engine="transformers", bits=(2, 3, 4, 8), group_sizes=(16, 32, 64, -1),
+                 ranks=(0, 4, 8), measure_with="rtn")
+# Only 2 and 3 bits: what the budget has beyond 3 bits goes to adapters, ranks differing by module.
+LOW_BITS = SizeTarget(bits_per_weight=4.0, engine="transformers", bits=(2, 3), group_sizes=(16, 32, 64, -1),
+                      ranks=(0, 4, 8), measure_with="rtn")
+VLLM = SizeTarget(bits_per_weight=6.0, engine="vllm", bits=(4, 8), group_sizes=(32, 64, -1), ranks=(0, 8, 16),
+                  measure_with="rtn")
+
+
+def run_target(model_dir, windows, base, target, out):
+    model, tokenizer = load_model(model_dir)
+    chosen = plan_for_target(model, windows, base, target, CPU)
+    result = compress_model(model, windows, chosen.plan, CPU)
+    reference = reference_logits(model, windows[:VERIFY_WINDOWS])
+    info = export_model(model, tokenizer, result, chosen.plan, out, extra(windows))
+    assert verify_export(out, reference, windows[:VERIFY_WINDOWS]).max_abs_diff <= 1e-4
+    return chosen, result, info
+
+
+def stored_bytes(info, result) -> int:
+    """Linear tensors' bytes in the checkpoint plus the adapter file's tensors."""
+    linear = sum(sum(parts.values()) for parts in module_bytes(info.out_dir, result.modules).values())
+    return linear + (0 if info.adapter is None else info.adapter.stored_bytes)
+
+
+@pytest.mark.parametrize("target", [ANY, LOW_BITS], ids=["2-8 bits", "2-3 bits + adapters"])
+def test_a_target_is_met_exactly_as_counted_from_the_files(target, tiny_model_dir, calibration_windows, tmp_path):
+    chosen, result, info = run_target(tiny_model_dir, calibration_windows, BASE, target, tmp_path / "out")
+    assert stored_bytes(info, result) == chosen.allocation.bytes <= chosen.budget
+    assert info.sizes["bits_per_weight_stored"] == pytest.approx(chosen.bits_per_weight) and \
+        chosen.bits_per_weight <= target.bits_per_weight
+    assert chosen.budget - chosen.allocation.bytes < 8 * 64  # the budget is spent: at most a small step is left
+    assert chosen.allocation.exact
+    schemes = {(m.quantized.bits, m.quantized.group_size) for m in result.modules.values()}
+    assert len(schemes) > 1 and info.checkpoint.mixed  # the target made a mixed-precision plan
+    ranks = {m.rank for m in result.modules.values()}
+    assert ranks <= set(target.ranks)
+    if target is LOW_BITS:
+        assert len(ranks) > 1 and info.adapter is not None  # adapters where they pay, of differing ranks
+    manifest = info.manifest["modules"]
+    for name, option in chosen.chosen.items():
+        entry = manifest[name]
+        assert (entry["bits"], entry["rank"]) == (option.quant.bits, option.rank), name
+    again = plan_for_target(load_model(tiny_model_dir)[0], calibration_windows, BASE, target, CPU)
+    assert again.plan == chosen.plan  # deterministic
+
+
+def test_a_vllm_target_keeps_fused_sets_on_one_scheme(tiny_model_dir, calibration_windows, tmp_path):
+    chosen, result, info = run_target(tiny_model_dir, calibration_windows, BASE, VLLM, tmp_path / "out")
+    assert info.sizes["bits_per_weight_served"] <= VLLM.bits_per_weight
+    assert stored_bytes(info, result) - info.sizes["adapter_stored_bytes"] + info.sizes["adapter_served_bytes"] == \
+        chosen.allocation.bytes
+    scheme = {name: (m.quantized.bits, m.quantized.group_size) for name, m in result.modules.items()}
+    assert {bits for bits, _ in scheme.values()} <= {4, 8}
+    for layer in range(2):
+        prefix = f"model.layers.{layer}"
+        assert len({scheme[f"{prefix}.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")}) == 1
+        assert len({scheme[f"{prefix}.mlp.{p}"] for p in ("gate_proj", "up_proj")}) == 1
+    assert {m.rank for m in result.modules.values()} <= {0, 8, 16}
+    assert info.manifest["serving"]["vllm"]["serves"] is True
+
+
+def test_an_impossible_target_fails_before_any_work(tiny_model_dir, calibration_windows, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(target_module, "output_sensitivity", no_work)
+    monkeypatch.setattr(target_module, "measure_options", no_work)
+    model, _ = load_model(tiny_model_dir)
+    shapes = [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
+              if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+    # The cheapest option: 2-bit, one asymmetric group per row, no adapter.
+    smallest = sum(sum(pack_quantized_bytes(d_out, d_in, 2, -1, False, 4).values()) for d_out, d_in in shapes)
+    weights = sum(d_out * d_in for d_out, d_in in shapes)
+    impossible = SizeTarget(**{**ANY.__dict__, "bits_per_weight": 2.0})
+    with pytest.raises(TargetError, match=f"stores {8 * smallest / weights:.4f} bits per weight "
+                                          f"\\({smallest:,} bytes over {weights:,} Linear weights\\)"):
+        plan_for_target(model, calibration_windows, BASE, impossible, CPU)
+
+
+def test_vllm_targets_refuse_what_vllm_does_not_load():
+    with pytest.raises(TargetError, match="vLLM loads"):
+        SizeTarget(**{**VLLM.__dict__, "bits": (3, 4)})
+    with pytest.raises(TargetError, match="adapter ranks"):
+        SizeTarget(**{**VLLM.__dict__, "ranks": (0, 4)})
+
+
+def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_output(tiny_model_dir, calibration_windows):
+    """Against autograd the plain way: the outputs kept with retain_grad, parameters requiring gradients."""
+    model, _ = load_model(tiny_model_dir)
+    arch = get_architecture(model)
+    sensitivity = output_sensitivity(model, arch, calibration_windows, batch_size=4)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no gradients left, flags restored
+    name = "model.layers.0.mlp.down_proj"
+    outputs = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, out: outputs.append(out) or out.retain_grad())
+    total = 0.0
+    with torch.enable_grad():
+        for batch in calibration_windows.split(4):
+            loss = model(input_ids=batch, labels=batch).loss * batch.shape[0] * (batch.shape[1] - 1)
+            loss.backward()
+            total += float(outputs[-1].grad.double().square().sum())
+    handle.remove()
+    expected = total / (calibration_windows.numel() * model.get_submodule(name).out_features)
+    assert sensitivity[name] == pytest.approx(expected, rel=1e-6)
+    assert all(value > 0 for value in sensitivity.values())
+
+
+def test_per_module_choices_need_a_plan_they_fit():
+    with pytest.raises(ValueError, match="per-module quantizers need a plan that quantizes"):
+        CompressionPlan(module_quant={"m": quant(method="rtn")})
+    with pytest.raises(ValueError, match="per-module ranks need a fixed-rank compensation"):
+        CompressionPlan(quant=quant(method="rtn"), compensation=compensation(budget_params=100), module_rank={"m": 4})
+    with pytest.raises(ValueError, match="ranks in 0..max_rank"):
+        CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": -1})
+    plan = CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": 0})
+    assert (plan.rank_for("m"), plan.rank_for("other")) == (0, 4)
