@@ -11,9 +11,9 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
+from sqlalchemy import Row, Text, and_, case, cast, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer, undefer
+from sqlalchemy.orm import Session
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
@@ -23,9 +23,16 @@ if TYPE_CHECKING:
     from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-# A job list reads listed_metrics (deferred otherwise); loading metrics too would fetch and parse every
-# per-module table.
-LISTED = (defer(Job.metrics, raiseload=True), undefer(Job.listed_metrics))
+
+
+def job_columns(listed: bool) -> tuple:
+    """What the read endpoints show of a job (app/jobs/views.py), JSON columns as their stored text. listed:
+    as a list item, whose metrics are listed_metrics (reading metrics would fetch every per-module table)."""
+    metrics = Job.listed_metrics if listed else Job.metrics
+    return (Job.id, Job.tenant_id, Job.status, Job.attempt, Job.max_attempts, Job.cancel_requested_at, Job.stage,
+            Job.layer, Job.layers, Job.percent, Job.memory_class, cast(Job.spec, Text).label("spec"), Job.error,
+            cast(metrics, Text).label("metrics"), cast(Job.artifacts, Text).label("artifacts"), Job.created_at,
+            Job.updated_at, Job.started_at, Job.finished_at)
 
 
 def listed_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -88,12 +95,12 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -
     return job if job is not None and (tenant_id is None or job.tenant_id == tenant_id) else None
 
 
-def job_visible(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> bool:
-    """get_job's check without loading the row (its metrics are most of its bytes)."""
-    query = select(Job.id).where(Job.id == job_id)
+def job_row(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> Row | None:
+    """get_job as job_columns(listed=False), without an ORM object."""
+    query = select(*job_columns(listed=False)).where(Job.id == job_id)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
-    return session.scalar(query) is not None
+    return session.execute(query).one_or_none()
 
 
 def count_queued(session: Session, tenant_id: str) -> int:
@@ -103,19 +110,21 @@ def count_queued(session: Session, tenant_id: str) -> int:
 
 def list_jobs(
     session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
-    tenant_id: str | None = None,
-) -> list[Job]:
-    """Newest first; `before` is the (created_at, id) of the last job of the previous page. The jobs come
-    without metrics (reading it raises): a list shows listed_metrics."""
-    query = select(Job).options(*LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    tenant_id: str | None = None, model: str = "",
+) -> list[Row]:
+    """Newest first, as rows of job_columns(listed=True); `before` is the (created_at, id) of the last job
+    of the previous page; model: part of the model id, any case ("" = any)."""
+    query = select(*job_columns(listed=True)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
+    if model:
+        query = query.where(func.lower(Job.spec["model"]["id"].as_string()).contains(model.lower(), autoescape=True))
     if before is not None:
         created_at, job_id = before
         query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
-    return list(session.scalars(query))
+    return list(session.execute(query))
 
 
 def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
@@ -126,6 +135,24 @@ def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
     if tenant_id is not None:
         query = query.join(Job, Job.id == JobEvent.job_id).where(Job.tenant_id == tenant_id)
     return list(session.scalars(query))
+
+
+def event_rows(session: Session, job_id: uuid.UUID, after: int, limit: int,
+               tenant_id: str | None = None) -> list[Row] | None:
+    """list_events as rows of EventOut's fields, in one query with the job's check: None when the job is
+    not there (or not the tenant's)."""
+    query = (
+        select(JobEvent.id, JobEvent.attempt, JobEvent.created_at, JobEvent.stage, JobEvent.level, JobEvent.message,
+               JobEvent.data)
+        .select_from(Job).outerjoin(JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.id > after))
+        .where(Job.id == job_id).order_by(JobEvent.id).limit(limit)
+    )
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    rows = list(session.execute(query))
+    if not rows:
+        return None
+    return [] if rows[0].id is None else rows
 
 
 def add_event(

@@ -11,10 +11,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from app.auth import Caller
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import Job, JobStatus
 from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound, JobStateConflict, TooManyQueued
 from app.jobs import repository, uploads
 from app.jobs.capabilities import check_supported
@@ -134,7 +135,15 @@ def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
     return job
 
 
-def encode_cursor(job: Job) -> str:
+def job_row(session: Session, job_id: uuid.UUID, caller: Caller) -> Row:
+    """get_job for the read endpoint: a row of repository.job_columns."""
+    row = repository.job_row(session, job_id, _tenant_filter(caller))
+    if row is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return row
+
+
+def encode_cursor(job: Job | Row) -> str:
     raw = f"{job.created_at.isoformat()}|{job.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
@@ -148,17 +157,19 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(session: Session, caller: Caller, status: JobStatus | None, limit: int,
-              cursor: str | None) -> tuple[list[Job], str | None]:
+              cursor: str | None, model: str = "") -> tuple[list[Row], str | None]:
+    """A page of rows of repository.job_columns(listed=True) and the next page's cursor."""
     before = decode_cursor(cursor) if cursor else None
-    jobs = repository.list_jobs(session, status, limit + 1, before, _tenant_filter(caller))
+    jobs = repository.list_jobs(session, status, limit + 1, before, _tenant_filter(caller), model)
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 
-def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[JobEvent]:
-    if not repository.job_visible(session, job_id, _tenant_filter(caller)):
+def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[Row]:
+    events = repository.event_rows(session, job_id, after, limit, _tenant_filter(caller))
+    if events is None:
         raise JobNotFound(f"no job with id {job_id}")
-    return repository.list_events(session, job_id, after, limit, _tenant_filter(caller))
+    return events
 
 
 def cancel_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
