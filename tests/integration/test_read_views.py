@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.auth import create_key
+from app.client import SqueezeClient
 from app.db.models import Job, JobEvent
 from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
 from app.jobs import repository
@@ -150,3 +152,32 @@ def test_another_tenant_s_tag_gives_nothing_away(sessions, clients):
     assert own.status_code == 200 and own.headers["etag"] != page_tag
     assert {item["tenant"] for item in own.json()["items"]} == {"tenant-b"}
 
+
+class Recording(httpx.BaseTransport):
+    """The test app's transport, noting the status of every answer."""
+
+    def __init__(self, inner: httpx.BaseTransport):
+        self.inner, self.statuses = inner, []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        self.statuses.append(response.status_code)
+        return httpx.Response(response.status_code, headers=response.headers, content=response.read())
+
+
+def test_the_python_client_polls_with_if_none_match(sessions, clients, settings):
+    a, _ = clients
+    running = add_jobs(sessions, "tenant-a")["running"]
+    transport = Recording(a._transport)
+    with SqueezeClient("http://testserver", a.headers["authorization"].removeprefix("Bearer "),
+                       transport=transport) as client:
+        first, again = client.job(running), client.job(running)
+        assert transport.statuses == [200, 304] and again == first and again is not first
+        with unit_of_work(sessions) as session:
+            repository.report_progress(session, running, 1, "w1", stage="compress", layer=5, layers=7, percent=60.0)
+        assert client.job(running).progress.layer == 5 and transport.statuses[-1] == 200
+        assert client.job(running).progress.layer == 5 and transport.statuses[-1] == 304
+
+        page = client.jobs(limit=2)
+        assert client.jobs(limit=2) == page and transport.statuses[-2:] == [200, 304]
+        assert client.jobs(limit=3).items[:2] == page.items and transport.statuses[-1] == 200  # another URL
