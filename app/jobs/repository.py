@@ -7,11 +7,28 @@ caller's unit of work commits.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, Text, and_, case, cast, exists, func, insert, literal, null, or_, select, update
+from sqlalchemy import (
+    Row,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +40,7 @@ if TYPE_CHECKING:
     from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+LIKE_ESCAPE = "/"
 
 
 def job_columns(listed: bool) -> tuple:
@@ -33,6 +51,49 @@ def job_columns(listed: bool) -> tuple:
             Job.layer, Job.layers, Job.percent, Job.memory_class, cast(Job.spec, Text).label("spec"), Job.error,
             cast(metrics, Text).label("metrics"), cast(Job.artifacts, Text).label("artifacts"), Job.created_at,
             Job.updated_at, Job.started_at, Job.finished_at)
+
+
+# The polling reads' statements are built once per shape, with bound parameters: building a 19-column
+# SELECT and its cache key on every request cost more CPU than the rest of a job read (issue 17).
+
+@functools.cache
+def _job_read(by_tenant: bool) -> Select:
+    query = select(*job_columns(listed=False)).where(Job.id == bindparam("job_id"))
+    return query.where(Job.tenant_id == bindparam("tenant_id")) if by_tenant else query
+
+
+@functools.cache
+def _job_list(by_tenant: bool, by_status: bool, by_model: bool, after_cursor: bool) -> Select:
+    query = (select(*job_columns(listed=True)).order_by(Job.created_at.desc(), Job.id.desc())
+             .limit(bindparam("limit")))
+    if by_tenant:
+        query = query.where(Job.tenant_id == bindparam("tenant_id"))
+    if by_status:
+        query = query.where(Job.status == bindparam("status"))
+    if by_model:
+        model_id = func.lower(Job.spec["model"]["id"].as_string())
+        query = query.where(model_id.contains(bindparam("model"), escape=LIKE_ESCAPE))
+    if after_cursor:
+        created_at = bindparam("created_at")
+        query = query.where(or_(Job.created_at < created_at,
+                                and_(Job.created_at == created_at, Job.id < bindparam("job_id"))))
+    return query
+
+
+@functools.cache
+def _event_read(by_tenant: bool) -> Select:
+    query = (
+        select(JobEvent.id, JobEvent.attempt, JobEvent.created_at, JobEvent.stage, JobEvent.level, JobEvent.message,
+               JobEvent.data)
+        .select_from(Job).outerjoin(JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.id > bindparam("after")))
+        .where(Job.id == bindparam("job_id")).order_by(JobEvent.id).limit(bindparam("limit"))
+    )
+    return query.where(Job.tenant_id == bindparam("tenant_id")) if by_tenant else query
+
+
+def _like_escaped(text: str) -> str:
+    """text matched literally inside a LIKE pattern with ESCAPE LIKE_ESCAPE (what autoescape=True does)."""
+    return text.replace(LIKE_ESCAPE, 2 * LIKE_ESCAPE).replace("%", LIKE_ESCAPE + "%").replace("_", LIKE_ESCAPE + "_")
 
 
 def listed_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -97,10 +158,8 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -
 
 def job_row(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> Row | None:
     """get_job as job_columns(listed=False), without an ORM object."""
-    query = select(*job_columns(listed=False)).where(Job.id == job_id)
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    return session.execute(query).one_or_none()
+    params = {"job_id": job_id} if tenant_id is None else {"job_id": job_id, "tenant_id": tenant_id}
+    return session.execute(_job_read(tenant_id is not None), params).one_or_none()
 
 
 def count_queued(session: Session, tenant_id: str) -> int:
@@ -114,17 +173,17 @@ def list_jobs(
 ) -> list[Row]:
     """Newest first, as rows of job_columns(listed=True); `before` is the (created_at, id) of the last job
     of the previous page; model: part of the model id, any case ("" = any)."""
-    query = select(*job_columns(listed=True)).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    params: dict[str, Any] = {"limit": limit}
     if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
+        params["tenant_id"] = tenant_id
     if status is not None:
-        query = query.where(Job.status == status)
+        params["status"] = status
     if model:
-        query = query.where(func.lower(Job.spec["model"]["id"].as_string()).contains(model.lower(), autoescape=True))
+        params["model"] = _like_escaped(model.lower())
     if before is not None:
-        created_at, job_id = before
-        query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
-    return list(session.execute(query))
+        params["created_at"], params["job_id"] = before
+    query = _job_list(tenant_id is not None, status is not None, bool(model), before is not None)
+    return list(session.execute(query, params))
 
 
 def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
@@ -141,15 +200,10 @@ def event_rows(session: Session, job_id: uuid.UUID, after: int, limit: int,
                tenant_id: str | None = None) -> list[Row] | None:
     """list_events as rows of EventOut's fields, in one query with the job's check: None when the job is
     not there (or not the tenant's)."""
-    query = (
-        select(JobEvent.id, JobEvent.attempt, JobEvent.created_at, JobEvent.stage, JobEvent.level, JobEvent.message,
-               JobEvent.data)
-        .select_from(Job).outerjoin(JobEvent, and_(JobEvent.job_id == Job.id, JobEvent.id > after))
-        .where(Job.id == job_id).order_by(JobEvent.id).limit(limit)
-    )
+    params: dict[str, Any] = {"job_id": job_id, "after": after, "limit": limit}
     if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    rows = list(session.execute(query))
+        params["tenant_id"] = tenant_id
+    rows = list(session.execute(_event_read(tenant_id is not None), params))
     if not rows:
         return None
     return [] if rows[0].id is None else rows
