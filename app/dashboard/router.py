@@ -20,7 +20,7 @@ from sqlalchemy import func, or_, select
 
 from app.db.base import utcnow
 from app.db.models import Job, JobStatus
-from app.db.session import unit_of_work
+from app.db.session import read_only, unit_of_work
 from app.jobs import service, views
 from app.jobs.router import NOT_MODIFIED, CallerDep
 from app.jobs.schemas import ERRORS, JobPage
@@ -99,8 +99,8 @@ def search_jobs(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
     """GET /v1/jobs with a model filter: newest first, the same cursors and ETags."""
-    with unit_of_work(request.app.state.sessions) as session:
-        jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor, model)
+    with read_only(request.app.state.engine) as connection:
+        jobs, next_cursor = service.list_jobs(connection, caller, status, limit, cursor, model)
     return views.conditional(request, views.etag(jobs, next_cursor), lambda: views.page_body(jobs, next_cursor))
 
 

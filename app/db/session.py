@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic_core import from_json
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +62,15 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """One short read on a Core connection, its transaction rolled back at the end (nothing is written):
+    the polling reads select columns and need no ORM session, whose bookkeeping added 0.1-0.2 ms of CPU
+    to each (issue 17)."""
+    with engine.connect() as connection:
+        yield connection
 
 
 class DatabaseUnreachable(Exception):

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    Connection,
     Row,
     Select,
     Text,
@@ -156,10 +157,10 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -
     return job if job is not None and (tenant_id is None or job.tenant_id == tenant_id) else None
 
 
-def job_row(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> Row | None:
+def job_row(connection: Connection, job_id: uuid.UUID, tenant_id: str | None = None) -> Row | None:
     """get_job as job_columns(listed=False), without an ORM object."""
     params = {"job_id": job_id} if tenant_id is None else {"job_id": job_id, "tenant_id": tenant_id}
-    return session.execute(_job_read(tenant_id is not None), params).one_or_none()
+    return connection.execute(_job_read(tenant_id is not None), params).one_or_none()
 
 
 def count_queued(session: Session, tenant_id: str) -> int:
@@ -168,7 +169,7 @@ def count_queued(session: Session, tenant_id: str) -> int:
 
 
 def list_jobs(
-    session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
+    connection: Connection, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
     tenant_id: str | None = None, model: str = "",
 ) -> list[Row]:
     """Newest first, as rows of job_columns(listed=True); `before` is the (created_at, id) of the last job
@@ -183,7 +184,7 @@ def list_jobs(
     if before is not None:
         params["created_at"], params["job_id"] = before
     query = _job_list(tenant_id is not None, status is not None, bool(model), before is not None)
-    return list(session.execute(query, params))
+    return list(connection.execute(query, params))
 
 
 def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
@@ -196,14 +197,14 @@ def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,
     return list(session.scalars(query))
 
 
-def event_rows(session: Session, job_id: uuid.UUID, after: int, limit: int,
+def event_rows(connection: Connection, job_id: uuid.UUID, after: int, limit: int,
                tenant_id: str | None = None) -> list[Row] | None:
     """list_events as rows of EventOut's fields, in one query with the job's check: None when the job is
     not there (or not the tenant's)."""
     params: dict[str, Any] = {"job_id": job_id, "after": after, "limit": limit}
     if tenant_id is not None:
         params["tenant_id"] = tenant_id
-    rows = list(session.execute(_event_read(tenant_id is not None), params))
+    rows = list(connection.execute(_event_read(tenant_id is not None), params))
     if not rows:
         return None
     return [] if rows[0].id is None else rows

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, Upload
 
 from app.auth import Caller, authenticate
 from app.db.models import JobStatus
-from app.db.session import unit_of_work
+from app.db.session import read_only, unit_of_work
 from app.jobs import routing, service, uploads, views
 from app.jobs.schemas import ERRORS, EventPage, JobOut, JobPage, UploadOut, UploadPage
 from app.jobs.spec import JobSpec
@@ -52,15 +52,15 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor)
+    with read_only(request.app.state.engine) as connection:
+        jobs, next_cursor = service.list_jobs(connection, caller, status, limit, cursor)
     return views.conditional(request, views.etag(jobs, next_cursor), lambda: views.page_body(jobs, next_cursor))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_MODIFIED)
 def get_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        job = service.job_row(session, job_id, caller)
+    with read_only(request.app.state.engine) as connection:
+        job = service.job_row(connection, job_id, caller)
     return views.conditional(request, views.etag([job]), lambda: views.job_body(job))
 
 
@@ -70,8 +70,8 @@ def list_events(
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        events = service.list_events(session, job_id, caller, after, limit)
+    with read_only(request.app.state.engine) as connection:
+        events = service.list_events(connection, job_id, caller, after, limit)
     return Response(views.event_body(events, events[-1].id if events else after), media_type="application/json")
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Row
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
 from app.auth import Caller
@@ -135,9 +135,9 @@ def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
     return job
 
 
-def job_row(session: Session, job_id: uuid.UUID, caller: Caller) -> Row:
+def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> Row:
     """get_job for the read endpoint: a row of repository.job_columns."""
-    row = repository.job_row(session, job_id, _tenant_filter(caller))
+    row = repository.job_row(connection, job_id, _tenant_filter(caller))
     if row is None:
         raise JobNotFound(f"no job with id {job_id}")
     return row
@@ -156,17 +156,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadCursor("cursor is not one this API returned") from exc
 
 
-def list_jobs(session: Session, caller: Caller, status: JobStatus | None, limit: int,
+def list_jobs(connection: Connection, caller: Caller, status: JobStatus | None, limit: int,
               cursor: str | None, model: str = "") -> tuple[list[Row], str | None]:
     """A page of rows of repository.job_columns(listed=True) and the next page's cursor."""
     before = decode_cursor(cursor) if cursor else None
-    jobs = repository.list_jobs(session, status, limit + 1, before, _tenant_filter(caller), model)
+    jobs = repository.list_jobs(connection, status, limit + 1, before, _tenant_filter(caller), model)
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 
-def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[Row]:
-    events = repository.event_rows(session, job_id, after, limit, _tenant_filter(caller))
+def list_events(connection: Connection, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[Row]:
+    events = repository.event_rows(connection, job_id, after, limit, _tenant_filter(caller))
     if events is None:
         raise JobNotFound(f"no job with id {job_id}")
     return events
