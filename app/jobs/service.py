@@ -20,6 +20,7 @@ from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound,
 from app.jobs import repository, uploads
 from app.jobs.capabilities import check_supported
 from app.jobs.destinations import DestinationRefused, check_destination
+from app.jobs.repository import JobRow
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
@@ -135,7 +136,7 @@ def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
     return job
 
 
-def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> Row:
+def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> JobRow:
     """get_job for the read endpoint: a row of repository.job_columns."""
     row = repository.job_row(connection, job_id, _tenant_filter(caller))
     if row is None:
@@ -143,7 +144,7 @@ def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> Row:
     return row
 
 
-def encode_cursor(job: Job | Row) -> str:
+def encode_cursor(job: Job | JobRow) -> str:
     raw = f"{job.created_at.isoformat()}|{job.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
@@ -157,7 +158,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(connection: Connection, caller: Caller, status: JobStatus | None, limit: int,
-              cursor: str | None, model: str = "") -> tuple[list[Row], str | None]:
+              cursor: str | None, model: str = "") -> tuple[list[JobRow], str | None]:
     """A page of rows of repository.job_columns(listed=True) and the next page's cursor."""
     before = decode_cursor(cursor) if cursor else None
     jobs = repository.list_jobs(connection, status, limit + 1, before, _tenant_filter(caller), model)
