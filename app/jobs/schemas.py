@@ -66,7 +66,7 @@ class JobOut(BaseModel):
 
 
 def job_fields(job: Any, spec: Any, metrics: Any, artifacts: Any) -> dict[str, Any]:
-    """JobOut's fields, in its order, from a Job or a row of repository.job_columns (its JSON columns given
+    """JobOut's fields, in its order, from a Job or a row of reads.job_columns (its JSON columns given
     parsed): what JobOut.of validates, and what app/jobs/views.py serialises as it is."""
     return {
         "id": job.id, "tenant": job.tenant_id, "status": job.status, "attempt": job.attempt,

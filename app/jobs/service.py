@@ -17,10 +17,10 @@ from sqlalchemy.orm import Session
 from app.auth import Caller
 from app.db.models import Job, JobStatus
 from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound, JobStateConflict, TooManyQueued
-from app.jobs import repository, uploads
+from app.jobs import reads, repository, uploads
 from app.jobs.capabilities import check_supported
 from app.jobs.destinations import DestinationRefused, check_destination
-from app.jobs.repository import JobRow
+from app.jobs.reads import JobRow
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
@@ -137,8 +137,8 @@ def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
 
 
 def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> JobRow:
-    """get_job for the read endpoint: a row of repository.job_columns."""
-    row = repository.job_row(connection, job_id, _tenant_filter(caller))
+    """get_job for the read endpoint: a row of reads.job_columns."""
+    row = reads.job_row(connection, job_id, _tenant_filter(caller))
     if row is None:
         raise JobNotFound(f"no job with id {job_id}")
     return row
@@ -159,15 +159,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 def list_jobs(connection: Connection, caller: Caller, status: JobStatus | None, limit: int,
               cursor: str | None, model: str = "") -> tuple[list[JobRow], str | None]:
-    """A page of rows of repository.job_columns(listed=True) and the next page's cursor."""
+    """A page of rows of reads.job_columns(listed=True) and the next page's cursor."""
     before = decode_cursor(cursor) if cursor else None
-    jobs = repository.list_jobs(connection, status, limit + 1, before, _tenant_filter(caller), model)
+    jobs = reads.list_jobs(connection, status, limit + 1, before, _tenant_filter(caller), model)
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 
 def list_events(connection: Connection, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[Row]:
-    events = repository.event_rows(connection, job_id, after, limit, _tenant_filter(caller))
+    events = reads.event_rows(connection, job_id, after, limit, _tenant_filter(caller))
     if events is None:
         raise JobNotFound(f"no job with id {job_id}")
     return events

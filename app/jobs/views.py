@@ -3,7 +3,7 @@ models on the polling path, and a conditional GET (ETag, If-None-Match -> 304) f
 
 The bodies are the bytes JobOut / JobPage / EventPage.model_dump_json() give (tests/integration/test_read_views.py
 compares them): pydantic-core's to_json serialises these dicts with the same rules. A job's JSON columns
-come as their stored text (repository.job_columns) and are parsed only when a body is sent; its ETag is
+come as their stored text (reads.job_columns) and are parsed only when a body is sent; its ETag is
 a hash of the row as read, so an unchanged job or page is answered without parsing or serialising.
 """
 
