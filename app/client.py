@@ -48,10 +48,14 @@ class ChecksumMismatch(ClientError):
 
 
 class SqueezeClient:
+    # How many answers the client keeps for conditional GETs (a poll re-reads the same few).
+    KEPT_ANSWERS = 64
+
     def __init__(self, server: str, api_key: str | None = None, *, timeout: float = 30.0,
                  transport: httpx.BaseTransport | None = None):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+        self._kept: dict[str, tuple[str, bytes]] = {}  # request URL: (its ETag, the body that came with it)
 
     def close(self) -> None:
         self._http.close()
@@ -70,12 +74,28 @@ class SqueezeClient:
         _raise_for(response)
         return response
 
+    def _get_kept(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        """GET with If-None-Match when an earlier answer to the same URL is kept: an unchanged job or page
+        is a 304 without a body (almost no work for the server), answered here from the kept body."""
+        url = str(self._http.build_request("GET", path, params=params).url)
+        kept = self._kept.get(url)
+        headers = {"If-None-Match": kept[0]} if kept else {}
+        response = self._request("GET", path, params=params, headers=headers)
+        if response.status_code == 304 and kept:
+            return kept[1]
+        self._kept.pop(url, None)
+        if "etag" in response.headers:
+            if len(self._kept) >= self.KEPT_ANSWERS:
+                del self._kept[next(iter(self._kept))]  # the oldest
+            self._kept[url] = (response.headers["etag"], response.content)
+        return response.content
+
     def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> JobOut:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return JobOut.model_validate(self._request("POST", "/v1/jobs", json=spec, headers=headers).json())
 
     def job(self, job_id: uuid.UUID | str) -> JobOut:
-        return JobOut.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+        return JobOut.model_validate_json(self._get_kept(f"/v1/jobs/{job_id}"))
 
     def jobs(self, *, status: JobStatus | str | None = None, limit: int = 50, cursor: str | None = None) -> JobPage:
         params: dict[str, Any] = {"limit": limit}
@@ -83,7 +103,7 @@ class SqueezeClient:
             params["status"] = JobStatus(status).value
         if cursor is not None:
             params["cursor"] = cursor
-        return JobPage.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+        return JobPage.model_validate_json(self._get_kept("/v1/jobs", params))
 
     def cancel(self, job_id: uuid.UUID | str) -> JobOut:
         return JobOut.model_validate(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())

@@ -16,15 +16,14 @@ from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, or_, select
 
 from app.db.base import utcnow
 from app.db.models import Job, JobStatus
-from app.db.session import unit_of_work
-from app.jobs import repository
-from app.jobs.router import CallerDep
-from app.jobs.schemas import ERRORS, JobOut, JobPage, json_response
-from app.jobs.service import decode_cursor, encode_cursor
+from app.db.session import read_only, unit_of_work
+from app.jobs import service, views
+from app.jobs.router import NOT_MODIFIED, CallerDep
+from app.jobs.schemas import ERRORS, JobPage
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
@@ -91,7 +90,7 @@ def stats(request: Request, caller: CallerDep) -> Stats:
                  workers_recent=hosts, workers_window_seconds=int(WORKERS_SEEN_WINDOW.total_seconds()))
 
 
-@api.get("/job-search", response_model=JobPage)
+@api.get("/job-search", response_model=JobPage, responses=NOT_MODIFIED)
 def search_jobs(
     request: Request, caller: CallerDep,
     model: Annotated[str, Query(max_length=512, description="Part of the model id, any case.")] = "",
@@ -99,22 +98,10 @@ def search_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
-    """GET /v1/jobs with a model filter: newest first, the same cursors."""
-    query = select(Job).options(*repository.LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    if not caller.admin:
-        query = query.where(Job.tenant_id == caller.tenant_id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if model:
-        query = query.where(func.lower(Job.spec["model"]["id"].as_string()).contains(model.lower(), autoescape=True))
-    if cursor:
-        created_at, job_id = decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
-    with unit_of_work(request.app.state.sessions) as session:
-        jobs = list(session.scalars(query))
-        next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-        page = JobPage(items=[JobOut.of(job, listed=True) for job in jobs[:limit]], next_cursor=next_cursor)
-    return json_response(page)
+    """GET /v1/jobs with a model filter: newest first, the same cursors and ETags."""
+    with read_only(request.app.state.engine) as connection:
+        jobs, next_cursor = service.list_jobs(connection, caller, status, limit, cursor, model)
+    return views.conditional(request, views.etag(jobs, next_cursor), lambda: views.page_body(jobs, next_cursor))
 
 
 def install_dashboard(app: FastAPI) -> None:

@@ -88,7 +88,7 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # metrics without compression.per_module (the errors of every Linear, most of a finished job's 15-25 KB):
     # what a job list shows, written with metrics, so a list page neither reads nor parses the per-module table.
-    # Deferred: only a list loads it (app/jobs/repository.py LISTED).
+    # Deferred: only a list reads it (app/jobs/reads.py job_columns).
     listed_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, deferred=True)
     artifacts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic_core import from_json
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +62,16 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """Reads of one statement each, on a Core connection in autocommit: each SELECT is a transaction of its
+    own (one snapshot per statement: not for reads that must agree with each other). The polling reads
+    need neither an ORM session, whose bookkeeping added 0.1-0.2 ms of CPU to each, nor BEGIN and
+    ROLLBACK, two more round trips to the database (issue 17)."""
+    with engine.connect() as connection:
+        yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 class DatabaseUnreachable(Exception):

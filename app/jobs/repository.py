@@ -1,4 +1,5 @@
-"""Every query and state transition of jobs, in one place.
+"""Every query and state transition of jobs, in one place, but for the polling reads' queries (the API's
+job, job list and events reads as plain rows: app/jobs/reads.py).
 
 Transitions are conditional UPDATEs on (status, attempt[, lease owner]): when zero rows change,
 someone else owns the job and the caller must stop writing. Functions only add and flush; the
@@ -11,9 +12,9 @@ import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, exists, func, insert, literal, null, or_, select, update
+from sqlalchemy import case, exists, func, insert, literal, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer, undefer
+from sqlalchemy.orm import Session
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
     from app.jobs.routing import Route
 
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-# A job list reads listed_metrics (deferred otherwise); loading metrics too would fetch and parse every
-# per-module table.
-LISTED = (defer(Job.metrics, raiseload=True), undefer(Job.listed_metrics))
-
-
 def listed_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     """metrics without compression.per_module: what Job.listed_metrics holds."""
     compression = metrics.get("compression") if isinstance(metrics, dict) else None
@@ -88,34 +84,9 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -
     return job if job is not None and (tenant_id is None or job.tenant_id == tenant_id) else None
 
 
-def job_visible(session: Session, job_id: uuid.UUID, tenant_id: str | None = None) -> bool:
-    """get_job's check without loading the row (its metrics are most of its bytes)."""
-    query = select(Job.id).where(Job.id == job_id)
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    return session.scalar(query) is not None
-
-
 def count_queued(session: Session, tenant_id: str) -> int:
     return session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status == JobStatus.queued))
-
-
-def list_jobs(
-    session: Session, status: JobStatus | None, limit: int, before: tuple[datetime, uuid.UUID] | None,
-    tenant_id: str | None = None,
-) -> list[Job]:
-    """Newest first; `before` is the (created_at, id) of the last job of the previous page. The jobs come
-    without metrics (reading it raises): a list shows listed_metrics."""
-    query = select(Job).options(*LISTED).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if before is not None:
-        created_at, job_id = before
-        query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id)))
-    return list(session.scalars(query))
 
 
 def list_events(session: Session, job_id: uuid.UUID, after: int, limit: int,

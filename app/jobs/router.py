@@ -13,15 +13,16 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, Upload
 
 from app.auth import Caller, authenticate
 from app.db.models import JobStatus
-from app.db.session import unit_of_work
-from app.jobs import routing, service, uploads
-from app.jobs.schemas import ERRORS, EventOut, EventPage, JobOut, JobPage, UploadOut, UploadPage, json_response
+from app.db.session import read_only, unit_of_work
+from app.jobs import routing, service, uploads, views
+from app.jobs.schemas import ERRORS, EventPage, JobOut, JobPage, UploadOut, UploadPage
 from app.jobs.spec import JobSpec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 CallerDep = Annotated[Caller, Depends(authenticate)]
 # Event ids are 64-bit (BigInteger): a larger `after` is a 422, not a database error.
 MAX_EVENT_ID = 2**63 - 1
+NOT_MODIFIED = {304: {"description": "Unchanged since the ETag sent in If-None-Match (no body)"}}
 
 
 @router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobOut,
@@ -44,24 +45,23 @@ def create_job(
     return out
 
 
-@router.get("/jobs", response_model=JobPage)
+@router.get("/jobs", response_model=JobPage, responses=NOT_MODIFIED)
 def list_jobs(
     request: Request, caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        jobs, next_cursor = service.list_jobs(session, caller, status, limit, cursor)
-        page = JobPage(items=[JobOut.of(job, listed=True) for job in jobs], next_cursor=next_cursor)
-    return json_response(page)
+    with read_only(request.app.state.engine) as connection:
+        jobs, next_cursor = service.list_jobs(connection, caller, status, limit, cursor)
+    return views.conditional(request, views.etag(jobs, next_cursor), lambda: views.page_body(jobs, next_cursor))
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=NOT_MODIFIED)
 def get_job(job_id: uuid.UUID, request: Request, caller: CallerDep) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        job = JobOut.of(service.get_job(session, job_id, caller))
-    return json_response(job)
+    with read_only(request.app.state.engine) as connection:
+        job = service.job_row(connection, job_id, caller)
+    return views.conditional(request, views.etag([job]), lambda: views.job_body(job))
 
 
 @router.get("/jobs/{job_id}/events", response_model=EventPage)
@@ -70,10 +70,9 @@ def list_events(
     after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> Response:
-    with unit_of_work(request.app.state.sessions) as session:
-        events = service.list_events(session, job_id, caller, after, limit)
-        page = EventPage(items=[EventOut.of(e) for e in events], next_after=events[-1].id if events else after)
-    return json_response(page)
+    with read_only(request.app.state.engine) as connection:
+        events = service.list_events(connection, job_id, caller, after, limit)
+    return Response(views.event_body(events, events[-1].id if events else after), media_type="application/json")
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut)

@@ -6,18 +6,10 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from fastapi import Response
 from pydantic import BaseModel
 
-from app.db.models import Job, JobEvent, JobStatus, Upload
+from app.db.models import Job, JobStatus, Upload
 from app.settings import Settings
-
-
-def json_response(model: BaseModel) -> Response:
-    """The model as the response body, serialised once, in the endpoint's thread. A sync endpoint that
-    returns the model instead costs a second trip through the thread pool, where FastAPI validates it again
-    before serialising it (the endpoint keeps response_model= for the OpenAPI schema)."""
-    return Response(model.model_dump_json(), media_type="application/json")
 
 
 class ErrorOut(BaseModel):
@@ -69,19 +61,21 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job, listed: bool = False) -> JobOut:
-        """listed: as an item of a job list, whose metrics leave out the per-module table
-        (metrics.compression.per_module, most of a finished job's bytes: Job.listed_metrics);
-        GET /v1/jobs/{id} has it."""
-        metrics = job.listed_metrics if listed else job.metrics
-        return cls(
-            id=job.id, tenant=job.tenant_id, status=job.status, attempt=job.attempt, max_attempts=job.max_attempts,
-            cancel_requested=job.cancel_requested_at is not None,
-            progress=Progress(stage=job.stage, layer=job.layer, layers=job.layers, percent=job.percent),
-            memory_class=job.memory_class or "any", spec=job.spec, error=job.error, metrics=metrics, artifacts=job.artifacts,
-            created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
+    def of(cls, job: Job) -> JobOut:
+        return cls.model_validate(job_fields(job, job.spec, job.metrics, job.artifacts))
+
+
+def job_fields(job: Any, spec: Any, metrics: Any, artifacts: Any) -> dict[str, Any]:
+    """JobOut's fields, in its order, from a Job or a row of reads.job_columns (its JSON columns given
+    parsed): what JobOut.of validates, and what app/jobs/views.py serialises as it is."""
+    return {
+        "id": job.id, "tenant": job.tenant_id, "status": job.status, "attempt": job.attempt,
+        "max_attempts": job.max_attempts, "cancel_requested": job.cancel_requested_at is not None,
+        "progress": {"stage": job.stage, "layer": job.layer, "layers": job.layers, "percent": job.percent},
+        "memory_class": job.memory_class or "any", "spec": spec, "error": job.error, "metrics": metrics,
+        "artifacts": artifacts, "created_at": job.created_at, "updated_at": job.updated_at,
+        "started_at": job.started_at, "finished_at": job.finished_at,
+    }
 
 
 class JobPage(BaseModel):
@@ -97,11 +91,6 @@ class EventOut(BaseModel):
     level: str
     message: str
     data: dict[str, Any] | None
-
-    @classmethod
-    def of(cls, event: JobEvent) -> EventOut:
-        return cls(id=event.id, attempt=event.attempt, created_at=event.created_at, stage=event.stage,
-                   level=event.level, message=event.message, data=event.data)
 
 
 class EventPage(BaseModel):

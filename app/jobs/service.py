@@ -11,14 +11,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy import Connection, Row
 from sqlalchemy.orm import Session
 
 from app.auth import Caller
-from app.db.models import Job, JobEvent, JobStatus
+from app.db.models import Job, JobStatus
 from app.errors import BadCursor, IdempotencyMismatch, InvalidSpec, JobNotFound, JobStateConflict, TooManyQueued
-from app.jobs import repository, uploads
+from app.jobs import reads, repository, uploads
 from app.jobs.capabilities import check_supported
 from app.jobs.destinations import DestinationRefused, check_destination
+from app.jobs.reads import JobRow
 from app.jobs.spec import JobSpec
 from app.secrets import seal
 from app.settings import Settings
@@ -134,7 +136,15 @@ def get_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:
     return job
 
 
-def encode_cursor(job: Job) -> str:
+def job_row(connection: Connection, job_id: uuid.UUID, caller: Caller) -> JobRow:
+    """get_job for the read endpoint: a row of reads.job_columns."""
+    row = reads.job_row(connection, job_id, _tenant_filter(caller))
+    if row is None:
+        raise JobNotFound(f"no job with id {job_id}")
+    return row
+
+
+def encode_cursor(job: Job | JobRow) -> str:
     raw = f"{job.created_at.isoformat()}|{job.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
@@ -147,18 +157,20 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise BadCursor("cursor is not one this API returned") from exc
 
 
-def list_jobs(session: Session, caller: Caller, status: JobStatus | None, limit: int,
-              cursor: str | None) -> tuple[list[Job], str | None]:
+def list_jobs(connection: Connection, caller: Caller, status: JobStatus | None, limit: int,
+              cursor: str | None, model: str = "") -> tuple[list[JobRow], str | None]:
+    """A page of rows of reads.job_columns(listed=True) and the next page's cursor."""
     before = decode_cursor(cursor) if cursor else None
-    jobs = repository.list_jobs(session, status, limit + 1, before, _tenant_filter(caller))
+    jobs = reads.list_jobs(connection, status, limit + 1, before, _tenant_filter(caller), model)
     next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
     return jobs[:limit], next_cursor
 
 
-def list_events(session: Session, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[JobEvent]:
-    if not repository.job_visible(session, job_id, _tenant_filter(caller)):
+def list_events(connection: Connection, job_id: uuid.UUID, caller: Caller, after: int, limit: int) -> list[Row]:
+    events = reads.event_rows(connection, job_id, after, limit, _tenant_filter(caller))
+    if events is None:
         raise JobNotFound(f"no job with id {job_id}")
-    return repository.list_events(session, job_id, after, limit, _tenant_filter(caller))
+    return events
 
 
 def cancel_job(session: Session, job_id: uuid.UUID, caller: Caller) -> Job:

@@ -254,3 +254,17 @@ def test_queue_panel_counts_this_tenants_jobs(page, server):
     assert stats["workers_recent"], "a worker ran jobs for this tenant in the last minutes"
     expect(page.locator("#workernames")).to_contain_text(stats["workers_recent"][0])
 
+
+
+def test_list_polls_ask_again_with_the_etag(page, server):
+    """The browser keeps each answer and revalidates it: every poll after the first sends the tag of the
+    answer before it (the server then answers 304 while the list is unchanged)."""
+    polls = []
+    page.on("requestfinished", lambda request: polls.append(request) if "/v1/job-search" in request.url else None)
+    page.goto("/")
+    deadline = time.monotonic() + 30
+    while len(polls) < 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    assert len(polls) >= 3 and len({poll.url for poll in polls}) == 1
+    tags = [poll.response().headers["etag"] for poll in polls]
+    assert [poll.all_headers().get("if-none-match") for poll in polls[1:]] == tags[:-1]
