@@ -25,8 +25,8 @@ import platform
 import resource
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -176,7 +176,14 @@ def fp32_reference(protocol: Protocol) -> float:
 
 
 def plan_to_dict(plan: CompressionPlan) -> dict:
-    return {k: (asdict(v) if v is not None else None) for k, v in vars(plan).items()}
+    """The plan as JSON: its specs as dicts; per-module quantizers and ranks keyed by Linear name."""
+
+    def value(v):
+        if isinstance(v, Mapping):
+            return {k: value(x) for k, x in v.items()}
+        return asdict(v) if is_dataclass(v) else v
+
+    return {k: value(v) for k, v in vars(plan).items()}
 
 
 # The merge that completed issue 15's numeric fixes (error_after from an untouched W, fp64 Gram, no cut of
@@ -261,6 +268,7 @@ def run_config(
         "adapter_bytes": result.adapter_bytes,
         "max_rank": result.max_rank,
         "bits": bits_per_weight(plan, shapes, result),
+        "bits_by_kind": bits_by_kind(plan, shapes, result),
         "per_layer": per_layer(result),
         "modules": {
             n: {
@@ -312,25 +320,25 @@ def per_layer(result: CompressionResult) -> list[dict]:
 def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], result: CompressionResult | None) -> dict:
     """Effective storage bits per weight of the decoder Linears, split by what they pay for.
 
-    - codes: `bits` per stored weight; a 2:4 model stores only the kept half (values or codes);
-      dense weights without quantization count DENSE_BITS (fp16).
-    - scales/zeros: per group of `group_size` input columns, an fp16 scale plus a zero point packed
-      at `bits` bits (asymmetric, GPTQ / compressed-tensors pack-quantized style).
+    - codes: `bits` per stored weight of each Linear's quantizer (plan.quant_for: per-module quantizers
+      count for their modules); a 2:4 model stores only the kept half (values or codes); dense weights
+      without quantization count DENSE_BITS (fp16).
+    - scales/zeros: per group of `group_size` input columns (per channel: the whole row), an fp16 scale
+      plus, asymmetric, a zero point packed at `bits` bits (GPTQ / compressed-tensors pack-quantized style).
     - sparsity metadata: 2:4 as a 1-bit-per-weight bitmask (compressed-tensors sparse-24-bitmask;
       NVIDIA's 2-bit index per kept weight costs the same).
     - adapters: the adapter file's bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
       points plus an fp16 scale per adapter group; the export checks its file holds exactly these);
-      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored).
+      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored). Per-module ranks count
+      through each module's reported adapter.
     """
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
-    kept = 1.0
-    if plan.sparsity is not None:
-        if not plan.sparsity.is_nm:
-            raise ValueError("bits accounting covers N:M sparsity only")
-        kept = plan.sparsity.n / plan.sparsity.m
-    quant = plan.quant
-    codes = kept * (quant.bits if quant is not None else DENSE_BITS)
-    scales = (SCALE_BITS + quant.bits) / quant.group_size if quant is not None else 0.0
+    by_cost: dict[tuple[float, float], int] = {}  # summed per cost, so one quantizer gives its bits exactly
+    for name, (d_out, d_in) in shapes.items():
+        cost = weight_bits(plan, name, d_in)
+        by_cost[cost] = by_cost.get(cost, 0) + d_out * d_in
+    codes = sum(n * c for (c, _), n in by_cost.items()) / weights
+    scales = sum(n * s for (_, s), n in by_cost.items()) / weights
     mask = MASK_BITS if plan.sparsity is not None else 0.0
     adapters = 8 * result.adapter_bytes / weights if result is not None else 0.0
     served = 8 * adapter_served_bytes(result.adapter_params) / weights if result is not None else 0.0
@@ -344,6 +352,35 @@ def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], r
         "total_served_adapter": codes + scales + mask + served,
         "linear_weights": weights,
     }
+
+
+def weight_bits(plan: CompressionPlan, name: str, d_in: int) -> tuple[float, float]:
+    """(codes, scales and zero points) in bits per weight of the Linear `name`, d_in wide (see bits_per_weight)."""
+    kept = 1.0
+    if plan.sparsity is not None:
+        if not plan.sparsity.is_nm:
+            raise ValueError("bits accounting covers N:M sparsity only")
+        kept = plan.sparsity.n / plan.sparsity.m
+    quant = plan.quant_for(name)
+    if quant is None:
+        return kept * DENSE_BITS, 0.0
+    group = d_in if quant.group_size == -1 else quant.group_size
+    return kept * quant.bits, (SCALE_BITS + (0 if quant.symmetric else quant.bits)) / group
+
+
+def bits_by_kind(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], result: CompressionResult) -> dict:
+    """bits_per_weight's total split by Linear kind (q_proj, ..., down_proj): per kind what its weights
+    (codes, scales, zero points, 2:4 mask) and its adapters (stored) add to the total, in bits per weight
+    of all decoder Linears, so the kinds' "weights" + "adapters" sum to the total."""
+    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
+    mask = MASK_BITS if plan.sparsity is not None else 0.0
+    kinds: dict[str, dict] = {}
+    for name, (d_out, d_in) in shapes.items():
+        row = kinds.setdefault(name.rsplit(".", 1)[1], {"linear_weights": 0, "weights": 0.0, "adapters": 0.0})
+        row["linear_weights"] += d_out * d_in
+        row["weights"] += d_out * d_in * (sum(weight_bits(plan, name, d_in)) + mask) / weights
+        row["adapters"] += 8 * result.modules[name].adapter_bytes / weights
+    return kinds
 
 
 def quant(method: str, bits: int) -> QuantSpec:
