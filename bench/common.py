@@ -118,7 +118,11 @@ def lee_calibration(tokenizer, windows: int = CALIBRATION_WINDOWS) -> torch.Tens
 
 
 class Protocol:
-    """Tokenized calibration and evaluation windows, built once per process."""
+    """Tokenized calibration and evaluation windows, built once per process, with the model they are for
+    and the folder their rows are written to (SmolLM2 and docs/bench/runs/ unless made by `of`)."""
+
+    model_dir: Path = MODEL_DIR
+    runs: Path = RUNS
 
     def __init__(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
@@ -143,6 +147,15 @@ class Protocol:
             "batch_size": BATCH_SIZE,
         }
 
+    @classmethod
+    def of(cls, model_dir: Path, runs: Path, calibration: torch.Tensor, evaluation: torch.Tensor,
+           validation: torch.Tensor, info: dict) -> Protocol:
+        """Another model's windows, its rows written to `runs` (bench.target's smoke run on a tiny model)."""
+        protocol = cls.__new__(cls)
+        protocol.model_dir, protocol.runs, protocol.info = model_dir, runs, info
+        protocol.calibration, protocol.evaluation, protocol.validation = calibration, evaluation, validation
+        return protocol
+
     def with_calibration(self, calibration: torch.Tensor, description: str) -> Protocol:
         """Diagnostic only: the same evaluation and validation windows, calibrated on other windows."""
         diag = copy.copy(self)
@@ -152,8 +165,8 @@ class Protocol:
         return diag
 
 
-def fresh_model() -> torch.nn.Module:
-    model, _ = load_model(MODEL_DIR)
+def fresh_model(model_dir: Path = MODEL_DIR) -> torch.nn.Module:
+    model, _ = load_model(model_dir)
     return model
 
 
@@ -204,17 +217,17 @@ def on_fixed_code(run: dict, fixes: str = FIXES_COMMIT, repo: Path = ROOT) -> bo
     return check.returncode == 0
 
 
-def load_run(name: str) -> dict | None:
-    """The stored row, whenever it was written (summaries read every row there is)."""
-    path = RUNS / f"{name}.json"
+def load_run(name: str, runs: Path | None = None) -> dict | None:
+    """The stored row, whenever it was written (summaries read every row there is); runs: RUNS by default."""
+    path = (runs or RUNS) / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def reusable_run(name: str) -> dict | None:
+def reusable_run(name: str, runs: Path | None = None) -> dict | None:
     """The stored row if it may stand in for running it: any row, or with fresh only one this process wrote."""
     if _fresh and f"{name}.json" not in _written:
         return None
-    return load_run(name)
+    return load_run(name, runs)
 
 
 def run_config(
@@ -225,19 +238,28 @@ def run_config(
     rerun: bool = False,
     after_compress: Callable[[CompressionResult], None] | None = None,
     validate: bool = False,
+    planner: Callable[[torch.nn.Module, CompressionPlan], tuple[CompressionPlan, dict]] | None = None,
 ) -> dict:
     """Compress a fresh model with plan on the calibration windows, evaluate, write runs/<name>.json.
 
     Returns the stored record; a configuration already on disk is returned without rerunning unless
     rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
     validate also records the perplexity on the validation windows (val_ppl), used to choose options.
+    planner(model, plan) -> (the plan to run, what the row records of the planning) runs on the fresh
+    model first (e.g. a size target's plan_for_target, with `plan` its base), timed as stages["planning"].
     """
-    done = None if rerun else reusable_run(name)
+    done = None if rerun else reusable_run(name, protocol.runs)
     if done is not None:
         log(f"{name}: done already (ppl {done['ppl']:.4f}), skipped")
         return done
-    model = fresh_model()
+    model = fresh_model(protocol.model_dir)
     shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
+    planning = None
+    if planner is not None:
+        log(f"{name}: planning ...")
+        start = time.perf_counter()
+        plan, planning = planner(model, plan)
+        planning = {**planning, "seconds": time.perf_counter() - start}
     log(f"{name}: compressing ...")
 
     def on_layer(report) -> None:
@@ -262,7 +284,8 @@ def run_config(
         "val_ppl": val_ppl,
         "compress_wall_seconds": compress_wall,
         "eval_seconds": eval_seconds,
-        "stages": stage_seconds(result),
+        "stages": stage_seconds(result) | ({} if planning is None else {"planning": planning["seconds"]}),
+        "planning": planning,
         "budget_params": result.budget_params,
         "adapter_params": result.adapter_params,
         "adapter_bytes": result.adapter_bytes,
@@ -289,7 +312,7 @@ def run_config(
         "machine": machine(),
         "provenance": provenance(),
     }
-    _write(RUNS / f"{name}.json", record)
+    _write(protocol.runs / f"{name}.json", record)
     _written.add(f"{name}.json")
     log(f"{name}: ppl {ppl:.4f} (compress {compress_wall:.0f} s, eval {eval_seconds:.0f} s)")
     return record

@@ -1,0 +1,42 @@
+"""bench.target's smoke path: the size-target harness end to end on a tiny random LLaMA in a temp folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import common, target
+from worker.engines import VLLM_LORA_RANKS
+from worker.export.sizes import SHAPE_BYTES
+
+
+def test_the_smoke_run_meets_its_targets_and_splits_them_by_kind(tmp_path):
+    docs = {path: path.stat().st_mtime_ns for path in common.RESULTS.rglob("*")}
+    protocol = target.smoke_protocol(tmp_path)
+    summary = target.run(protocol, [3.3, 5.5], ["transformers", "vllm"], "eora", tmp_path / "target.json")
+    assert {path: path.stat().st_mtime_ns for path in common.RESULTS.rglob("*")} == docs  # nothing under docs/
+    assert json.loads((tmp_path / "target.json").read_text()) == summary
+    assert set(summary["rows"]) == {"target_3p3_transformers_eora", "target_5p5_transformers_eora",
+                                    "target_5p5_vllm_eora"}
+    assert "cannot be met" in summary["infeasible"]["target_3p3_vllm_eora"]  # vLLM: 4 bits at the least
+    assert summary["baseline"]["name"] == target.BASELINE and summary["baseline"]["fixed_code"]
+    for name, row in summary["rows"].items():
+        run = json.loads((tmp_path / "runs" / f"{name}.json").read_text())
+        weights, linears = run["bits"]["linear_weights"], len(run["modules"])
+        assert row["bits"] == run["bits"]["total"] <= row["target"]
+        # the bench's count and the planner's differ only by the weight_shape tensors the bench leaves out
+        assert 0 <= row["planned_bits"] - row["bits"] <= 8 * SHAPE_BYTES * linears / weights + 1e-12
+        kinds = row["by_kind"].values()
+        assert sum(k["weights"] + k["adapters"] for k in kinds) == pytest.approx(row["bits"], rel=1e-12)
+        assert sum(k["share_weights"] + k["share_adapters"] for k in kinds) == pytest.approx(row["bits"] / row["target"])
+        assert all(sum(k[count].values()) == 2 for k in kinds for count in ("bits", "group_size", "rank"))  # 2 layers
+        assert run["stages"]["planning"] == row["seconds"]["planning"] > 0 and row["sensitivity"] == "fisher"
+        assert target.GGUF_GROUP not in run["planning"]["size_target"]["group_sizes"]
+        assert run["planning"]["base_plan"]["quant"]["act_order"] and run["planning"]["base_plan"]["quant"]["damp"] == 0.01
+        assert run["plan"]["compensation"]["damp"] == 1.0 and run["plan"]["compensation"]["adapter_bits"] is None
+        fixed = row["best_fixed"]["evaluation"]
+        assert (fixed is None) == (row["target"] < 4.3125)  # the baseline, 4-bit g64, is the only fixed row
+        if row["engine"] == "vllm":
+            assert {b for k in kinds for b in k["bits"]} <= {"4", "8"}
+            assert {int(r) for k in kinds for r in k["rank"]} <= {0, *VLLM_LORA_RANKS}
