@@ -40,3 +40,25 @@ def test_the_smoke_run_meets_its_targets_and_splits_them_by_kind(tmp_path):
         if row["engine"] == "vllm":
             assert {b for k in kinds for b in k["bits"]} <= {"4", "8"}
             assert {int(r) for k in kinds for r in k["rank"]} <= {0, *VLLM_LORA_RANKS}
+
+
+def test_target_rows_are_drawn_unjoined_and_tabled(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from bench import plot
+
+    summary = target.run(target.smoke_protocol(tmp_path), [4.0, 6.0], ["transformers", "vllm"], "none",
+                         tmp_path / "target.json")
+    monkeypatch.setattr(common, "RUNS", tmp_path / "runs")
+    fig, ax = plt.subplots()
+    plot.draw_targets(ax, lambda run: 1.0)
+    points = [line for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert len(points) == len(ax.get_lines()) == 3  # one point each, no line joining them
+    assert sorted(line.get_label() for line in points if not line.get_label().startswith("_")) == [
+        "size target, engine transformers, compensation none", "size target, engine vllm, compensation none"]
+    plt.close(fig)
+    table = plot.target_table(summary)
+    assert [line.split(" |")[0] for line in table[4:]] == [
+        "| target_4p0_transformers_none", "| target_6p0_transformers_none", "| target_6p0_vllm_none",
+        "| target_4p0_vllm_none"]
+    assert "cannot be met" in table[-1]
