@@ -28,6 +28,9 @@ weight) writes no row: the summary gives the planner's reason.
 
 The fixed GPTQ 4-bit g64 act-order row (bench.quality's gptq4_g64_actorder) is the cost baseline; it is
 run again, with validation, when the stored one is not on fixed code or has no validation perplexity.
+--refresh-fixed does the same first for bench.quality's rows at or under the largest target (on SmolLM2
+at 4.31: gptq3_g64, rtn3_g64, sparsegpt_2of4_gptq4_g64, gptq3_g64_actorder), which the comparison
+otherwise leaves out (not on fixed code) or compares on evaluation only (no validation perplexity).
 Summary: docs/bench/target.json (see summarize).
 
 --smoke: the same path on a tiny random LLaMA (tied embeddings, as tests/fixtures_models builds it) with
@@ -51,6 +54,7 @@ from app.settings import Settings
 from bench import common
 from bench.quality import CONFIGS
 from worker.data import make_windows, token_stream, windows_hash
+from worker.models import decoder_linears, get_architecture
 from worker.pipeline import compression_plan, planning_summary, size_target
 from worker.plan import CompressionPlan
 from worker.target import SizeTarget, TargetError, plan_for_target
@@ -104,32 +108,44 @@ def run_target(protocol: common.Protocol, target: float, engine: str, compensati
                              planner=planner(options, protocol.calibration))
 
 
-def baseline(protocol: common.Protocol) -> dict:
-    """The fixed GPTQ 4-bit act-order row, run again (with validation) unless stored on fixed code with it."""
-    run = common.reusable_run(BASELINE, protocol.runs)
+def current_row(name: str, plan: CompressionPlan, protocol: common.Protocol) -> dict:
+    """The stored fixed row `name`, run again (with validation) unless it is on fixed code with it."""
+    run = common.reusable_run(name, protocol.runs)
     if run is not None and common.on_fixed_code(run) and run.get("val_ppl") is not None:
         return run
-    return common.run_config(BASELINE, CONFIGS[BASELINE], protocol, rerun=True, validate=True)
+    return common.run_config(name, plan, protocol, rerun=True, validate=True)
+
+
+def refresh_fixed(protocol: common.Protocol, bits: float) -> None:
+    """--refresh-fixed: bench.quality's configurations storing at most `bits` (codes, scales, 2:4 mask),
+    made current as the baseline is, so that the comparison has them on fixed code and on validation."""
+    model = common.fresh_model(protocol.model_dir)
+    shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
+    del model
+    for name, plan in CONFIGS.items():
+        if common.bits_per_weight(plan, shapes, None)["total"] <= bits:
+            current_row(name, plan, protocol)
 
 
 def fixed_rows(runs: Path, info: dict) -> list[dict]:
-    """The stored rows of fixed configurations on fixed code with the same calibration and evaluation windows."""
+    """The stored rows of fixed configurations with the same calibration and evaluation windows (diagnostic
+    rows, diag_*, vary something else and are left out), each with whether it ran on fixed code."""
     rows = []
     for path in sorted(runs.glob("*.json")):
         run = json.loads(path.read_text())
-        if path.stem.startswith(PREFIX) or "bits" not in run or "protocol" not in run:
+        if path.stem.startswith((PREFIX, "diag_")) or "bits" not in run or "protocol" not in run:
             continue
-        windows = ("calibration_sha256", "evaluation_sha256")
-        if all(run["protocol"].get(k) == info[k] for k in windows) and common.on_fixed_code(run):
+        if all(run["protocol"].get(k) == info[k] for k in ("calibration_sha256", "evaluation_sha256")):
             rows.append({"name": path.stem, "ppl": run["ppl"], "bits": run["bits"]["total"],
                          "val_ppl": run.get("val_ppl") if run["protocol"].get("validation_sha256") ==
-                         info.get("validation_sha256") else None})
+                         info.get("validation_sha256") else None, "fixed_code": common.on_fixed_code(run)})
     return rows
 
 
 def best_fixed(fixed: list[dict], bits: float, key: str) -> dict | None:
-    """The fixed row with the lowest `key` (ppl or val_ppl) among those storing at most `bits`."""
-    return min((r for r in fixed if r["bits"] <= bits and r[key] is not None), key=lambda r: r[key], default=None)
+    """The row on fixed code with the lowest `key` (ppl or val_ppl) among those storing at most `bits`."""
+    pool = (r for r in fixed if r["fixed_code"] and r["bits"] <= bits and r[key] is not None)
+    return min(pool, key=lambda r: r[key], default=None)
 
 
 def per_kind(run: dict, target: float) -> dict:
@@ -174,12 +190,14 @@ def summarize(protocol: common.Protocol, infeasible: dict[str, str]) -> dict:
                "torch_threads": run["machine"]["torch_threads"],
                "cost_ratio": None if base_seconds is None else seconds["job"] / base_seconds,
                "by_kind": per_kind(run, target), "best_fixed": best,
-               "fixed_without_validation": [r["name"] for r in fixed if r["bits"] <= target and r["val_ppl"] is None],
+               "fixed_without_validation": [r["name"] for r in fixed if r["bits"] <= target and r["fixed_code"]
+                                            and r["val_ppl"] is None],
+               "fixed_before_the_fixes": [r["name"] for r in fixed if r["bits"] <= target and not r["fixed_code"]],
                "fixed_code": common.on_fixed_code(run)}
         checks = {"stored bits within the target": row["bits"] <= target}
-        for windows, key in (("evaluation", "ppl"), ("validation", "val_ppl")):
-            if best[windows] is not None:
-                checks[f"beats {best[windows]['name']} on {windows}"] = row[key] < best[windows][key]
+        for windows, key in (("evaluation", "ppl"), ("validation", "val_ppl")):  # None: no fixed row to beat
+            checks[f"beats the best fixed row on {windows}"] = None if best[windows] is None else \
+                row[key] < best[windows][key]
         if row["cost_ratio"] is not None:
             checks[f"job time at most {COST_LIMIT}x {BASELINE}'s"] = row["cost_ratio"] <= COST_LIMIT
         if engine == "vllm" and target == VLLM_BOUND[0]:
@@ -189,9 +207,13 @@ def summarize(protocol: common.Protocol, infeasible: dict[str, str]) -> dict:
     return out
 
 
-def run(protocol: common.Protocol, targets: list[float], engines: list[str], compensation: str, out: Path) -> dict:
-    """The baseline, then every (target, engine) row; the summary written to `out` after each."""
-    baseline(protocol)
+def run(protocol: common.Protocol, targets: list[float], engines: list[str], compensation: str, out: Path,
+        refresh: bool = False) -> dict:
+    """The baseline (and, refresh, the fixed rows), then every (target, engine) row; the summary written
+    to `out` after each."""
+    current_row(BASELINE, CONFIGS[BASELINE], protocol)
+    if refresh:
+        refresh_fixed(protocol, max(targets))
     infeasible: dict[str, str] = {}
     summary = summarize(protocol, infeasible)
     for target in targets:
@@ -230,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--compensation", choices=("eora", "none"), default="eora")
     parser.add_argument("--fresh", action="store_true", help="rerun every row asked for (and the baseline)")
+    parser.add_argument("--refresh-fixed", action="store_true",
+                        help="first rerun, with validation, bench.quality's rows at or under the largest target that "
+                             "are not on fixed code or have no validation perplexity")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model in a temp folder; nothing in docs/")
     args = parser.parse_args(argv)
     common.set_fresh(args.fresh)
@@ -237,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             summary = run(smoke_protocol(Path(tmp)), args.targets, args.engine, args.compensation,
-                          Path(tmp) / "target.json")
+                          Path(tmp) / "target.json", args.refresh_fixed)
         print(json.dumps(summary, indent=1))
         return 0
-    summary = run(common.Protocol(), args.targets, args.engine, args.compensation, common.RESULTS / "target.json")
+    summary = run(common.Protocol(), args.targets, args.engine, args.compensation, common.RESULTS / "target.json",
+                  args.refresh_fixed)
     common.log(json.dumps({name: row["checks"] for name, row in summary["rows"].items()}, indent=1))
     return 0
 

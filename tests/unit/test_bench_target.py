@@ -37,6 +37,7 @@ def test_the_smoke_run_meets_its_targets_and_splits_them_by_kind(tmp_path):
         assert run["plan"]["compensation"]["damp"] == 1.0 and run["plan"]["compensation"]["adapter_bits"] is None
         fixed = row["best_fixed"]["evaluation"]
         assert (fixed is None) == (row["target"] < 4.3125)  # the baseline, 4-bit g64, is the only fixed row
+        assert (row["checks"]["beats the best fixed row on evaluation"] is None) == (fixed is None)
         if row["engine"] == "vllm":
             assert {b for k in kinds for b in k["bits"]} <= {"4", "8"}
             assert {int(r) for k in kinds for r in k["rank"]} <= {0, *VLLM_LORA_RANKS}
@@ -48,7 +49,12 @@ def test_target_rows_are_drawn_unjoined_and_tabled(tmp_path, monkeypatch):
     from bench import plot
 
     summary = target.run(target.smoke_protocol(tmp_path), [4.0, 6.0], ["transformers", "vllm"], "none",
-                         tmp_path / "target.json")
+                         tmp_path / "target.json", refresh=True)
+    refreshed = {"gptq4_g64", "rtn4_g64", "gptq3_g64", "rtn3_g64", "sparsegpt_2of4_gptq4_g64", "gptq4_g64_actorder",
+                 "gptq4_g64_damp10", "gptq3_g64_actorder"}  # bench.quality's rows at <= 6 bits (2:4 alone: 9)
+    assert {path.stem for path in (tmp_path / "runs").glob("*.json")} - set(summary["rows"]) == refreshed
+    best = summary["rows"]["target_6p0_transformers_none"]["best_fixed"]
+    assert best["evaluation"]["name"] in refreshed and best["validation"]["name"] in refreshed
     monkeypatch.setattr(common, "RUNS", tmp_path / "runs")
     fig, ax = plt.subplots()
     plot.draw_targets(ax, lambda run: 1.0)
