@@ -170,6 +170,11 @@ def fresh_model(model_dir: Path = MODEL_DIR) -> torch.nn.Module:
     return model
 
 
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every decoder Linear, by name: what the bits accounting counts."""
+    return {n: (m.out_features, m.in_features) for n, m in decoder_linears(model, get_architecture(model)).items()}
+
+
 def fp32_reference(protocol: Protocol) -> float:
     """The uncompressed model's perplexity on the protocol, computed once and cached in JSON."""
     path = RESULTS / "fp32_reference.json"
@@ -253,7 +258,7 @@ def run_config(
         log(f"{name}: done already (ppl {done['ppl']:.4f}), skipped")
         return done
     model = fresh_model(protocol.model_dir)
-    shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
+    shapes = linear_shapes(model)
     planning = None
     if planner is not None:
         log(f"{name}: planning ...")

@@ -54,7 +54,6 @@ from app.settings import Settings
 from bench import common
 from bench.quality import CONFIGS
 from worker.data import make_windows, token_stream, windows_hash
-from worker.models import decoder_linears, get_architecture
 from worker.pipeline import compression_plan, planning_summary, size_target
 from worker.plan import CompressionPlan
 from worker.target import SizeTarget, TargetError, plan_for_target
@@ -119,9 +118,7 @@ def current_row(name: str, plan: CompressionPlan, protocol: common.Protocol) -> 
 def refresh_fixed(protocol: common.Protocol, bits: float) -> None:
     """--refresh-fixed: bench.quality's configurations storing at most `bits` (codes, scales, 2:4 mask),
     made current as the baseline is, so that the comparison has them on fixed code and on validation."""
-    model = common.fresh_model(protocol.model_dir)
-    shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
-    del model
+    shapes = common.linear_shapes(common.fresh_model(protocol.model_dir))
     for name, plan in CONFIGS.items():
         if common.bits_per_weight(plan, shapes, None)["total"] <= bits:
             current_row(name, plan, protocol)
