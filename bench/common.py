@@ -25,8 +25,8 @@ import platform
 import resource
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -118,7 +118,11 @@ def lee_calibration(tokenizer, windows: int = CALIBRATION_WINDOWS) -> torch.Tens
 
 
 class Protocol:
-    """Tokenized calibration and evaluation windows, built once per process."""
+    """Tokenized calibration and evaluation windows, built once per process, with the model they are for
+    and the folder their rows are written to (SmolLM2 and docs/bench/runs/ unless made by `of`)."""
+
+    model_dir: Path = MODEL_DIR
+    runs: Path = RUNS
 
     def __init__(self) -> None:
         tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)  # the tokenizer only: no second model in memory
@@ -143,6 +147,15 @@ class Protocol:
             "batch_size": BATCH_SIZE,
         }
 
+    @classmethod
+    def of(cls, model_dir: Path, runs: Path, calibration: torch.Tensor, evaluation: torch.Tensor,
+           validation: torch.Tensor, info: dict) -> Protocol:
+        """Another model's windows, its rows written to `runs` (bench.target's smoke run on a tiny model)."""
+        protocol = cls.__new__(cls)
+        protocol.model_dir, protocol.runs, protocol.info = model_dir, runs, info
+        protocol.calibration, protocol.evaluation, protocol.validation = calibration, evaluation, validation
+        return protocol
+
     def with_calibration(self, calibration: torch.Tensor, description: str) -> Protocol:
         """Diagnostic only: the same evaluation and validation windows, calibrated on other windows."""
         diag = copy.copy(self)
@@ -152,9 +165,14 @@ class Protocol:
         return diag
 
 
-def fresh_model() -> torch.nn.Module:
-    model, _ = load_model(MODEL_DIR)
+def fresh_model(model_dir: Path = MODEL_DIR) -> torch.nn.Module:
+    model, _ = load_model(model_dir)
     return model
+
+
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every decoder Linear, by name: what the bits accounting counts."""
+    return {n: (m.out_features, m.in_features) for n, m in decoder_linears(model, get_architecture(model)).items()}
 
 
 def fp32_reference(protocol: Protocol) -> float:
@@ -176,7 +194,14 @@ def fp32_reference(protocol: Protocol) -> float:
 
 
 def plan_to_dict(plan: CompressionPlan) -> dict:
-    return {k: (asdict(v) if v is not None else None) for k, v in vars(plan).items()}
+    """The plan as JSON: its specs as dicts; per-module quantizers and ranks keyed by Linear name."""
+
+    def value(v):
+        if isinstance(v, Mapping):
+            return {k: value(x) for k, x in v.items()}
+        return asdict(v) if is_dataclass(v) else v
+
+    return {k: value(v) for k, v in vars(plan).items()}
 
 
 # The merge that completed issue 15's numeric fixes (error_after from an untouched W, fp64 Gram, no cut of
@@ -197,17 +222,17 @@ def on_fixed_code(run: dict, fixes: str = FIXES_COMMIT, repo: Path = ROOT) -> bo
     return check.returncode == 0
 
 
-def load_run(name: str) -> dict | None:
-    """The stored row, whenever it was written (summaries read every row there is)."""
-    path = RUNS / f"{name}.json"
+def load_run(name: str, runs: Path | None = None) -> dict | None:
+    """The stored row, whenever it was written (summaries read every row there is); runs: RUNS by default."""
+    path = (runs or RUNS) / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def reusable_run(name: str) -> dict | None:
+def reusable_run(name: str, runs: Path | None = None) -> dict | None:
     """The stored row if it may stand in for running it: any row, or with fresh only one this process wrote."""
     if _fresh and f"{name}.json" not in _written:
         return None
-    return load_run(name)
+    return load_run(name, runs)
 
 
 def run_config(
@@ -218,19 +243,28 @@ def run_config(
     rerun: bool = False,
     after_compress: Callable[[CompressionResult], None] | None = None,
     validate: bool = False,
+    planner: Callable[[torch.nn.Module, CompressionPlan], tuple[CompressionPlan, dict]] | None = None,
 ) -> dict:
     """Compress a fresh model with plan on the calibration windows, evaluate, write runs/<name>.json.
 
     Returns the stored record; a configuration already on disk is returned without rerunning unless
     rerun. after_compress(result) runs between compression and evaluation (e.g. to read peak memory).
     validate also records the perplexity on the validation windows (val_ppl), used to choose options.
+    planner(model, plan) -> (the plan to run, what the row records of the planning) runs on the fresh
+    model first (e.g. a size target's plan_for_target, with `plan` its base), timed as stages["planning"].
     """
-    done = None if rerun else reusable_run(name)
+    done = None if rerun else reusable_run(name, protocol.runs)
     if done is not None:
         log(f"{name}: done already (ppl {done['ppl']:.4f}), skipped")
         return done
-    model = fresh_model()
-    shapes = {n: tuple(m.weight.shape) for n, m in decoder_linears(model, get_architecture(model)).items()}
+    model = fresh_model(protocol.model_dir)
+    shapes = linear_shapes(model)
+    planning = None
+    if planner is not None:
+        log(f"{name}: planning ...")
+        start = time.perf_counter()
+        plan, planning = planner(model, plan)
+        planning = {**planning, "seconds": time.perf_counter() - start}
     log(f"{name}: compressing ...")
 
     def on_layer(report) -> None:
@@ -255,12 +289,14 @@ def run_config(
         "val_ppl": val_ppl,
         "compress_wall_seconds": compress_wall,
         "eval_seconds": eval_seconds,
-        "stages": stage_seconds(result),
+        "stages": stage_seconds(result) | ({} if planning is None else {"planning": planning["seconds"]}),
+        "planning": planning,
         "budget_params": result.budget_params,
         "adapter_params": result.adapter_params,
         "adapter_bytes": result.adapter_bytes,
         "max_rank": result.max_rank,
         "bits": bits_per_weight(plan, shapes, result),
+        "bits_by_kind": bits_by_kind(plan, shapes, result),
         "per_layer": per_layer(result),
         "modules": {
             n: {
@@ -281,7 +317,7 @@ def run_config(
         "machine": machine(),
         "provenance": provenance(),
     }
-    _write(RUNS / f"{name}.json", record)
+    _write(protocol.runs / f"{name}.json", record)
     _written.add(f"{name}.json")
     log(f"{name}: ppl {ppl:.4f} (compress {compress_wall:.0f} s, eval {eval_seconds:.0f} s)")
     return record
@@ -312,25 +348,25 @@ def per_layer(result: CompressionResult) -> list[dict]:
 def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], result: CompressionResult | None) -> dict:
     """Effective storage bits per weight of the decoder Linears, split by what they pay for.
 
-    - codes: `bits` per stored weight; a 2:4 model stores only the kept half (values or codes);
-      dense weights without quantization count DENSE_BITS (fp16).
-    - scales/zeros: per group of `group_size` input columns, an fp16 scale plus a zero point packed
-      at `bits` bits (asymmetric, GPTQ / compressed-tensors pack-quantized style).
+    - codes: `bits` per stored weight of each Linear's quantizer (plan.quant_for: per-module quantizers
+      count for their modules); a 2:4 model stores only the kept half (values or codes); dense weights
+      without quantization count DENSE_BITS (fp16).
+    - scales/zeros: per group of `group_size` input columns (per channel: the whole row), an fp16 scale
+      plus, asymmetric, a zero point packed at `bits` bits (GPTQ / compressed-tensors pack-quantized style).
     - sparsity metadata: 2:4 as a 1-bit-per-weight bitmask (compressed-tensors sparse-24-bitmask;
       NVIDIA's 2-bit index per kept weight costs the same).
     - adapters: the adapter file's bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
       points plus an fp16 scale per adapter group; the export checks its file holds exactly these);
-      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored).
+      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored). Per-module ranks count
+      through each module's reported adapter.
     """
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
-    kept = 1.0
-    if plan.sparsity is not None:
-        if not plan.sparsity.is_nm:
-            raise ValueError("bits accounting covers N:M sparsity only")
-        kept = plan.sparsity.n / plan.sparsity.m
-    quant = plan.quant
-    codes = kept * (quant.bits if quant is not None else DENSE_BITS)
-    scales = (SCALE_BITS + quant.bits) / quant.group_size if quant is not None else 0.0
+    by_cost: dict[tuple[float, float], int] = {}  # summed per cost, so one quantizer gives its bits exactly
+    for name, (d_out, d_in) in shapes.items():
+        cost = weight_bits(plan, name, d_in)
+        by_cost[cost] = by_cost.get(cost, 0) + d_out * d_in
+    codes = sum(n * c for (c, _), n in by_cost.items()) / weights
+    scales = sum(n * s for (_, s), n in by_cost.items()) / weights
     mask = MASK_BITS if plan.sparsity is not None else 0.0
     adapters = 8 * result.adapter_bytes / weights if result is not None else 0.0
     served = 8 * adapter_served_bytes(result.adapter_params) / weights if result is not None else 0.0
@@ -344,6 +380,35 @@ def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], r
         "total_served_adapter": codes + scales + mask + served,
         "linear_weights": weights,
     }
+
+
+def weight_bits(plan: CompressionPlan, name: str, d_in: int) -> tuple[float, float]:
+    """(codes, scales and zero points) in bits per weight of the Linear `name`, d_in wide (see bits_per_weight)."""
+    kept = 1.0
+    if plan.sparsity is not None:
+        if not plan.sparsity.is_nm:
+            raise ValueError("bits accounting covers N:M sparsity only")
+        kept = plan.sparsity.n / plan.sparsity.m
+    quant = plan.quant_for(name)
+    if quant is None:
+        return kept * DENSE_BITS, 0.0
+    group = d_in if quant.group_size == -1 else quant.group_size
+    return kept * quant.bits, (SCALE_BITS + (0 if quant.symmetric else quant.bits)) / group
+
+
+def bits_by_kind(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], result: CompressionResult) -> dict:
+    """bits_per_weight's total split by Linear kind (q_proj, ..., down_proj): per kind what its weights
+    (codes, scales, zero points, 2:4 mask) and its adapters (stored) add to the total, in bits per weight
+    of all decoder Linears, so the kinds' "weights" + "adapters" sum to the total."""
+    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
+    mask = MASK_BITS if plan.sparsity is not None else 0.0
+    kinds: dict[str, dict] = {}
+    for name, (d_out, d_in) in shapes.items():
+        row = kinds.setdefault(name.rsplit(".", 1)[1], {"linear_weights": 0, "weights": 0.0, "adapters": 0.0})
+        row["linear_weights"] += d_out * d_in
+        row["weights"] += d_out * d_in * (sum(weight_bits(plan, name, d_in)) + mask) / weights
+        row["adapters"] += 8 * result.modules[name].adapter_bytes / weights
+    return kinds
 
 
 def quant(method: str, bits: int) -> QuantSpec:

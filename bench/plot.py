@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.compensation import Options, chosen_options  # noqa: E402
+from bench.target import PREFIX as TARGET_PREFIX  # noqa: E402
 
 SERIES = {  # setting base run -> label
     "gptq3_g64": "GPTQ 3-bit g64 +",
@@ -103,7 +104,8 @@ def main() -> int:
         ax.plot([], [], "s", color=color, label=f"{label.rstrip(' +')} (+ compensation: marker below)")
     front = pareto_front(points)
     ax.step([b for b, _ in front], [p for _, p in front], "-", where="post", color="tab:orange", lw=2.5, alpha=0.5,
-            zorder=0, label="Pareto front of the configurations drawn")
+            zorder=0, label="Pareto front of the fixed configurations drawn")
+    draw_targets(ax, alpha)
     ax.axhline(fp32, color="grey", ls=":", label=f"fp32 reference ({fp32:.2f}; 16 bits stored as fp16)")
     handles, _ = ax.get_legend_handles_labels()
     handles += [Line2D([], [], ls="", marker="o", mfc="none", color="k", label="no compensation")]
@@ -121,6 +123,23 @@ def main() -> int:
     print(out)
     print(tables())
     return 0
+
+
+TARGET_MARKERS = {"transformers": ("*", "tab:brown"), "vllm": ("P", "tab:pink")}
+
+
+def draw_targets(ax, alpha) -> None:
+    """bench.target's rows on top, one unjoined family per (engine, compensation): each point is a plan
+    chosen for its target, not a setting varied along a line."""
+    families: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(common.RUNS.glob(f"{TARGET_PREFIX}*.json")):
+        run = json.loads(path.read_text())
+        families.setdefault((run["planning"]["engine"], path.stem.rsplit("_", 1)[1]), []).append(run)
+    for (engine, compensation), runs in families.items():
+        marker, color = TARGET_MARKERS[engine]
+        for i, run in enumerate(runs):
+            ax.plot(run["bits"]["total"], run["ppl"], marker, color=color, ms=13, mec="k", zorder=5, alpha=alpha(run),
+                    label=f"size target, engine {engine}, compensation {compensation}" if i == 0 else None)
 
 
 NAMES = {
@@ -186,6 +205,9 @@ def tables() -> str:
                              f"{row['max_rank']} | {row['compress_seconds_per_layer_mean']:.2f} | "
                              f"{row['compensate_seconds_per_layer_mean']:.2f} |")
             lines += ["", "checks: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in setting["checks"].items())]
+    path = common.RESULTS / "target.json"
+    if path.exists():
+        lines += ["", *target_table(json.loads(path.read_text()))]
     chosen = chosen_options()
     for prefix, title in DIAGNOSTICS.items():
         grid, shown = diagnostic_grid(prefix, chosen)
@@ -200,6 +222,24 @@ def tables() -> str:
             ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}"
             lines.append(f"| {name} | {json.loads(path.read_text())['ppl']:.2f} | {ref} |")
     return "\n".join(lines)
+
+
+def target_table(summary: dict) -> list[str]:
+    """bench.target's summary: each row against the best fixed row at <= its target, and its cost."""
+    lines = ["### Size target (issue 16)", "",
+             "| row | stored bits | perplexity | validation ppl | best fixed at <= target (evaluation) | "
+             "best fixed at <= target (validation) | job time / gptq4_g64_actorder's |", "|---|---:|---:|---:|---|---|---:|"]
+
+    def fixed(best: dict | None, key: str) -> str:
+        return "-" if best is None else f"{best['name']} {best[key]:.2f} ({best['bits']:.3f} bits)"
+
+    for name, row in summary["rows"].items():
+        ratio = "-" if row["cost_ratio"] is None else f"{row['cost_ratio']:.2f}"
+        lines.append(f"| {name}{'' if row['fixed_code'] else f' {PRE_FIX}'} | {row['bits']:.3f} | {row['ppl']:.2f} | "
+                     f"{row['val_ppl']:.2f} | {fixed(row['best_fixed']['evaluation'], 'ppl')} | "
+                     f"{fixed(row['best_fixed']['validation'], 'val_ppl')} | {ratio} |")
+    lines += [f"| {name} | cannot be met: {reason} | | | | | |" for name, reason in summary["infeasible"].items()]
+    return lines
 
 
 def diagnostic_grid(prefix: str, chosen: Options | None) -> tuple[list[str], set[str]]:

@@ -43,7 +43,7 @@ class Option:
 def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], sparsity: SparsitySpec | None,
                     compensation: CompensationSpec | None, ranks: Sequence[int], adapter_bits: Sequence[int | None],
                     name: str, space: Eigenspace | None = None, served_adapters: bool = False,
-                    compensate_gram: Tensor | None = None) -> list[Option]:
+                    compensate_gram: Tensor | None = None, scale_bytes: int | None = None) -> list[Option]:
     """Every (quantizer, rank, adapter precision) option of weight (d_out, d_in) under gram (d_in, d_in).
 
     ranks: adapter ranks to try (0 = no adapter; those at or above rank_cap are left out, and a rank
@@ -51,10 +51,11 @@ def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], s
     damp and adapter group size the adapters are made with (its own rank fields are not used), None
     for no adapters. compensate_gram: the Gram the adapters are fitted on when it is not `gram` (sink
     tokens left out), space: compensation_eigenspace of it when the caller has it. served_adapters: count
-    adapters at fp16 whatever they are stored in (engines that hold them so, e.g. vLLM).
+    adapters at fp16 whatever they are stored in (engines that hold them so, e.g. vLLM). scale_bytes: what
+    a stored scale is counted at (None: the weight's dtype, as the export stores it).
     """
     d_out, d_in = weight.shape
-    scale_bytes = weight.element_size()
+    scale_bytes = scale_bytes or weight.element_size()
     options = []
     for quant in quants:
         residual = weight.float() - compress_weight(weight, gram, quant, sparsity, name).weight.float()  # (d_out, d_in)

@@ -484,17 +484,23 @@ def _plan_for_target(model, calibration, plan, spec: JobSpec, settings: Settings
     except TargetError as exc:
         raise JobFailure(str(exc)) from None
     allocation = chosen.allocation
-    info = {"bits_per_weight": target.bits_per_weight, "engine": target.engine, "budget_bytes": chosen.budget,
-            "planned_bytes": allocation.bytes, "planned_bits_per_weight": chosen.bits_per_weight,
-            "optimal": allocation.exact, "gap": allocation.gap, "sensitivity": chosen.sensitivity_kind,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "modules": {name: {"bits": o.quant.bits, "group_size": o.quant.group_size, "rank": o.rank}
-                        for name, o in chosen.chosen.items()}}
+    info = {**planning_summary(target, chosen), "seconds": round(time.perf_counter() - t0, 3)}
     reporter.event("planning", f"plan for {target.bits_per_weight:g} bits per weight: {allocation.bytes:,} of "
                    f"{chosen.budget:,} bytes ({chosen.bits_per_weight:.4f} bits per weight), "
                    f"{'optimal' if allocation.exact else f'within {allocation.gap:.3g} of the optimum'}",
                    data={k: v for k, v in info.items() if k != "modules"})
     return chosen.plan, info
+
+
+def planning_summary(target, chosen) -> dict[str, Any]:
+    """What a job (and a benchmark row) shows of a size target's plan: the budget, what the plan stores,
+    whether the allocation is optimal, the sensitivity used, and each Linear's bits, group size and rank."""
+    allocation = chosen.allocation
+    return {"bits_per_weight": target.bits_per_weight, "engine": target.engine, "budget_bytes": chosen.budget,
+            "planned_bytes": allocation.bytes, "planned_bits_per_weight": chosen.bits_per_weight,
+            "optimal": allocation.exact, "gap": allocation.gap, "sensitivity": chosen.sensitivity_kind,
+            "modules": {name: {"bits": o.quant.bits, "group_size": o.quant.group_size, "rank": o.rank}
+                        for name, o in chosen.chosen.items()}}
 
 
 def layer_summary(report) -> dict[str, Any]:

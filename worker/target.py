@@ -57,6 +57,9 @@ class SizeTarget:
     group_sizes: tuple[int, ...]  # group sizes offered where they divide the Linear's width; -1 = per channel
     ranks: tuple[int, ...]  # adapter ranks offered, 0 = none (only with a compensation method)
     measure_with: Literal["rtn", "gptq"]  # the quantizer the error curves are measured with
+    # Bytes a stored scale is counted at; None: the model's dtype, what the export writes (a job). The
+    # benchmarks compute in fp32 and count fp16 scales (bench.common.SCALE_BITS), and plan so.
+    scale_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.engine == "vllm":
@@ -100,7 +103,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     source = layer_source(model)
     linears = decoder_linears(source.model, source.arch)
     shapes = {name: (linear.out_features, linear.in_features) for name, linear in linears.items()}
-    scale_bytes = next(iter(linears.values())).weight.element_size()  # scales are stored in the model dtype
+    scale_bytes = target.scale_bytes or next(iter(linears.values())).weight.element_size()  # None: the model dtype
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
     budget = math.floor(target.bits_per_weight * weights / 8)
     units = _units(list(shapes), served)
@@ -231,7 +234,8 @@ def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target
                         ranks = [r for r in target.ranks if r <= rank_cap(*weight.shape)]
                         options[name] = measure_options(
                             weight, acc.gram, _quants(base.quant, target, weight.shape[1]), base.sparsity, spec,
-                            ranks, (None if spec is None else spec.adapter_bits,), name, space, served, compensate)
+                            ranks, (None if spec is None else spec.adapter_bits,), name, space, served, compensate,
+                            target.scale_bytes)
                 forward_layer(layer, inputs, index, device, keep_outputs=True)
             finally:
                 layer.to("cpu")

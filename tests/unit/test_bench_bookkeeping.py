@@ -74,3 +74,54 @@ def test_pareto_front_keeps_only_undominated_points():
 
     points = [(4.3, 24.8), (3.3, 44.2), (6.2, 28.8), (4.0, 34.5), (3.3, 60.4), (8.4, 20.8)]
     assert pareto_front(points) == [(3.3, 44.2), (4.0, 34.5), (4.3, 24.8), (8.4, 20.8)]
+
+
+def _result(adapter_bytes: dict[str, int]):
+    from worker.plan import CompressionResult, ModuleReport
+
+    return CompressionResult(modules={name: ModuleReport(name=name, shape=(0, 0), quantized=None, sparsity=None,
+                                                         zero_fraction=0.0, error_before=0.0, compress_seconds=0.0,
+                                                         adapter_params=n // 2, adapter_bytes=n)
+                                      for name, n in adapter_bytes.items()})
+
+
+SHAPES = {"model.layers.0.self_attn.q_proj": (64, 128), "model.layers.0.mlp.down_proj": (64, 64)}
+
+
+def test_bits_count_each_modules_own_quantizer_and_adapter():
+    from dataclasses import replace
+
+    from worker.plan import CompressionPlan
+
+    q, down = SHAPES
+    g64 = common.quant("gptq", 4)
+    uniform = common.bits_per_weight(CompressionPlan(quant=g64), SHAPES, None)
+    assert uniform["total"] == 4 + (16 + 4) / 64  # one quantizer: its bits exactly (4.3125)
+    per_channel8 = replace(g64, bits=8, group_size=-1)
+    mixed = CompressionPlan(quant=g64, module_quant={down: per_channel8}, compensation=common.compensation(
+        "eora", rank=8), module_rank={q: 8, down: 0})
+    result = _result({q: 2 * 8 * (64 + 128), down: 0})
+    bits = common.bits_per_weight(mixed, SHAPES, result)
+    weights = 64 * 128 + 64 * 64
+    assert bits["codes"] == pytest.approx((64 * 128 * 4 + 64 * 64 * 8) / weights, rel=1e-12)
+    # per channel: one fp16 scale and an 8-bit zero point per row of 64 weights
+    assert bits["scales_zeros"] == pytest.approx((64 * 128 * 20 / 64 + 64 * 64 * 24 / 64) / weights, rel=1e-12)
+    assert bits["adapters"] == pytest.approx(8 * 2 * 8 * (64 + 128) / weights, rel=1e-12)
+    kinds = common.bits_by_kind(mixed, SHAPES, result)
+    assert kinds["down_proj"] == pytest.approx({"linear_weights": 64 * 64, "adapters": 0.0,
+                                                "weights": 64 * 64 * (8 + 24 / 64) / weights})
+    assert sum(k["weights"] + k["adapters"] for k in kinds.values()) == pytest.approx(bits["total"], rel=1e-12)
+    symmetric = CompressionPlan(quant=replace(g64, symmetric=True))
+    assert common.bits_per_weight(symmetric, SHAPES, None)["scales_zeros"] == 16 / 64  # no zero points
+
+
+def test_plans_with_per_module_choices_are_stored_as_json():
+    from worker.plan import CompressionPlan
+
+    q, down = SHAPES
+    plan = CompressionPlan(quant=common.quant("gptq", 4), module_quant={down: common.quant("rtn", 8)},
+                           compensation=common.compensation("eora", rank=16), module_rank={q: 16, down: 0})
+    stored = json.loads(json.dumps(common.plan_to_dict(plan)))
+    assert stored["module_quant"] == {down: {**stored["quant"], "method": "rtn", "bits": 8}}
+    assert stored["module_rank"] == {q: 16, down: 0}
+    assert stored["compensation"]["rank"] == 16 and stored["sparsity"] is None

@@ -100,6 +100,25 @@ def test_an_impossible_target_fails_before_any_work(tiny_model_dir, calibration_
         plan_for_target(model, calibration_windows, BASE, impossible, CPU)
 
 
+def test_scales_are_counted_at_the_width_asked_for(tiny_model_dir, calibration_windows):
+    """The benchmarks compute in fp32 and count fp16 scales: a budget between the two counts of the one
+    plan offered (2-bit, per channel) is met only with scale_bytes=2, and then spent as counted so."""
+    model, _ = load_model(tiny_model_dir)
+    shapes = [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
+              if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+    weights = sum(d_out * d_in for d_out, d_in in shapes)
+    counted = {width: sum(sum(pack_quantized_bytes(d_out, d_in, 2, -1, False, width).values()) for d_out, d_in in shapes)
+               for width in (2, 4)}
+    between = SizeTarget(bits_per_weight=4 * (counted[2] + counted[4]) / weights, engine="transformers", bits=(2,),
+                         group_sizes=(-1,), ranks=(0,), measure_with="rtn")
+    plain = CompressionPlan(quant=quant(method="rtn"))
+    with pytest.raises(TargetError, match="cannot be met"):
+        plan_for_target(model, calibration_windows, plain, between, CPU)  # fp32 model: 4-byte scales
+    chosen = plan_for_target(model, calibration_windows, plain, SizeTarget(**{**between.__dict__, "scale_bytes": 2}),
+                             CPU)
+    assert chosen.allocation.bytes == counted[2] <= chosen.budget
+
+
 def test_vllm_targets_refuse_what_vllm_does_not_load():
     with pytest.raises(TargetError, match="vLLM loads"):
         SizeTarget(**{**VLLM.__dict__, "bits": (3, 4)})
