@@ -78,13 +78,15 @@ class CheckpointReader:
     pages still go through the page cache, which the kernel reclaims under pressure.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: list[Path] | None = None):
+        """folder's *.safetensors, or the given files."""
         self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # key -> (file, data start, header entry)
-        for path in sorted(folder.glob("*.safetensors")):
+        self.metadata: dict[str, str] = {}  # the files' __metadata__, merged
+        for path in sorted(folder.glob("*.safetensors")) if files is None else files:
             with open(path, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
+            self.metadata.update(header.pop("__metadata__", None) or {})
             for key, entry in header.items():
                 self.where[key] = (path, 8 + length, entry)
 
@@ -141,12 +143,13 @@ class LayerStore:
         self.saved.add(index)
 
     def load(self, index: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, module records by relative name) of a saved layer."""
-        from safetensors import safe_open
+        """(tensors, module records by relative name) of a saved layer, each tensor in memory of its own.
 
-        with safe_open(str(self.path(index)), framework="pt") as handle:
-            records = json.loads(handle.metadata()[RECORDS_KEY])
-            return {key: handle.get_tensor(key) for key in handle.keys()}, records
+        Not through safe_open: its tensors live in a mapping of the file, and the export keeps every
+        layer's adapter factors to the end, which would keep every stored layer's touched pages (its
+        weights and codes too) resident until then."""
+        reader = CheckpointReader(self.folder, files=[self.path(index)])
+        return {key: reader.get(key) for key in reader.where}, json.loads(reader.metadata[RECORDS_KEY])
 
 
 class StreamedLayers:

@@ -6,6 +6,7 @@ half-precision checkpoints in their own dtype."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -17,11 +18,12 @@ from tests.specs import compensation, quant, sparsity
 from worker.evaluate import perplexity
 from worker.export import ExportError, export_model, reference_logits, verify_export, verify_export_streamed
 from worker.export.streamed import layer_logits
+from worker.memory import trim_heap
 from worker.models import load_model
 from worker.plan import CompressionPlan
 from worker.resume import LayerCheckpoints
 from worker.sequential import compress_model
-from worker.stream import StreamedLayers
+from worker.stream import LayerStore, StreamedLayers
 
 CPU = torch.device("cpu")
 GPTQ3 = quant(method="gptq", bits=3, group_size=32)
@@ -186,3 +188,29 @@ def test_a_job_streamed_or_not_publishes_the_same_files(streamed, tiny_model_dir
         for key in ("perplexity_before", "perplexity_after"):
             assert metrics[key] == before[key]
         same_files(root / "out-True", root / "out-False")
+
+
+def _resident_bytes() -> int:
+    """RssAnon + RssFile: what a mapping's touched pages add to the peak RSS."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return sum(int(fields[f].split()[0]) * 1024 for f in ("RssAnon", "RssFile"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_a_stored_layer_kept_in_part_holds_only_that_part_resident(tmp_path):
+    # The export keeps each layer's adapter factors to the end while the layer's codes are dropped; a
+    # tensor that lives in a mapping of the store's file would keep the whole touched file resident.
+    store = LayerStore(tmp_path)
+    for index in range(8):
+        store.save(index, {"codes": torch.full((2**21,), index, dtype=torch.int32), "adapter": torch.ones(16)},
+                   {"q_proj": {"rank": 1}})  # 8 MB of codes per layer
+    before = _resident_bytes()
+    kept = []
+    for index in range(8):
+        tensors, records = store.load(index)
+        assert records == {"q_proj": {"rank": 1}} and int(tensors["codes"].sum()) == index * 2**21
+        kept.append(tensors["adapter"])
+        del tensors
+    trim_heap()  # as the streamed source does when it releases a layer: freed memory goes back
+    grew = _resident_bytes() - before
+    assert grew < 16 * 2**20, f"8 layers of 8 MB read, 16 floats of each kept: {grew / 2**20:.1f} MB stayed resident"
