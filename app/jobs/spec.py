@@ -33,9 +33,12 @@ class ModelRef(Strict):
 class Quantization(Strict):
     method: Literal["rtn", "gptq"] = "gptq"
     # Defaults 4 and 128 (JobSpec fills them in); left None with target.bits_per_weight, which chooses them.
-    bits: Literal[2, 3, 4, 8] | None = Field(None, description="Default 4; chosen per Linear with a size target.")
+    # The schema shows the defaults JobSpec fills in (what the dashboard's form and docs/api.md show).
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="Default 4; chosen per Linear with a size target.",
+                                             json_schema_extra={"default": DEFAULT_BITS})
     group_size: int | None = Field(None, description="Input columns per scale/zero point; -1 = per output "
-                                   "channel. Default 128; chosen per Linear with a size target.")
+                                   "channel. Default 128; chosen per Linear with a size target.",
+                                   json_schema_extra={"default": DEFAULT_GROUP_SIZE})
     symmetric: bool = False
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ damping, as a fraction of mean(diag(H)).")
     act_order: bool = Field(

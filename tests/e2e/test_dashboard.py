@@ -84,10 +84,10 @@ def api_job(server, job_id: str) -> dict:
 
 
 def test_form_shows_the_spec_defaults_and_a_422_next_to_the_field(page):
-    from app.jobs.spec import Calibration, Compensation, Evaluation, Quantization
+    from app.jobs.spec import DEFAULT_GROUP_SIZE, Calibration, Compensation, Evaluation, Quantization
 
     page.goto("/submit")
-    expect(page.locator("#f-quantization-group_size")).to_have_value(str(Quantization.model_fields["group_size"].default))
+    expect(page.locator("#f-quantization-group_size")).to_have_value(str(DEFAULT_GROUP_SIZE))
     expect(page.locator("#f-quantization-method")).to_have_value(Quantization.model_fields["method"].default)
     expect(page.locator("#f-calibration-seq_len")).to_have_value(str(Calibration.model_fields["seq_len"].default))
     expect(page.locator("#f-evaluation-num_windows")).to_have_value(str(Evaluation.model_fields["num_windows"].default))
