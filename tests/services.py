@@ -19,10 +19,31 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import redis
 
 PG_ADMIN = os.environ.get("SQUEEZE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SQUEEZE_TEST_REDIS", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def migrated_database(tmp_path, **settings):
+    """(Settings, sessionmaker) on a fresh database built by the migrations, with a queue name of its own on
+    Redis; the queue and its memory-class queues (<queue>.<n>gib) are deleted afterwards."""
+    from app.db.session import make_engine, make_sessionmaker, upgrade_database
+    from app.settings import Settings
+
+    with fresh_postgres_database() as url:
+        config = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
+                          queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}", **settings)
+        upgrade_database(config)
+        engine = make_engine(config)
+        try:
+            yield config, make_sessionmaker(engine)
+        finally:
+            engine.dispose()
+            client = redis.Redis.from_url(REDIS_URL)
+            client.delete(config.queue_name, *client.scan_iter(f"{config.queue_name}.*"))
 
 
 @contextmanager

@@ -78,11 +78,11 @@ class CheckpointReader:
     pages still go through the page cache, which the kernel reclaims under pressure.
     """
 
-    def __init__(self, folder: Path, files: list[Path] | None = None):
-        """folder's *.safetensors, or the given files."""
+    def __init__(self, source: Path):
+        """source: a folder (its *.safetensors) or one .safetensors file."""
         self.where: dict[str, tuple[Path, int, dict[str, Any]]] = {}  # key -> (file, data start, header entry)
         self.metadata: dict[str, str] = {}  # the files' __metadata__, merged
-        for path in sorted(folder.glob("*.safetensors")) if files is None else files:
+        for path in [source] if source.is_file() else sorted(source.glob("*.safetensors")):
             with open(path, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(length))
@@ -148,7 +148,7 @@ class LayerStore:
         Not through safe_open: its tensors live in a mapping of the file, and the export keeps every
         layer's adapter factors to the end, which would keep every stored layer's touched pages (its
         weights and codes too) resident until then."""
-        reader = CheckpointReader(self.folder, files=[self.path(index)])
+        reader = CheckpointReader(self.path(index))
         return {key: reader.get(key) for key in reader.where}, json.loads(reader.metadata[RECORDS_KEY])
 
 

@@ -22,12 +22,11 @@ from sqlalchemy import func, select, update
 
 from app.db.base import db_now, utcnow
 from app.db.models import DEFAULT_TENANT, Job, JobEvent, JobStatus, Upload
-from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.db.session import make_engine, make_sessionmaker, unit_of_work
 from app.jobs import repository, uploads
 from app.queue import Dispatcher
 from app.reaper import reap_once
-from app.settings import Settings
-from tests.services import REDIS_URL, ROOT, fresh_postgres_database, settings_env
+from tests.services import REDIS_URL, ROOT, migrated_database, settings_env
 
 SPEC = {"model": {"id": "a/b"}}
 
@@ -35,16 +34,8 @@ SPEC = {"model": {"id": "a/b"}}
 @pytest.fixture
 def pg(tmp_path):
     """(settings, sessions) on a fresh migrated database, with a queue of its own on Redis."""
-    with fresh_postgres_database() as url:
-        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL,
-                            queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}", reaper_interval_seconds=0.2)
-        upgrade_database(settings)
-        engine = make_engine(settings)
-        try:
-            yield settings, make_sessionmaker(engine)
-        finally:
-            engine.dispose()
-            redis.Redis.from_url(REDIS_URL).delete(settings.queue_name)
+    with migrated_database(tmp_path, reaper_interval_seconds=0.2) as database:
+        yield database
 
 
 def dead_workers_jobs(sessions, count: int, max_attempts: int) -> list[uuid.UUID]:

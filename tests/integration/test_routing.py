@@ -14,30 +14,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from app.db.models import Job
-from app.db.session import make_engine, make_sessionmaker, unit_of_work, upgrade_database
+from app.db.session import unit_of_work
 from app.main import create_app
 from app.queue import Dispatcher
 from app.reaper import reap_once
-from app.settings import Settings
-from tests.services import REDIS_URL, celery_worker, fresh_postgres_database
+from tests.services import REDIS_URL, celery_worker, migrated_database
 from tests.unit.test_routing import LLAMA_70B, TINY, model_folder, spec_for
 
 
 @pytest.fixture
 def pg(tmp_path):
     """(settings with classes of 1 and 16 GiB, sessions) on a fresh migrated database and a queue prefix of its own."""
-    with fresh_postgres_database() as url:
-        settings = Settings(data_dir=tmp_path / "data", database_url=url, broker_url=REDIS_URL, auth="off",
-                            queue_name=f"squeeze-test-{uuid.uuid4().hex[:8]}", memory_classes_gib=[1, 16],
-                            allow_local_paths=True)
-        upgrade_database(settings)
-        engine = make_engine(settings)
-        try:
-            yield settings, make_sessionmaker(engine)
-        finally:
-            engine.dispose()
-            queues = [settings.queue_name, f"{settings.queue_name}.1gib", f"{settings.queue_name}.16gib"]
-            redis.Redis.from_url(REDIS_URL).delete(*queues)
+    with migrated_database(tmp_path, auth="off", memory_classes_gib=[1, 16], allow_local_paths=True) as database:
+        yield database
 
 
 def waiting(queue: str) -> list[str]:
