@@ -57,7 +57,8 @@ def test_token_and_api_key_never_leak(tmp_path, tiny_llama_dir, calibration_txt)
             bad = http.post("/v1/jobs", json={**spec, "calibration": {"dataset": "upload:" + "0" * 32}})
             assert bad.status_code == 422  # an error answer that echoes a request must not echo the token
 
-    needles = [hf_token.encode(), key.encode(), key.split("_")[2].encode()]  # also the key's secret alone
+    needles = [hf_token.encode(), key.encode(), key.split("_", 2)[2].encode()]  # also the key's secret alone
+    assert all(len(n) >= 32 for n in needles)  # an empty needle would be "found" everywhere
     assert len(responses) >= 8
     for response in responses:
         seen = response.content + repr(dict(response.headers)).encode()

@@ -92,7 +92,7 @@ def revoked_key(settings) -> str:
     listed = subprocess.run([sys.executable, "-m", "app.cli", "keys", "list"], cwd=ROOT, env=env,
                             capture_output=True, text=True, check=True).stdout
     key_id = key.split("_")[1]
-    assert key_id in listed and key not in listed and key.split("_")[2] not in listed  # ids, never keys
+    assert key_id in listed and key not in listed and key.split("_", 2)[2] not in listed  # ids, never keys
     out = subprocess.run([sys.executable, "-m", "app.cli", "keys", "revoke", key_id], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout
     assert f"key {key_id} revoked" in out
