@@ -324,7 +324,7 @@ def main() -> None:
         sys.exit("bench.load needs wrk: apt-get install -y wrk")
     from bench.common import provenance
 
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory() as tmp, fresh_postgres_database() as url:
         folder = Path(tmp)
@@ -365,8 +365,7 @@ def main() -> None:
     report = {
         "benchmark": "bench/load.py", "command": "python -m bench.load " + " ".join(sys.argv[1:]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"), **provenance(),
-        "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
-                    "note": "shared 2-core VM; other benchmarks ran on the same cores during these runs"},
+        "machine": machine_load(load_at_start),
         "server": {"how": "uvicorn bench.load:api --factory (create_app as `squeeze serve --no-worker`, no reaper), "
                           "distributed mode, API keys on, PostgreSQL + Redis on the same machine",
                    "uvicorn": _version("uvicorn"), "sqlalchemy": _version("sqlalchemy"),
@@ -385,6 +384,16 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {args.out}")
+
+
+def machine_load(load_at_start: tuple[float, float, float]) -> dict:
+    """The machine as the run found and left it: load averages read from the kernel, not asserted."""
+    cores = os.cpu_count() or 1
+    busy = load_at_start[0] > 0.25 * cores
+    return {"cpu_count": cores, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+            "busy_at_start": busy,
+            "note": (f"other work held the cores when the run started (1-min load {load_at_start[0]:.2f} on "
+                     f"{cores} cores)") if busy else "cores idle when the run started"}
 
 
 def _commit(root: Path) -> str:
