@@ -218,9 +218,9 @@ def tables() -> str:
             lines += ["", "| other run | perplexity | same row, protocol calibration |", "|---|---:|---:|"]
         for path in others:
             name = path.stem.removeprefix(prefix)
-            protocol_run = common.load_run(name)
-            ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}"
-            lines.append(f"| {name} | {json.loads(path.read_text())['ppl']:.2f} | {ref} |")
+            run, protocol_run = json.loads(path.read_text()), common.load_run(name)
+            ref = "-" if protocol_run is None else f"{protocol_run['ppl']:.2f}{pre_fix_mark(protocol_run)}"
+            lines.append(f"| {name}{pre_fix_mark(run)} | {run['ppl']:.2f} | {ref} |")
     return "\n".join(lines)
 
 
@@ -244,39 +244,48 @@ def target_table(summary: dict) -> list[str]:
 
 def diagnostic_grid(prefix: str, chosen: Options | None) -> tuple[list[str], set[str]]:
     """The issue's comparisons on one diagnostic protocol: a row per setting, each cell "diagnostic
-    (protocol)" evaluation perplexity, then how many EoRA-vs-SVD pairs and budget-vs-uniform settings
-    the diagnostic rows win (only where both sides were run). Also the run names (without the prefix) shown."""
+    (protocol)" evaluation perplexity, a "*" after a number whose row ran before issue 15's fixes, then
+    how many EoRA-vs-SVD pairs and budget-vs-uniform settings the diagnostic rows win, counted only where
+    both sides were run on the fixed code (pairs with a pre-fix side are counted apart). Also the run
+    names (without the prefix) shown."""
     eora = chosen.suffixed if chosen else (lambda name: name)
     columns = {"none": "", "SVD r16": "svd_r16", "EoRA r16": eora("eora_r16"), "SVD r64": "svd_r64",
                "EoRA r64": eora("eora_r64"), "budget (=r64)": eora("eora_budget_r64eq_relnorm")}
     lines = ["| setting | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     pairs = {"EoRA beats SVD": [0, 0], "budget beats uniform rank 64": [0, 0]}
+    pre_fix_pairs = dict.fromkeys(pairs, 0)
     shown: set[str] = set()
 
-    def ppl(name: str) -> float | None:
+    def cell(name: str) -> str:
         run = common.load_run(name)
-        return None if run is None else run["ppl"]
+        return "-" if run is None else f"{run['ppl']:.2f}" + ("" if common.on_fixed_code(run) else "*")
 
     for base_name, label in SERIES.items():
-        got = {}
+        got: dict[str, dict | None] = {}
         cells = []
         for column, variant in columns.items():
             name = f"{base_name}__{variant}" if variant else base_name
-            got[column] = ppl(prefix + name)
+            got[column] = common.load_run(prefix + name)
             if got[column] is not None:
                 shown.add(name)
-            ref = ppl(name)
-            cells.append("-" if got[column] is None else
-                         f"{got[column]:.2f}" + ("" if ref is None else f" ({ref:.2f})"))
+            ref = cell(name)
+            cells.append(cell(prefix + name) + ("" if ref == "-" else f" ({ref})"))
         if all(v is None for v in got.values()):
             continue
         lines.append(f"| {label.removesuffix(' +')} | " + " | ".join(cells) + " |")
         for key, (ours, theirs) in [("EoRA beats SVD", ("EoRA r16", "SVD r16")), ("EoRA beats SVD", ("EoRA r64", "SVD r64")),
                                     ("budget beats uniform rank 64", ("budget (=r64)", "EoRA r64"))]:
-            if got[ours] is not None and got[theirs] is not None:
-                pairs[key][0] += got[ours] < got[theirs]
+            a, b = got[ours], got[theirs]
+            if a is None or b is None:
+                continue
+            if common.on_fixed_code(a) and common.on_fixed_code(b):
+                pairs[key][0] += a["ppl"] < b["ppl"]
                 pairs[key][1] += 1
-    lines += ["", "diagnostic rows: " + "; ".join(f"{k}: {won} of {n}" for k, (won, n) in pairs.items() if n)]
+            else:
+                pre_fix_pairs[key] += 1
+    counts = [f"{k}: {won} of {n}" for k, (won, n) in pairs.items() if n]
+    counts += [f"{k}: {n} pair(s) with a pre-fix side, not counted" for k, n in pre_fix_pairs.items() if n]
+    lines += ["", "* ran before issue 15's fixes.", "", "diagnostic rows on the fixed code: " + ("; ".join(counts) or "none")]
     return lines, shown
 
 

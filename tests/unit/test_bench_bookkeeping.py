@@ -125,3 +125,18 @@ def test_plans_with_per_module_choices_are_stored_as_json():
     assert stored["module_quant"] == {down: {**stored["quant"], "method": "rtn", "bits": 8}}
     assert stored["module_rank"] == {q: 16, down: 0}
     assert stored["compensation"]["rank"] == 16 and stored["sparsity"] is None
+
+
+def test_diagnostic_counts_leave_out_pairs_with_a_pre_fix_side(runs, monkeypatch):
+    from bench import plot
+
+    monkeypatch.setattr(common, "on_fixed_code", lambda run: run["fixed"])
+    rows = {"gptq3_g64__svd_r16": (30.0, True), "gptq3_g64__eora_r16": (29.0, True),  # counted: EoRA wins
+            "gptq3_g64__svd_r64": (20.0, True), "gptq3_g64__eora_r64": (21.0, False)}  # a pre-fix side
+    for name, (ppl, fixed) in rows.items():
+        common._write(runs / f"diag_x_{name}.json", {"name": name, "ppl": ppl, "fixed": fixed})
+    lines, shown = plot.diagnostic_grid("diag_x_", None)
+    assert shown == set(rows)
+    assert "| GPTQ 3-bit g64 | - | 30.00 | 29.00 | 20.00 | 21.00* | - |" in lines
+    assert lines[-1] == ("diagnostic rows on the fixed code: EoRA beats SVD: 1 of 1; "
+                         "EoRA beats SVD: 1 pair(s) with a pre-fix side, not counted")
