@@ -36,6 +36,11 @@ class SparsitySpec:
     def is_nm(self) -> bool:
         return self.n is not None
 
+    @property
+    def pattern(self) -> str:
+        """"2:4" style for N:M, else "unstructured"."""
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
 
 @dataclass(frozen=True, kw_only=True)
 class CompensationSpec:
