@@ -7,7 +7,7 @@ job's own planner, against the best fixed configuration at equal or fewer stored
 Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>_<compensation>.json
 (e.g. target_3p6_transformers_eora; resumable, with bench.common's provenance), made by the code a job runs:
 - the job spec {quantization: {method: gptq}, compensation: {method: eora} (or none), target:
-  {bits_per_weight, engine}} mapped by the job's own code (worker.pipeline.compression_plan and size_target),
+  {bits_per_weight, engine}} mapped by the job's own code (worker.job_plan.compression_plan and size_target),
   so its defaults are the job's: GPTQ asymmetric, act-order on, damp 0.01; EoRA damp 1.0, fp16 adapters
   (adapter_bits None), no sink tokens; offered bit widths 2/3/4/8 (vLLM: 4/8), group sizes 64, 128 and
   per channel (where they divide a Linear's width: 576 takes 64 and per channel), adapter ranks 0 and
@@ -54,8 +54,9 @@ from app.settings import Settings
 from bench import common
 from bench.quality import CONFIGS
 from worker.data import make_windows, token_stream, windows_hash
-from worker.pipeline import compression_plan, planning_summary, size_target
+from worker.job_plan import compression_plan, size_target
 from worker.plan import CompressionPlan
+from worker.summaries import planning_summary
 from worker.target import SizeTarget, TargetError, plan_for_target
 
 TARGETS = (3.3, 3.6, 4.0, 4.31)  # issue 16's stored bits per weight

@@ -1,5 +1,5 @@
 """Compression specs for tests, built the way a job builds them: through the job spec (app/jobs/spec.py,
-the one owner of the defaults) and worker.pipeline.compression_plan. A test names what it cares about;
+the one owner of the defaults) and worker.job_plan.compression_plan. A test names what it cares about;
 every other value is what a user gets. Knobs the job spec does not have (block sizes, adapter group
 size, SparseGPT's own damp) and values it refuses (tests of the math's own checks) are set on the
 result with dataclasses.replace.
@@ -12,7 +12,7 @@ from dataclasses import replace
 from app.jobs.spec import JobSpec
 from app.settings import Settings
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
-from worker.pipeline import compression_plan
+from worker.job_plan import compression_plan
 from worker.plan import CompressionPlan
 
 MAX_RANK = Settings.model_fields["max_rank"].default  # the server's default limit

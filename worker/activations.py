@@ -22,6 +22,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -143,6 +144,16 @@ class Activations:
     def _path(self, b: int) -> Path:
         assert self._folder is not None
         return self._folder / f"batch-{b}.safetensors"
+
+
+@contextmanager
+def closed_on_error(activations: Activations):
+    """Activations freed (their files removed) when the walk making them fails."""
+    try:
+        yield activations
+    except BaseException:
+        activations.close()
+        raise
 
 
 # --- which placement a job takes -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The sequential pipeline: the one owner of the decoder-layer loop and of the statistics hooks.
+"""The sequential pipeline: the one owner of the decoder-layer loop, which registers the statistics hooks
+(worker.grams) and spends a rank budget between its walks (worker.adapter_ranks).
 
 Only one decoder layer sits on the compute device at a time; the activations between layers (one
 tensor (batch, seq_len, hidden) per batch of windows, in the model's dtype) live on the device, the
@@ -28,24 +29,26 @@ gate/up of the same layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from time import perf_counter
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from worker.activations import CPU, HOST, Activations, LayerInputs, Placement, capture_layer_inputs, forward_layer
-from worker.compression.eora import Eigenspace
-from worker.compression.gram import accumulate_gram
-from worker.compression.ranks import (
-    allocate_ranks,
-    rank_cap,
-    rank_limits,
-    resolve_budget,
+from worker.activations import (
+    CPU,
+    HOST,
+    Activations,
+    LayerInputs,
+    Placement,
+    capture_layer_inputs,
+    closed_on_error,
+    forward_layer,
 )
-from worker.compression.specs import SparsitySpec
+from worker.adapter_ranks import allocate_budget, rank_notes
+from worker.compression.ranks import rank_cap
+from worker.grams import Grams, gram_hooks
 from worker.linear_compress import (
     adapter_size,
     attach_compensation,
@@ -57,57 +60,11 @@ from worker.linear_compress import (
     objective_norm,
     relative_output_error,
 )
-from worker.models import Architecture
 from worker.plan import CompressionPlan, CompressionResult, LayerReport, ModuleReport
 from worker.resume import LayerCheckpoints, ResumePoint, module_tensors, report_record, restore_module
 from worker.stream import ModelLayers, StreamedLayers
 
 LayerSource = ModelLayers | StreamedLayers
-
-
-class _Grams(NamedTuple):
-    """One input group's second moments: what the compression weighs its error by, and what the
-    compensation does (the same tensor unless sink_tokens > 0), with the latter's eigendecomposition
-    made once for every module of the group (EoRA)."""
-
-    compress: Tensor  # (d_in, d_in) fp64
-    compensate: Tensor  # (d_in, d_in) fp64
-    space: Eigenspace | None = None
-
-
-class _GramAccumulator:
-    """x^T x over every token, and with skip > 0 also over the positions >= skip of each window
-    (a second accumulation, so the first stays the exact Gram the compression sees)."""
-
-    def __init__(self, skip: int = 0) -> None:
-        self.skip = skip
-        self.gram: Tensor | None = None  # (d_in, d_in) fp64 running mean of x^T x
-        self.tokens = 0
-        self.body: Tensor | None = None  # same, positions >= skip only; None while skip == 0
-        self.body_tokens = 0
-
-    def hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        x = args[0].detach()  # (batch, seq, d_in)
-        self.gram, self.tokens = accumulate_gram(x, self.gram, self.tokens)
-        if self.skip:
-            self.body, self.body_tokens = accumulate_gram(x[:, self.skip :], self.body, self.body_tokens)
-
-
-@contextmanager
-def gram_hooks(
-    layer: nn.Module, arch: Architecture, skip: int = 0
-) -> Iterator[dict[tuple[str, ...], _GramAccumulator]]:
-    """One Gram per input group (q/k/v share one, gate/up share one), hooked on the group's first
-    Linear; the hooks are always removed on exit. skip: see _GramAccumulator."""
-    accumulators = {group: _GramAccumulator(skip) for group in arch.linear_groups}
-    handles = []
-    try:
-        for group, acc in accumulators.items():
-            handles.append(layer.get_submodule(group[0]).register_forward_hook(acc.hook))
-        yield accumulators
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def layer_source(model: nn.Module | LayerSource) -> LayerSource:
@@ -129,7 +86,7 @@ def walk_layers(model: nn.Module | LayerSource, windows: Tensor, device: torch.d
     one layer on the device at a time."""
     source = layer_source(model)
     inputs = capture_inputs(source, windows, batch_size, placement, device)
-    with _closed_on_error(inputs.hidden):
+    with closed_on_error(inputs.hidden):
         for index in range(len(source)):
             with source.layer(index) as layer, _on_device(layer, device):
                 forward_layer(layer, inputs, index, device, keep_outputs=True)
@@ -205,7 +162,7 @@ class _Run:
             self._walk("compensate", lambda index, layer, grams: self._compensate_layer(index, layer, grams, ranks),
                        done, hidden)
         if self.plan.compensates:
-            self._rank_notes()
+            self.result.notes += rank_notes(self.plan, self.result, self.capped, self.short)
         return self.result
 
     def _walk(self, stage: str, process: Callable[[int, nn.Module, dict], list[ModuleReport]], first: int = 0,
@@ -250,7 +207,7 @@ class _Run:
                     )
                 )
 
-    def _grams(self, layer: nn.Module, inputs: LayerInputs, index: int) -> dict[tuple[str, ...], _Grams]:
+    def _grams(self, layer: nn.Module, inputs: LayerInputs, index: int) -> dict[tuple[str, ...], Grams]:
         skip = self.plan.compensation.sink_tokens if self.plan.compensates else 0
         start = perf_counter()
         with gram_hooks(layer, self.arch, skip) as accumulators:
@@ -269,7 +226,7 @@ class _Run:
                 start = perf_counter()
                 space = compensation_eigenspace(compensate, self.plan.compensation, name)
                 self.result.compensation_seconds += perf_counter() - start
-            grams[group] = _Grams(acc.gram, compensate, space)
+            grams[group] = Grams(acc.gram, compensate, space)
         return grams
 
     def _compress_layer(self, index: int, layer: nn.Module, grams: dict) -> list[ModuleReport]:
@@ -297,7 +254,7 @@ class _Run:
                     name=name,
                     shape=tuple(original.shape),
                     quantized=compressed.quantized,
-                    sparsity=_sparsity_pattern(plan.sparsity),
+                    sparsity=None if plan.sparsity is None else plan.sparsity.pattern,
                     zero_fraction=float((compressed.weight == 0).float().mean()),
                     error_before=relative_output_error(residual, original, gram),
                     compress_seconds=compressed.seconds,
@@ -342,7 +299,7 @@ class _Run:
                     self.on_module()
         return reports
 
-    def _compensate(self, layer, relative, report, residual, original, grams: _Grams, rank: int) -> None:
+    def _compensate(self, layer, relative, report, residual, original, grams: Grams, rank: int) -> None:
         spec = self.plan.compensation
         if rank > rank_cap(*report.shape):
             rank = self.capped[report.name] = rank_cap(*report.shape)
@@ -365,53 +322,15 @@ class _Run:
         report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
 
     def _allocate_ranks(self) -> dict[str, int]:
-        spec = self.plan.compensation
         start = perf_counter()
         shapes = {name: m.shape for name, m in self.result.modules.items()}
-        budget = resolve_budget(spec.budget_params, spec.budget_fraction, shapes)
-        self.result.budget_params = budget
-        if spec.budget_criterion == "relative":
-            self._normalise_spectra()
-        ranks = allocate_ranks(self.spectra, shapes, budget, max_rank=spec.max_rank, min_rank=spec.min_rank)
-        spent = sum(rank * sum(shapes[name]) for name, rank in ranks.items())
-        if spent == 0:
-            cheapest = min(sum(shape) for shape in shapes.values())
-            self.result.notes.append(f"compensation.rank_budget: {budget:,} parameters do not pay for one rank of "
-                                     f"any Linear (the cheapest costs {cheapest:,}): no adapter was made")
-        elif ranks == rank_limits(self.spectra, shapes, spec.max_rank) and spent < budget:
-            self.result.notes.append(f"compensation.rank_budget: {budget:,} parameters are more than the adapters "
-                                     f"can use: every Linear got its largest useful rank (below the dense-delta "
-                                     f"crossover d_out*d_in/(d_out+d_in), at most {spec.max_rank}); "
-                                     f"{spent:,} spent")
+        ranks, self.result.budget_params, notes = allocate_budget(self.plan.compensation, self.spectra,
+                                                                  self.objective_norms, shapes)
+        self.result.notes += notes
         self.spectra.clear()
         self.objective_norms.clear()
         self.result.compensation_seconds += perf_counter() - start
         return ranks
-
-    def _rank_notes(self) -> None:
-        """What the job's notes say about ranks that differ from the request."""
-        notes = self.result.notes
-        if self.capped:
-            caps = sorted({(self.result.modules[name].shape, cap) for name, cap in self.capped.items()})
-            listed = ", ".join(f"{d_out}x{d_in}: {cap}" for (d_out, d_in), cap in caps)
-            notes.append(f"compensation.rank {self.plan.compensation.rank} is at or above the dense-delta crossover "
-                         f"d_out*d_in/(d_out+d_in) of {len(self.capped)} of {len(self.result.modules)} Linears, where "
-                         f"an adapter holds more numbers than the dense delta itself; capped at the largest rank below "
-                         f"it ({listed})")
-        if self.short:
-            first = min(self.short)
-            notes.append(f"{len(self.short)} Linears have fewer independent error directions than the rank given "
-                         f"them; their adapters have the true rank (e.g. {first}: {self.short[first]})")
-        if self.result.max_rank == 0 and not self.plan.uses_budget:  # budgets say so when allocating
-            notes.append("no Linear got an adapter rank: no adapter was made")
-
-    def _normalise_spectra(self) -> None:
-        """sigma_i -> sigma_i / ||W|| (walk 1, in the norm the decomposition minimises the error in; for
-        exact EoRA ||W X||): the allocator then buys relative error reduced per parameter."""
-        for name, sigmas in self.spectra.items():
-            norm = self.objective_norms[name]
-            if norm > 0:
-                self.spectra[name] = sigmas / norm
 
     def _park_quantized_weights(self, layer: nn.Module, index: int) -> None:
         """Keep this layer's codes/scales/zeros on CPU, and point each QuantizedWeight.weight at the
@@ -522,22 +441,6 @@ def _forget_tensors(quantized) -> None:
             setattr(quantized, field, torch.empty_like(getattr(quantized, field), device="meta"))
 
 
-def _sparsity_pattern(spec: SparsitySpec | None) -> str | None:
-    if spec is None:
-        return None
-    return f"{spec.n}:{spec.m}" if spec.is_nm else "unstructured"
-
-
-@contextmanager
-def _closed_on_error(activations: Activations):
-    """Activations freed (their files removed) when the walk making them fails."""
-    try:
-        yield activations
-    except BaseException:
-        activations.close()
-        raise
-
-
 @contextmanager
 def _on_device(module: nn.Module, device: torch.device):
     module.to(device)
@@ -545,4 +448,3 @@ def _on_device(module: nn.Module, device: torch.device):
         yield module
     finally:
         module.to("cpu")
-

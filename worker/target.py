@@ -39,10 +39,11 @@ from worker.compression.ranks import rank_cap
 from worker.compression.specs import QuantSpec
 from worker.engines import VLLM_FUSED, VLLM_LORA_RANKS, VLLM_WNA16_BITS
 from worker.export.sizes import pack_quantized_bytes
+from worker.grams import gram_hooks
 from worker.linear_compress import adapter_served_bytes, adapter_size, compensation_eigenspace
 from worker.models import decoder_linears
 from worker.plan import CompressionPlan
-from worker.sequential import LayerSource, capture_inputs, forward_layer, gram_hooks, layer_source
+from worker.sequential import LayerSource, capture_inputs, forward_layer, layer_source
 
 
 class TargetError(ValueError):

@@ -203,7 +203,7 @@ def test_windows_hash_is_stable():
 EXPECTED_ARANGE_HASH = "4d342c941a8823b03e499d028923f2d6792bf9b1664f3a0f4de493ea7d815438"
 
 
-# The held-back evaluation slice (worker.pipeline.load_windows, no evaluation.dataset).
+# The held-back evaluation slice (worker.job_data.load_windows, no evaluation.dataset).
 
 def held_out_spec(calibration: Path, num_samples: int = 4, seq_len: int = 32, num_windows: int = 8):
     from app.jobs.spec import JobSpec
@@ -216,7 +216,7 @@ def held_out_spec(calibration: Path, num_samples: int = 4, seq_len: int = 32, nu
 
 def held_out(tmp_path, tokenizer, text: str, **spec):
     from app.settings import Settings
-    from worker.pipeline import load_windows
+    from worker.job_data import load_windows
 
     path = tmp_path / "calibration.txt"
     path.write_text(text)

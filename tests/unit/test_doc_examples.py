@@ -3,7 +3,7 @@
 Each ```json block holding a "model" key and each curl `-d '{...}'` body in README.md and docs/*.md
 goes through JobSpec, the server's submit-time checks (embedded defaults) and, for the Hub models whose
 layer widths are known here, the worker's pre-work rule: the quantization group size and the N:M
-block must divide every Linear's input width (worker.pipeline.check_plan_fits).
+block must divide every Linear's input width (worker.job_plan.check_plan_fits).
 """
 
 from __future__ import annotations

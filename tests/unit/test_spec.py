@@ -141,7 +141,7 @@ def test_ranks_above_the_servers_max_rank_are_422(client, compensation, field):
 
 def test_the_servers_max_rank_reaches_the_plan_and_bounds_its_ranks(tmp_path):
     from worker.errors import JobFailure
-    from worker.pipeline import compression_plan
+    from worker.job_plan import compression_plan
 
     small = Settings(data_dir=tmp_path, max_rank=8)
     budget = JobSpec.model_validate({**VALID, "compensation": {"rank_budget": {"params": 10**6, "min_rank": 8}}})
@@ -159,7 +159,7 @@ def test_the_servers_max_rank_reaches_the_plan_and_bounds_its_ranks(tmp_path):
 def test_the_plan_takes_the_job_specs_defaults():
     """One owner per default: the plan of a job that names nothing gets the job spec's values (EoRA
     damp 1.0, GPTQ act_order on, quantization.damp 0.01), the worker's dataclasses add none."""
-    from worker.pipeline import compression_plan
+    from worker.job_plan import compression_plan
 
     spec = JobSpec.model_validate({"model": {"id": "a/b"}, "quantization": {}, "calibration": {"dataset": "c/d"},
                                    "compensation": {"rank": 8}})

@@ -55,7 +55,7 @@ def test_a_target_jobs_files_hold_the_planned_bits(streamed, tmp_path, tiny_mode
     for name, chosen in target["modules"].items():
         width = TINY_DIMS["intermediate_size" if name.endswith("down_proj") else "hidden_size"]
         assert (modules[name]["bits"], modules[name]["rank"]) == (chosen["bits"], chosen["rank"]), name
-        assert chosen["group_size"] in (64, 128, -1)  # never 32 (pipeline.TARGET_GROUP_SIZES)
+        assert chosen["group_size"] in (64, 128, -1)  # never 32 (job_plan.TARGET_GROUP_SIZES)
         assert modules[name]["group_size"] == (width if chosen["group_size"] == -1 else chosen["group_size"]), name
         assert (manifest["modules"][name]["bits"], manifest["modules"][name]["rank"]) == (chosen["bits"],
                                                                                           chosen["rank"])

@@ -1,6 +1,6 @@
 """Typed configs for the compression math, one per concern.
 
-The HTTP job spec (app/jobs/spec.py) owns every default a user gets; worker.pipeline.compression_plan
+The HTTP job spec (app/jobs/spec.py) owns every default a user gets; worker.job_plan.compression_plan
 maps it one-to-one onto these. So the policy fields (what a job asks for) have no defaults here:
 whoever builds a spec says every value. Only knobs the job spec does not expose keep a default, and
 this is then their one owner. Algorithm code only ever sees these frozen dataclasses.
@@ -35,6 +35,11 @@ class SparsitySpec:
     @property
     def is_nm(self) -> bool:
         return self.n is not None
+
+    @property
+    def pattern(self) -> str:
+        """"2:4" style for N:M, else "unstructured"."""
+        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
 
 
 @dataclass(frozen=True, kw_only=True)

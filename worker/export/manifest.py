@@ -42,7 +42,7 @@ def serving(checkpoint: CheckpointInfo, plan: CompressionPlan, adapter: AdapterI
     else:
         vllm["scheme"] = "unquantized (dense weights)"
     if plan.sparsity is not None:
-        pattern = f"{plan.sparsity.n}:{plan.sparsity.m}" if plan.sparsity.is_nm else "unstructured"
+        pattern = plan.sparsity.pattern
         notes.append(f"{pattern} sparsity is stored as explicit zeros in ordinary weights: compressed-tensors writes "
                      "no sparse formats and vLLM no longer accelerates 2:4 sparsity, so the zeros bring no speed-up "
                      "or memory saving in vLLM; the artifact serves at dense speed.")
