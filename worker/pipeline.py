@@ -98,14 +98,17 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         destination.target(str(job_id))
 
     reporter.progress("loading", 1.0, message=f"resolving model {spec.model.id}@{spec.model.revision}")
-    resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token)
     dtype = compute_dtype(settings.compute_dtype)
-    if settings.memory_check:
+
+    def check_config(folder: Path) -> None:  # before a Hub model's weights are downloaded
         from worker.memory import check_memory
 
-        check_memory(resolved.path, spec, device, streamed=settings.stream_layers,
+        check_memory(folder, spec, device, streamed=settings.stream_layers,
                      dtype_bytes=4 if dtype is None else dtype.itemsize,  # "auto": at most fp32
                      activations=settings.activations)
+
+    resolved = resolve_model(spec.model.id, spec.model.revision, settings, token=token,
+                             check_config=check_config if settings.memory_check else None)
     try:
         if settings.stream_layers:
             model = StreamedLayers(resolved.path, scratch, dtype)

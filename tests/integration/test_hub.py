@@ -6,12 +6,15 @@ No test here talks to the real Hub.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from rich.console import Console
 
 from app.settings import Settings
 from tests.hub_standin import HubStandin
@@ -127,6 +130,46 @@ def test_hub_download_unknown_revision_fails_clearly(hub, settings, tiny_model_d
     hub.add_repo(REPO, folder_files(tiny_model_dir))
     with pytest.raises(JobFailure, match="has no revision 'v9'"):
         resolve_model(REPO, "v9", settings)
+
+
+def test_hub_download_shows_the_config_alone_before_fetching_the_weights(hub, settings, tiny_model_dir):
+    files = folder_files(tiny_model_dir)
+    sha = hub.add_repo(REPO, files).branches["main"]
+    seen: list[tuple[Path, list[str]]] = []
+
+    resolved = resolve_model(REPO, "main", settings,
+                             check_config=lambda folder: seen.append((folder, sorted(os.listdir(folder)))))
+
+    assert seen == [(resolved.path, ["config.json"])] and resolved.path.name == sha
+    fetched = [r.path.rsplit("/", 1)[-1] for r in hub.file_requests(REPO) if r.method == "GET"]
+    assert fetched[0] == "config.json" and fetched.count("config.json") == 1 and "model.safetensors" in fetched
+    assert folder_files(resolved.path) == files
+
+
+def test_a_hub_model_too_big_for_this_worker_is_refused_before_its_weights_are_downloaded(hub, tmp_path):
+    """The whole pipeline, as the worker runs it: the refusal comes from config.json, fetched alone."""
+    import uuid
+
+    from transformers import LlamaConfig
+
+    from app.jobs.spec import JobSpec
+    from worker.cli_compress import ConsoleReporter
+    from worker.pipeline import run_pipeline
+
+    folder = tmp_path / "llama-405b-config"  # ~1.6 TB of fp32 weights, loaded whole
+    LlamaConfig(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(folder)
+    hub.add_repo(REPO, {"config.json": (folder / "config.json").read_bytes(), "model.safetensors": b"\0" * 4096})
+    settings = Settings(data_dir=tmp_path / "data", artifact_root=tmp_path / "artifacts", device="cpu",
+                        stream_layers=False, memory_check=True)
+    spec = JobSpec.model_validate({"model": {"id": REPO}, "quantization": {"method": "rtn", "bits": 4},
+                                   "calibration": {"dataset": "org/data", "num_samples": 8, "seq_len": 32}})
+
+    with pytest.raises(JobFailure, match=r"needs at least \d+\.\d\d GiB of host memory"):
+        run_pipeline(uuid.uuid4(), spec, settings, ConsoleReporter(Console(file=io.StringIO())))
+
+    assert {r.path.rsplit("/", 1)[-1] for r in hub.file_requests(REPO)} == {"config.json"}  # no weights
+    assert not list((settings.data_dir / "hub").rglob("*.safetensors"))
 
 
 # --- upload ------------------------------------------------------------------------------------
