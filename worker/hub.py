@@ -51,7 +51,8 @@ def _download(repo_id: str, revision: str, settings: Settings, token: str | None
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     token = token or (settings.hf_token.get_secret_value() if settings.hf_token else None)
-    api = HfApi(token=token)
+    endpoint = settings.hf_endpoint  # a mirror, as the API's routing reads config.json from; None: HF_ENDPOINT
+    api = HfApi(token=token, endpoint=endpoint)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except RepositoryNotFoundError:
@@ -75,8 +76,8 @@ def _download(repo_id: str, revision: str, settings: Settings, token: str | None
                          f"{settings.max_model_bytes / 1e9:.1f} GB")
     if check_config is not None and "config.json" in files:  # the same snapshot folder the download fills
         config = hf_hub_download(repo_id, "config.json", revision=info.sha, token=token,
-                                 cache_dir=settings.data_dir / "hub")
+                                 cache_dir=settings.data_dir / "hub", endpoint=endpoint)
         check_config(Path(config).parent)
     path = snapshot_download(repo_id, revision=info.sha, token=token, allow_patterns=WEIGHT_PATTERNS + SIDE_PATTERNS,
-                             cache_dir=settings.data_dir / "hub")
+                             cache_dir=settings.data_dir / "hub", endpoint=endpoint)
     return ResolvedModel(path=Path(path), source="hub", revision=info.sha)

@@ -77,6 +77,21 @@ def test_hub_download_through_local_standin_server_pins_the_commit_and_skips_pic
     assert resolve_model(REPO, "main", settings).revision == repo.branches["main"] != first_sha
 
 
+def test_hub_download_goes_to_the_settings_mirror(hub, tmp_path, tiny_model_dir):
+    """Settings.hf_endpoint (a mirror; the API's routing reads config.json from it) is where the worker
+    downloads from too, not huggingface_hub's default endpoint."""
+    files = folder_files(tiny_model_dir)
+    with HubStandin(token=TOKEN) as mirror:
+        sha = mirror.add_repo(REPO, files).branches["main"]
+        settings = Settings(data_dir=tmp_path / "data", allow_local_paths=False, hf_endpoint=mirror.url)
+        checked = []
+        resolved = resolve_model(REPO, "main", settings, check_config=checked.append)
+        assert resolved.revision == sha and folder_files(resolved.path) == files
+        assert {r.path.rsplit("/", 1)[-1] for r in mirror.file_requests(REPO)} == set(files)
+        assert len(checked) == 1
+    assert hub.requests == []  # the default endpoint was never asked
+
+
 def test_hub_download_uses_a_local_folder_laid_out_like_a_hub_snapshot(hub, settings, tiny_model_dir):
     """The files already sit in the Hub cache layout (models--org--name/snapshots/<sha>/...): only the
     metadata calls (model info, tree listing) reach the stand-in, no file is downloaded."""
