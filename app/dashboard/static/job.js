@@ -92,6 +92,16 @@ function metricsSection(job) {
   return section;
 }
 
+// What the size target asked for, what its plan stores and what the files hold.
+function targetSentence(target, size) {
+  const stored = size && size.bits_per_weight_stored != null
+    ? `; counted from the artifact's files: ${size.bits_per_weight_stored.toFixed(3)}` : "";
+  return `Size target: ${target.bits_per_weight} bits per weight (engine ${target.engine}). The plan stores `
+    + `${target.planned_bits_per_weight.toFixed(3)} (${target.planned_bytes.toLocaleString()} of `
+    + `${target.budget_bytes.toLocaleString()} bytes, ${target.optimal ? "optimal" : `within ${target.gap.toPrecision(3)} of the optimum`}, `
+    + `${target.sensitivity} sensitivity)${stored}.`;
+}
+
 function sizeSection(job) {
   const q = job.spec.quantization, a = job.metrics.adapter, size = job.metrics.size, target = job.metrics.target;
   const counted = key => size ? bytes(size[key]) : "not reported (a job from before sizes were counted)";
@@ -122,16 +132,6 @@ function sizeSection(job) {
       el("thead", {}, el("tr", {}, el("th", {}, "part"), el("th", {}, "what"), el("th", {}, "size"))),
       el("tbody", {}, rows.map(r => el("tr", {}, r.map(v => el("td", {}, v))))))),
     el("p", {class: "muted", id: "bits-per-weight"}, total));
-}
-
-// What the size target asked for, what its plan stores and what the files hold.
-function targetSentence(target, size) {
-  const stored = size && size.bits_per_weight_stored != null
-    ? `; counted from the artifact's files: ${size.bits_per_weight_stored.toFixed(3)}` : "";
-  return `Size target: ${target.bits_per_weight} bits per weight (engine ${target.engine}). The plan stores `
-    + `${target.planned_bits_per_weight.toFixed(3)} (${target.planned_bytes.toLocaleString()} of `
-    + `${target.budget_bytes.toLocaleString()} bytes, ${target.optimal ? "optimal" : `within ${target.gap.toPrecision(3)} of the optimum`}, `
-    + `${target.sensitivity} sensitivity)${stored}.`;
 }
 
 function artifactLink(uri) {
