@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -175,6 +176,104 @@ def test_submit_watch_progress_finish_and_open_the_job_url(page, server, slow_ll
     expect(page.locator("#f-model-id")).to_have_value(str(slow_llama_dir))
     expect(page.locator("#f-compensation-rank")).to_have_value("4")
     expect(page.locator("#f-calibration-dataset")).to_have_value(job["spec"]["calibration"]["dataset"])
+
+
+def module_counts(values, label) -> str:
+    """The job page's count summary (job.js countSummary): most common first, ties in order of appearance."""
+    return "; ".join(f"{label(value)}: {n} module{'' if n == 1 else 's'}" for value, n in Counter(values).most_common())
+
+
+def test_a_size_target_job_through_the_form_and_again_with_changes(page, server, tiny_llama_dir, calibration_txt):
+    from app.jobs.spec import RankBudget
+
+    fill_tiny_job(page, tiny_llama_dir, calibration_txt)
+    page.check("#use-compensation")
+    page.check("#use-target")
+    page.fill("#f-target-bits_per_weight", "4")
+    # The target chooses the bits and group sizes: the form stops sending them (the API refuses both at once).
+    expect(page.locator("#f-quantization-bits")).to_have_value("")
+    expect(page.locator("#f-quantization-group_size")).to_have_value("")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
+
+    job = api_job(server, page.url.rsplit("/", 1)[1])
+    assert job["spec"]["target"] == {"bits_per_weight": 4.0, "engine": "transformers"}
+    assert (job["spec"]["quantization"]["bits"], job["spec"]["quantization"]["group_size"]) == (None, None)
+    metrics = job["metrics"]
+    per_module, target, size = metrics["compression"]["per_module"], metrics["target"], metrics["size"]
+    expect(page.locator("#bits-summary")).to_have_text(module_counts([m["bits"] for m in per_module.values()],
+                                                                     lambda bits: f"{bits}-bit"))
+    expect(page.locator("#rank-summary")).to_have_text(module_counts([m["rank"] for m in per_module.values()],
+                                                                     lambda rank: f"rank {rank}"))
+    page.click("#results details summary")
+    rows = page.locator("#modules tbody tr")
+    expect(rows.locator("td:nth-child(1)")).to_have_text(list(per_module))
+    expect(rows.locator("td:nth-child(5)")).to_have_text([str(m["rank"]) for m in per_module.values()])
+    expect(rows.locator("td:nth-child(7)")).to_have_text([str(m["bits"]) for m in per_module.values()])
+    per_channel = {name for name, m in target["modules"].items() if m["group_size"] == -1}
+    expect(rows.locator("td:nth-child(8)")).to_have_text(
+        [f"{m['group_size']}{' (per channel)' if name in per_channel else ''}" for name, m in per_module.items()])
+    expect(page.locator("#target-summary")).to_contain_text(
+        f"Size target: 4 bits per weight (engine transformers). The plan stores {target['planned_bits_per_weight']:.3f} "
+        f"({target['planned_bytes']:,} of {target['budget_bytes']:,} bytes")
+    expect(page.locator("#target-summary")).to_contain_text(
+        f"counted from the artifact's files: {size['bits_per_weight_stored']:.3f}.")
+    assert size["bits_per_weight_stored"] <= 4.0
+    chosen = target["modules"].values()
+    expect(page.locator("#sizes")).to_contain_text(
+        "chosen per Linear by the size target: " + module_counts([m["bits"] for m in chosen], lambda b: f"{b}-bit")
+        + "; " + module_counts([m["group_size"] for m in chosen],
+                               lambda g: "per output channel" if g == -1 else f"groups of {g}"))
+
+    # Again with changes: the target comes back (the bits still left to it) and a looser one is sent.
+    page.click("#resubmit")
+    expect(page.locator("#f-target-bits_per_weight")).to_have_value("4")
+    expect(page.locator("#use-target")).to_be_checked()
+    expect(page.locator("#f-quantization-bits")).to_have_value("")
+    expect(page.locator("#f-quantization-group_size")).to_have_value("")
+    expect(page.locator("#f-calibration-dataset")).to_have_value(job["spec"]["calibration"]["dataset"])
+    # No rank budget in the job: its criterion select shows the schema's default, not a blank.
+    expect(page.locator("#f-compensation-rank_budget-criterion")).to_have_value(
+        RankBudget.model_fields["criterion"].default)
+    page.fill("#f-target-bits_per_weight", "5")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    again = page.url.rsplit("/", 1)[1]
+    assert again != job["id"]
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
+    spec = api_job(server, again)["spec"]
+    assert spec["target"] == {"bits_per_weight": 5.0, "engine": "transformers"}
+    assert {k: v for k, v in spec.items() if k != "target"} == {k: v for k, v in job["spec"].items() if k != "target"}
+
+
+def test_target_and_webhook_problems_show_next_to_their_fields(page, server):
+    base, key = server
+    page.goto("/submit")
+    page.fill("#f-model-id", "org/model")
+    page.fill("#f-calibration-dataset", "org/data")
+    page.check("#use-target")
+    page.fill("#f-target-bits_per_weight", "20")
+    page.click("#submit")
+    expect(page.locator('[data-problem-for="target.bits_per_weight"]')).to_contain_text("less than or equal to 16")
+
+    # Bits chosen by hand next to a target: the API names both, at the top of the form.
+    page.fill("#f-target-bits_per_weight", "4")
+    page.select_option("#f-quantization-bits", "4")
+    page.click("#submit")
+    expect(page.locator("#form-problem")).to_contain_text("target.bits_per_weight chooses quantization.bits")
+    expect(page.locator('[data-problem-for="target.bits_per_weight"]')).to_have_text("")
+
+    page.select_option("#f-quantization-bits", "")
+    hook = "http://127.0.0.1/hook"
+    page.fill("#f-webhook_url", hook)
+    page.click("#submit")
+    refused = httpx.post(f"{base}/v1/jobs", headers=bearer(key), json={
+        "model": {"id": "org/model"}, "quantization": {}, "target": {"bits_per_weight": 4},
+        "calibration": {"dataset": "org/data"}, "webhook_url": hook})
+    assert refused.status_code == 422 and refused.json()["fields"] == ["webhook_url"], refused.text
+    expect(page.locator('[data-problem-for="webhook_url"]')).to_have_text(refused.json()["detail"])
+    assert page.url.endswith("/submit")
 
 
 def test_cancel_a_running_job(page, server, slow_llama_dir, calibration_txt):

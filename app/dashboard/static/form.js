@@ -10,7 +10,8 @@ const SECTIONS = [
   ["sparsity", "Sparsity", true, [["method", "enum"], ["ratio", "number"], ["pattern", "text"]]],
   ["compensation", "Compensation", true, [["method", "enum"], ["rank", "number"], ["rank_budget.params", "number"],
     ["rank_budget.fraction", "number"], ["rank_budget.criterion", "enum"], ["rank_budget.min_rank", "number"],
-    ["adapter_bits", "enum"], ["damp", "number"], ["sink_tokens", "number"]]],
+    ["adapter_bits", "enum"], ["damp", "number"], ["sink_tokens", "number"], ["refine", "number"]]],
+  ["target", "Target", true, [["bits_per_weight", "number"], ["engine", "enum"]]],
   ["calibration", "Calibration", false, [["dataset", "text"], ["split", "text"], ["text_field", "text"],
     ["num_samples", "number"], ["seq_len", "number"], ["seed", "number"]]],
   ["evaluation", "Evaluation", false, [["dataset", "text"], ["split", "text"], ["text_field", "text"],
@@ -18,6 +19,11 @@ const SECTIONS = [
   ["destination", "Destination", false, [["uri", "text"], ["private", "bool"], ["create_repo", "bool"]]],
 ];
 const ON_BY_DEFAULT = new Set(["quantization"]);  // the spec needs quantization or sparsity
+// What a size target chooses per Linear: emptied while target is ticked with a bits_per_weight (the API
+// refuses them next to it), their defaults back otherwise.
+const CHOSEN_BY_TARGET = ["quantization.bits", "quantization.group_size"];
+// The empty choice of a select whose field may be left out although it has a default.
+const EMPTY_LABELS = {"quantization.bits": "chosen by target.bits_per_weight"};
 
 let schemaCache;
 async function schemas() {
@@ -34,7 +40,8 @@ function property(all, schemaName, path) {
   }
   const prop = schema.properties[parts.at(-1)];
   const options = prop.enum || (prop.anyOf || []).find(s => s.enum)?.enum;
-  return {default: prop.default, description: prop.description || "", enum: options};
+  const nullable = (prop.anyOf || []).some(s => s.type === "null");
+  return {default: prop.default, description: prop.description || "", enum: options, nullable};
 }
 
 function input(name, kind, prop) {
@@ -42,9 +49,9 @@ function input(name, kind, prop) {
   if (kind === "bool") return el("input", {id, type: "checkbox", name, checked: prop.default === true});
   if (kind === "tristate" || kind === "enum") {
     const values = kind === "tristate" ? ["", "true", "false"]
-      : [...(prop.default === null || prop.default === undefined ? [""] : []), ...prop.enum.map(String)];
-    const select = el("select", {id, name}, values.map(v => el("option", {value: v},
-      v === "" ? (kind === "tristate" ? "default (see help)" : "none") : v)));
+      : [...(prop.nullable || prop.default === null || prop.default === undefined ? [""] : []), ...prop.enum.map(String)];
+    const empty = kind === "tristate" ? "default (see help)" : EMPTY_LABELS[name] || "none";
+    const select = el("select", {id, name}, values.map(v => el("option", {value: v}, v === "" ? empty : v)));
     if (kind === "enum" && prop.default !== null && prop.default !== undefined) select.value = String(prop.default);
     return select;
   }
@@ -79,9 +86,32 @@ export function submitView(root, fromJob) {
   root.append(el("h1", {}, fromJob ? "Submit again with changes" : "New compression job"),
     el("p", {class: "muted"}, "Defaults come from the API's job spec; leave a field empty to use the server's default."),
     form);
-  const fields = new Map();  // "section.path" -> [element, kind, wrapper]
+  const fields = new Map();  // "section.path" -> [element, kind, wrapper, default]
   const toggles = new Map();
   let stopped = false;
+
+  function field(all, schemaName, name, path, kind) {
+    const prop = property(all, schemaName, path);
+    const element = input(name, kind, prop);
+    const wide = name === "model.id" || name === "webhook_url" || name.endsWith(".dataset");
+    const wrapper = el("div", {class: `field${wide ? " wide" : ""}`},
+      el("label", {for: element.id}, path), element,
+      prop.description ? el("div", {class: "help"}, prop.description) : "",
+      el("div", {class: "problem", "data-problem-for": name}));
+    if (name === "calibration.dataset") wrapper.append(uploadControl(element));
+    fields.set(name, [element, kind, wrapper, prop.default]);
+    return wrapper;
+  }
+
+  // A size target (target ticked, bits_per_weight given) leaves the bits and group size to the worker.
+  function syncChosenByTarget() {
+    const sized = toggles.get("target").checked && fields.get("target.bits_per_weight")[0].value.trim() !== "";
+    for (const name of CHOSEN_BY_TARGET) {
+      const [element, , , fallback] = fields.get(name);
+      if (sized) element.value = "";
+      else if (element.value === "") element.value = String(fallback);
+    }
+  }
 
   (async () => {
     const all = await schemas();
@@ -97,26 +127,20 @@ export function submitView(root, fromJob) {
         toggle.addEventListener("change", sync);
         sync();
       }
-      for (const [path, kind] of list) {
-        const name = `${section}.${path}`;
-        const prop = property(all, schemaName, path);
-        const field = input(name, kind, prop);
-        const problem = el("div", {class: "problem", "data-problem-for": name});
-        const wrapper = el("div", {class: `field${name === "model.id" || name.endsWith(".dataset") ? " wide" : ""}`},
-          el("label", {for: field.id}, path), field,
-          prop.description ? el("div", {class: "help"}, prop.description) : "", problem);
-        if (name === "calibration.dataset") wrapper.append(uploadControl(field));
-        fields.set(name, [field, kind, wrapper]);
-        box.append(wrapper);
-      }
+      box.append(...list.map(([path, kind]) => field(all, schemaName, `${section}.${path}`, path, kind)));
       form.append(el("fieldset", {"data-section": section}, legend, sectionProblem, box));
     }
+    toggles.get("target").addEventListener("change", syncChosenByTarget);
+    fields.get("target.bits_per_weight")[0].addEventListener("input", syncChosenByTarget);
     const token = el("input", {id: "f-hf_token", type: "password", name: "hf_token", autocomplete: "off"});
-    form.append(el("fieldset", {}, el("legend", {}, "Hugging Face token (optional)"),
-      el("div", {class: "field"}, token, el("div", {class: "help"}, property(all, "JobSpec", "hf_token").description),
-        el("div", {class: "problem", "data-problem-for": "hf_token"}))),
-    formProblem, el("div", {class: "actions"}, el("button", {id: "submit"}, "Submit job")));
-    fields.set("hf_token", [token, "text", null]);
+    form.append(
+      el("fieldset", {}, el("legend", {}, "notification (optional)"),
+        el("div", {class: "fields"}, field(all, "JobSpec", "webhook_url", "webhook_url", "text"))),
+      el("fieldset", {}, el("legend", {}, "Hugging Face token (optional)"),
+        el("div", {class: "field"}, token, el("div", {class: "help"}, property(all, "JobSpec", "hf_token").description),
+          el("div", {class: "problem", "data-problem-for": "hf_token"}))),
+      formProblem, el("div", {class: "actions"}, el("button", {id: "submit"}, "Submit job")));
+    fields.set("hf_token", [token, "text", null, null]);
     if (fromJob && !stopped) prefill(await api(`/v1/jobs/${fromJob}`));
   })().catch(error => { formProblem.textContent = `Could not build the form: ${error.message}`; });
 
@@ -125,10 +149,14 @@ export function submitView(root, fromJob) {
       if (optional) toggles.get(section).checked = job.spec[section] !== null && job.spec[section] !== undefined;
       toggles.get(section)?.dispatchEvent(new Event("change"));
     }
-    for (const [name, [field, kind]] of fields) {
+    for (const [name, [field, kind, , fallback]] of fields) {
       const value = getPath(job.spec, name);
+      const text = value === null || value === undefined ? "" : String(value);
       if (kind === "bool") field.checked = value === true;
-      else field.value = value === null || value === undefined ? "" : String(value);
+      // A select without an empty choice (rank_budget.criterion of a job with no budget) keeps its default.
+      else if (field.tagName === "SELECT" && ![...field.options].some(option => option.value === text)) {
+        field.value = String(fallback ?? "");
+      } else field.value = text;
     }
   }
 
@@ -151,8 +179,10 @@ export function submitView(root, fromJob) {
     form.querySelectorAll("[data-problem-for]").forEach(node => { node.textContent = ""; });
     form.querySelectorAll(".invalid").forEach(node => node.classList.remove("invalid"));
     formProblem.textContent = "";
-    const problems = (error.body.detail || error.message).split("; ");
     const fieldsAtFault = error.body.fields || [];
+    // Several problems come joined by "; "; one may hold "; " itself.
+    const detail = error.body.detail || error.message;
+    const problems = fieldsAtFault.length > 1 ? detail.split("; ") : [detail];
     fieldsAtFault.forEach((loc, i) => {
       const text = problems[i] || error.message;
       // The nearest place on the form: the field, else its section, else the top.

@@ -22,12 +22,29 @@ function layerOf(name) {
   return match ? Number(match[1]) : 0;
 }
 
-// "rank 4: 80 modules; rank 2: 4 modules", most common first.
-function rankSummary(modules) {
+// "rank 4: 80 modules; rank 2: 4 modules", most common first; `label` names one value.
+function countSummary(values, label) {
   const counts = new Map();
-  for (const m of modules) counts.set(m.rank, (counts.get(m.rank) || 0) + 1);
+  for (const value of values) counts.set(value, (counts.get(value) || 0) + 1);
   return [...counts].sort((a, b) => b[1] - a[1])
-    .map(([rank, n]) => `rank ${rank}: ${n} module${n === 1 ? "" : "s"}`).join("; ");
+    .map(([value, n]) => `${label(value)}: ${n} module${n === 1 ? "" : "s"}`).join("; ");
+}
+
+const rankLabel = rank => `rank ${rank}`;
+const bitsLabel = bits => `${bits}-bit`;
+const groupLabel = size => (size === -1 ? "per output channel" : `groups of ${size}`);
+
+function sizedTarget(job) {
+  return job.spec.target && job.spec.target.bits_per_weight != null ? job.spec.target : null;
+}
+
+// A module's group size as quantized: per channel, it is the whole input row (the metrics hold its width).
+function groupCell(module, job) {
+  if (module.group_size == null) return "–";
+  const chosen = job.metrics.target && job.metrics.target.modules[module.name];
+  const asked = chosen ? chosen.group_size : job.spec.quantization && job.spec.quantization.group_size;
+  if (module.group_size === -1) return "per channel";
+  return asked === -1 ? `${module.group_size} (per channel)` : String(module.group_size);
 }
 
 function failure(job) {
@@ -55,31 +72,45 @@ function metricsSection(job) {
       el("div", {class: "legend"}, el("span", {}, el("span", {class: "swatch before"}), "before compensation (compressed only)"),
         anyAfter ? el("span", {}, el("span", {class: "swatch after"}), "after compensation") : el("span", {class: "muted"}, "no compensation in this job")),
       el("div", {id: "module-chart"}, moduleErrorChart(modules)),
-      el("h2", {}, "Ranks"),
-      el("p", {id: "rank-summary"}, rankSummary(modules)),
-      el("details", {}, el("summary", {}, `Per module: errors, rank and zeros (${modules.length} modules)`),
+      el("h2", {}, sizedTarget(job) ? "Bits and ranks (chosen per module by the size target)" : "Ranks"),
+      sizedTarget(job) ? el("p", {id: "bits-summary"}, countSummary(modules.map(x => x.bits), bitsLabel)) : "",
+      el("p", {id: "rank-summary"}, countSummary(modules.map(x => x.rank), rankLabel)),
+      el("details", {}, el("summary", {}, `Per module: errors, bits, group size, rank and zeros (${modules.length} modules)`),
         el("div", {class: "scroll"}, el("table", {id: "modules"},
         el("thead", {}, el("tr", {}, el("th", {}, "module"), el("th", {class: "num"}, "error before"),
           el("th", {class: "num"}, "error after"), el("th", {class: "num"}, "reduction"), el("th", {class: "num"}, "rank"),
-          el("th", {class: "num"}, "zeros"))),
+          el("th", {class: "num"}, "zeros"), el("th", {class: "num"}, "bits"), el("th", {class: "num"}, "group size"))),
         el("tbody", {}, modules.map(x => el("tr", {},
           el("td", {class: "ids"}, x.name), el("td", {class: "num"}, fmt(x.error_before, 3)),
           el("td", {class: "num"}, fmt(x.error_after, 3)),
           el("td", {class: "num"}, x.error_after === null ? "–" : `${(100 * (1 - x.error_after / x.error_before)).toFixed(1)}%`),
-          el("td", {class: "num"}, x.rank), el("td", {class: "num"}, `${(100 * x.zero_fraction).toFixed(1)}%`))))))));
+          el("td", {class: "num"}, x.rank), el("td", {class: "num"}, `${(100 * x.zero_fraction).toFixed(1)}%`),
+          el("td", {class: "num"}, x.bits ?? "–"),
+          el("td", {class: "num"}, groupCell(x, job)))))))));
   }
   section.append(sizeSection(job), servingSection(job), timingSection(m));
   return section;
 }
 
+// What the size target asked for, what its plan stores and what the files hold.
+function targetSentence(target, size) {
+  const stored = size && size.bits_per_weight_stored != null
+    ? `; counted from the artifact's files: ${size.bits_per_weight_stored.toFixed(3)}` : "";
+  return `Size target: ${target.bits_per_weight} bits per weight (engine ${target.engine}). The plan stores `
+    + `${target.planned_bits_per_weight.toFixed(3)} (${target.planned_bytes.toLocaleString()} of `
+    + `${target.budget_bytes.toLocaleString()} bytes, ${target.optimal ? "optimal" : `within ${target.gap.toPrecision(3)} of the optimum`}, `
+    + `${target.sensitivity} sensitivity)${stored}.`;
+}
+
 function sizeSection(job) {
-  const q = job.spec.quantization, a = job.metrics.adapter, size = job.metrics.size;
+  const q = job.spec.quantization, a = job.metrics.adapter, size = job.metrics.size, target = job.metrics.target;
   const counted = key => size ? bytes(size[key]) : "not reported (a job from before sizes were counted)";
   const perWeight = key => size && size.linear_weights ? ` (${(8 * size[key] / size.linear_weights).toFixed(3)} bits/weight)` : "";
+  const chosen = target ? Object.values(target.modules) : [];
   const rows = [
-    ["weights (codes)", q && q.bits == null ? `bits and group sizes per Linear (size target: metrics.target), `
-      + `${q.symmetric ? "symmetric" : "asymmetric"}`
-      : q ? `${q.bits}-bit codes, ${q.group_size === -1 ? "per output channel" : `groups of ${q.group_size}`}, `
+    ["weights (codes)", q && target ? `chosen per Linear by the size target: ${countSummary(chosen.map(m => m.bits), bitsLabel)}; `
+      + `${countSummary(chosen.map(m => m.group_size), groupLabel)}; ${q.symmetric ? "symmetric" : "asymmetric"}`
+      : q ? `${q.bits}-bit codes, ${groupLabel(q.group_size)}, `
       + `${q.symmetric ? "symmetric" : "asymmetric"}` : "not quantized (dense weights as stored)",
       counted("codes_bytes") + perWeight("codes_bytes")],
     ["scales", q ? "one per group" : "none", counted("scales_bytes") + perWeight("scales_bytes")],
@@ -96,6 +127,7 @@ function sizeSection(job) {
       + "Counted tensor by tensor from the artifact's files."
     : `Nominal weight bits from the spec: ${nominalBits(job.spec)}; this job's stored sizes were not counted.`;
   return el("section", {id: "sizes"}, el("h2", {}, "Size breakdown"),
+    target ? el("p", {id: "target-summary"}, targetSentence(target, size)) : "",
     el("div", {class: "scroll"}, el("table", {},
       el("thead", {}, el("tr", {}, el("th", {}, "part"), el("th", {}, "what"), el("th", {}, "size"))),
       el("tbody", {}, rows.map(r => el("tr", {}, r.map(v => el("td", {}, v))))))),
