@@ -11,8 +11,10 @@ export check), one torch thread. Calibration: Lee windows (random models: 8 x 12
 the run short on 2 shared cores.
 
 Each job runs in its own process; its peak RSS is the kernel's high-water mark (VmHWM of
-/proc/<pid>/status, read by the job itself at its end, which equals getrusage's ru_maxrss). Reported
-against the model's fp32 size (its parameters x 4 bytes).
+/proc/<pid>/status, read by the job itself at its end; getrusage's ru_maxrss, which the job's metrics
+keep, also counts what this process held before the child exec'd). Reported against the model's fp32
+size (its parameters x 4 bytes) and against the job's predicted host peak (worker.memory.predict_peak,
+in the job's metrics.memory.predicted): measured / predicted per run.
 
 Capped run (--cap): the streamed job of the 32-layer model in a memory cgroup (v1
 memory.limit_in_bytes, or v2 memory.max) below the model's fp32 size, made as a child of this
@@ -22,6 +24,8 @@ which mmap and torch's allocator reserve far beyond use, so they refuse jobs tha
 
 Command: `.venv/bin/python -m bench.memory` (about 30 minutes on 2 shared cores)
     -> docs/bench/memory.json; `--only 8,smollm2` for a subset, `--cap` for the capped run.
+`--predict`: no job run; the prediction for each run's configuration in memory.json printed next to
+its measured peak (seconds; the random models' configs need not be built).
 """
 
 from __future__ import annotations
@@ -53,19 +57,23 @@ SIZES = {"random": ["--num-samples", "8", "--seq-len", "128", "--eval-windows", 
                      "--group-size", "64"]}  # 128 does not divide 576 (the later flag wins)
 
 
+def random_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+
+
 def random_model(layers: int) -> Path:
     """bench/.cache/random-llama-h1024-<layers>l: built once (seeded), fp32 safetensors + SmolLM2's tokenizer."""
     folder = CACHE / f"random-llama-h1024-{layers}l"
     if (folder / "model.safetensors").is_file():
         return folder
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=2048)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(random_config(layers)).to(torch.float32)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -199,8 +207,39 @@ def row(name: str, model: Path, result: dict, size: int) -> dict:
     from bench.common import provenance  # here, not at the top: the jobs' child processes do not import it
 
     peak = result.get("peak_rss_bytes")
+    predicted = (result.get("metrics") or {}).get("memory", {}).get("predicted", {}).get("host_bytes")
     return {"model": name, **result, "model_fp32_bytes": size,
-            "peak_over_fp32": None if peak is None else round(peak / size, 3), "provenance": provenance()}
+            "peak_over_fp32": None if peak is None else round(peak / size, 3), "predicted_host_bytes": predicted,
+            "peak_over_predicted": None if peak is None or not predicted else round(peak / predicted, 3),
+            "provenance": provenance()}
+
+
+def predict(label: str, mode: str) -> tuple[int, str]:
+    """(predicted host bytes, the step of the peak) of a run of this benchmark, from its configuration
+    alone, as the job would predict it on the CPU (fp32, Settings.activations "host")."""
+    from transformers import AutoConfig
+
+    from app.cli import build_parser
+    from app.compress_args import spec_from_args
+    from worker.memory import predict_peak
+
+    smollm2 = label == "smollm2-135m"
+    config = AutoConfig.from_pretrained(SMOLLM2) if smollm2 else random_config(int(label.split("-")[-1][:-1]))
+    sizes = SIZES["smollm2" if smollm2 else "random"]
+    spec = spec_from_args(build_parser().parse_args(["compress", str(SMOLLM2), "--out", "unused", *JOB, *sizes]))
+    need = predict_peak(config, spec, on_cpu=True, streamed=mode.startswith("streamed"))
+    return need.host_bytes, need.host_step
+
+
+def print_predictions(runs: dict) -> None:
+    """Each run's prediction from today's code next to its measured peak (VmHWM) in memory.json."""
+    print("| model | mode | predicted host peak (GB) | step | measured peak RSS (GB) | measured / predicted |")
+    print("|---|---|---:|---|---:|---:|")
+    for (label, mode), run in runs.items():
+        predicted, step = predict(label, mode)
+        peak = run.get("peak_rss_bytes")
+        print(f"| {label} | {mode} | {predicted / 1e9:.3f} | {step} | "
+              f"{'-' if peak is None else f'{peak / 1e9:.3f}'} | {'-' if peak is None else f'{peak / predicted:.2f}'} |")
 
 
 def main() -> None:
@@ -209,6 +248,7 @@ def main() -> None:
     parser.add_argument("--modes", default="streamed,whole", help='streamed,whole; "none" with --cap')
     parser.add_argument("--cap", action="store_true", help="also the capped streamed run of the 32-layer model")
     parser.add_argument("--cap-fraction", type=float, default=0.95, help="cap = this x the model's fp32 size")
+    parser.add_argument("--predict", action="store_true", help="print each run's prediction next to its peak")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -218,6 +258,9 @@ def main() -> None:
 
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"runs": []}
     runs = {(r["model"], r["mode"]): r for r in results["runs"]}
+    if args.predict:
+        print_predictions(runs)
+        return
     modes = [m for m in args.modes.split(",") if m in ("streamed", "whole")]  # "none": only --cap
     for name in args.only.split(",") if modes else []:
         model = SMOLLM2 if name == "smollm2" else random_model(int(name))
@@ -230,8 +273,8 @@ def main() -> None:
                                    "job": " ".join(JOB[:10] + sizes), "threads": 1}
             r = runs[(label, mode)]
             print(f"  exit {r['exit_code']}, peak RSS {r.get('peak_rss_bytes', 0) / 1e9:.3f} GB = "
-                  f"{r['peak_over_fp32']} x fp32 {r['model_fp32_bytes'] / 1e9:.3f} GB, wall {r.get('wall_s')} s",
-                  flush=True)
+                  f"{r['peak_over_fp32']} x fp32 {r['model_fp32_bytes'] / 1e9:.3f} GB = {r['peak_over_predicted']} x "
+                  f"predicted, wall {r.get('wall_s')} s", flush=True)
             _save(results, runs)
     if args.cap:
         model = random_model(32)
@@ -249,7 +292,8 @@ def main() -> None:
             if max_usage.exists():
                 capped["cgroup_max_usage_bytes"] = int(max_usage.read_text())
             runs[("random-llama-h1024-32l", "streamed, capped")] = capped
-            print(f"  exit {capped['exit_code']}, peak RSS {capped.get('peak_rss_bytes', 0) / 1e9:.3f} GB", flush=True)
+            print(f"  exit {capped['exit_code']}, peak RSS {capped.get('peak_rss_bytes', 0) / 1e9:.3f} GB = "
+                  f"{capped['peak_over_predicted']} x predicted", flush=True)
         finally:
             folder.rmdir()
         _save(results, runs)
@@ -272,6 +316,8 @@ def _save(results: dict, runs: dict) -> None:
         criteria["smollm2 artifact files identical (sha256, squeeze.json aside)"] = a["file_sha256"] == b["file_sha256"]
         criteria["smollm2 wall time streamed / whole (<= 1.10)"] = round(a["wall_s"] / b["wall_s"], 3)
     results["criteria"] = criteria
+    results["measured_over_predicted"] = {f"{r['model']} {r['mode']}": r.get("peak_over_predicted")
+                                          for r in results["runs"]}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
 

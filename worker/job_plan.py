@@ -113,8 +113,9 @@ def size_target(target: Target, compensates: bool, max_rank: int):
 
 
 def plan_for_job_target(model, calibration, plan, spec: JobSpec, settings: Settings, device, reporter,
-                        n_layers: int):
-    """(the plan meeting spec.target, what the job shows of it); an impossible target fails the job."""
+                        n_layers: int, placement):
+    """(the plan meeting spec.target, what the job shows of it); an impossible target fails the job.
+    placement: where the measuring walk keeps its activations (the job's worker.activations.Placement)."""
     from worker.target import TargetError, plan_for_target
 
     target = size_target(spec.target, plan.compensates, settings.max_rank)
@@ -122,7 +123,7 @@ def plan_for_job_target(model, calibration, plan, spec: JobSpec, settings: Setti
                       message=f"measuring every Linear's options for {target.bits_per_weight:g} bits per weight")
     t0 = time.perf_counter()
     try:
-        chosen = plan_for_target(model, calibration, plan, target, device)
+        chosen = plan_for_target(model, calibration, plan, target, device, placement=placement)
     except TargetError as exc:
         raise JobFailure(str(exc)) from None
     allocation = chosen.allocation

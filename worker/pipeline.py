@@ -140,7 +140,8 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
     plan = compression_plan(spec, settings.max_rank)
     target_info = None
     if spec.target is not None and spec.target.bits_per_weight is not None:
-        plan, target_info = plan_for_job_target(model, calibration, plan, spec, settings, device, reporter, n_layers)
+        plan, target_info = plan_for_job_target(model, calibration, plan, spec, settings, device, reporter, n_layers,
+                                                placement)
     check_plan_fits(skeleton, arch, plan)
     from worker.resume import open_checkpoints
 
@@ -222,6 +223,11 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
                       message=f"published {len(published.files)} files to {published.uri}")
     timings["total_s"] = time.perf_counter() - started
 
+    from worker.memory import predict_peak, prediction_record
+
+    predicted = predict_peak(skeleton.config, spec, on_cpu=device.type == "cpu", streamed=settings.stream_layers,
+                             dtype_bytes=reference.dtype.itemsize, activations=placement.where)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     metrics = {
         "perplexity_before": ppl_before,
         "perplexity_after": ppl_after,
@@ -232,7 +238,8 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
                    "calibration_activations_bytes": calibration.numel() * skeleton.config.hidden_size
                    * reference.dtype.itemsize,
                    "activations": placement.where, "activations_bytes": activations_bytes,
-                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+                   "peak_rss_bytes": peak_rss, "predicted": prediction_record(predicted),
+                   "peak_rss_over_predicted_host": round(peak_rss / predicted.host_bytes, 3)},
         "model_revision": resolved.revision,
         "data": data_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from worker.activations import HOST, LayerInputs, Placement
 from worker.candidates import Option, measure_options
 from worker.compression.allocate import Allocation, Candidate, allocate
 from worker.compression.ranks import rank_cap
@@ -87,7 +88,7 @@ class TargetPlan:
 
 
 def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget,
-                    device: torch.device, batch_size: int = 8) -> TargetPlan:
+                    device: torch.device, batch_size: int = 8, placement: Placement = HOST) -> TargetPlan:
     """The plan meeting `target` with the least predicted loss increase; see the module doc.
 
     base: the job's quantizer (its method, symmetry, damp, order; bits and group size are chosen here),
@@ -95,6 +96,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     (in eval mode), or a streamed layer source, whose Linears all weigh the same (no backward pass
     through the whole model); either is left unchanged. The plan's `quant` is the quantizer most
     Linears got, module_quant the others'; with compensation every Linear's rank is in module_rank.
+    placement: where the measuring walk keeps the activations between layers (the job's, worker.activations).
     """
     if base.quant is None or base.module_quant or base.module_rank:
         raise ValueError("a size target needs a base plan with one quantizer and no per-module choices")
@@ -119,7 +121,10 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
         kind, sensitivity = "uniform", dict.fromkeys(linears, 1.0)
     else:
         kind, sensitivity = "fisher", output_sensitivity(source.model, source.arch, windows, batch_size)
-    options = _measure(source, windows, base, target, device, batch_size, served)
+    with torch.no_grad():
+        inputs = capture_inputs(source, windows, batch_size, placement, device)
+    with inputs.hidden:
+        options = _measure(source, inputs, base, target, device, served)
     candidates, members = {}, {}
     for unit in units:
         key = unit[0]
@@ -211,12 +216,11 @@ def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, sh
 
 
 @torch.no_grad()
-def _measure(source: LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget, device: torch.device,
-             batch_size: int, served: bool) -> dict[str, list[Option]]:
+def _measure(source: LayerSource, inputs: LayerInputs, base: CompressionPlan, target: SizeTarget, device: torch.device,
+             served: bool) -> dict[str, list[Option]]:
     """Every option of every decoder Linear, one layer on the device at a time (original weights); adapters
     fitted, as the run fits them, on the Gram without the compensation's sink tokens."""
     arch, spec = source.arch, base.compensation if base.compensates else None
-    inputs = capture_inputs(source, windows, batch_size)
     options: dict[str, list[Option]] = {}
     for index in range(len(source)):
         with source.layer(index) as layer:

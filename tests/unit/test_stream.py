@@ -180,6 +180,11 @@ def test_a_job_streamed_or_not_publishes_the_same_files(streamed, tiny_model_dir
     assert code == 0
     metrics = json.loads(capsys.readouterr().out)["metrics"]
     assert metrics["memory"]["streamed"] is streamed
+    predicted = metrics["memory"]["predicted"]  # the prediction is kept next to the measured peak
+    assert predicted["host_bytes"] == sum(predicted["host_parts"].values()) > 0 and predicted["device_parts"] == {}
+    assert ("model (fp32)" in predicted["host_parts"]) is not streamed
+    assert metrics["memory"]["peak_rss_over_predicted_host"] == round(metrics["memory"]["peak_rss_bytes"]
+                                                                      / predicted["host_bytes"], 3)
     (root / f"metrics-{streamed}.json").write_text(json.dumps(metrics))
     assert not list((root / f"data-{streamed}" / "work").glob("*"))  # no work folder or layer store left
     other = root / f"metrics-{not streamed}.json"

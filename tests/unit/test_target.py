@@ -156,3 +156,27 @@ def test_per_module_choices_need_a_plan_they_fit():
         CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": -1})
     plan = CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": 0})
     assert (plan.rank_for("m"), plan.rank_for("other")) == (0, 4)
+
+
+def test_the_measuring_walk_keeps_its_activations_where_the_job_does_and_frees_them(tiny_model_dir,
+                                                                                   calibration_windows, tmp_path,
+                                                                                   monkeypatch):
+    """A "disk" placement: the measuring walk's activations are files under the placement's folder (none left
+    after), and the plan is the one the host placement gives."""
+    from worker.activations import Activations, Placement
+
+    made = []
+    original = Activations.__init__
+
+    def recording(self, placement, device):
+        original(self, placement, device)
+        made.append(self)
+
+    monkeypatch.setattr(Activations, "__init__", recording)
+    model = load_model(tiny_model_dir)[0]
+    on_disk = plan_for_target(model, calibration_windows, BASE, ANY, CPU, placement=Placement("disk", tmp_path / "a"))
+    assert [a.where for a in made] == ["disk"] and len(made[0]) == 0  # closed: its batches released
+    assert list((tmp_path / "a").iterdir()) == []  # its folder of batch files removed
+    on_host = plan_for_target(model, calibration_windows, BASE, ANY, CPU)
+    assert made[1].where == "host" and len(made[1]) == 0
+    assert on_disk.chosen == on_host.chosen
