@@ -26,6 +26,7 @@ from rich.table import Table
 from app.client import ApiError, ClientError, SqueezeClient
 from app.db.models import JobStatus
 from app.jobs.schemas import EventOut, JobOut
+from app.webhooks.router import DeliveryPage
 
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_PENDING = range(7)
 STATUS_EXIT = {JobStatus.succeeded: EXIT_SUCCEEDED, JobStatus.failed: EXIT_FAILED,
@@ -49,6 +50,10 @@ def _job_json(job: JobOut) -> dict:
 
 def _summary(job: JobOut) -> str:
     lines = [f"job {job.id}: {job.status.value}"]
+    if not job.status.terminal:
+        progress = job.progress
+        layers = f", layer {progress.layer or 0} of {progress.layers}" if progress.layers else ""
+        lines.append(f"  {progress.stage}{layers} ({progress.percent:.0f}%)")
     if job.error:
         lines.append(f"  error: {job.error}")
     metrics = job.metrics or {}
@@ -62,6 +67,16 @@ def _summary(job: JobOut) -> str:
         lines.append(f"  mean relative output error {error_before:.4g} -> {error_after:.4g}")
     if job.artifacts and job.artifacts.get("uri"):
         lines.append(f"  artifact {job.artifacts['uri']}")
+    return "\n".join(lines)
+
+
+def _deliveries(page: DeliveryPage) -> str:
+    """One line per webhook delivery: its event, state and each attempt's answer."""
+    lines = []
+    for delivery in page.items:
+        attempts = ", ".join(f"attempt {a.attempt}: " + (f"HTTP {a.status_code}" if a.status_code is not None
+                                                         else a.error or "no answer") for a in delivery.attempts)
+        lines.append(f"  webhook {delivery.event}: {delivery.state.value} ({attempts or 'not sent yet'})")
     return "\n".join(lines)
 
 
@@ -123,7 +138,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return _finish(client.job(args.job), args.json)
+        job = client.job(args.job)
+        if args.json or not job.spec.get("webhook_url"):
+            return _finish(job, args.json)
+        deliveries = client.webhooks(job.id)
+    print(_summary(job))
+    if deliveries.items:
+        print(_deliveries(deliveries))
+    return STATUS_EXIT[job.status]
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -246,7 +268,8 @@ def add_remote_commands(sub: argparse._SubParsersAction) -> None:
                                                             "code says how it ended")
     submit.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
 
-    command("status", cmd_status, "a job's status, progress, metrics; exit code by its state")
+    command("status", cmd_status, "a job's status, stage and layer, metrics, webhook deliveries; exit code by its "
+                                  "state")
     jobs = command("jobs", cmd_jobs, "the newest jobs", job=False)
     jobs.add_argument("--status", choices=[s.value for s in JobStatus])
     jobs.add_argument("--limit", type=int, default=50)

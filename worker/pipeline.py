@@ -250,8 +250,10 @@ def _run_pipeline(job_id: uuid.UUID, spec: JobSpec, settings: Settings, reporter
         "verification": {"max_abs_diff": verified.max_abs_diff, "atol": verified.atol, "rtol": verified.rtol,
                          "windows": verified.windows, "adapter": verified.adapter},
     }
+    # "serving" is squeeze.json's table of engines, copied so a job page shows it whatever the destination.
     artifacts = {"uri": published.uri, "files": published.files, "notes": info.notes,
-                 "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json"}
+                 "adapter": "adapter" if info.adapter is not None else None, "manifest": "squeeze.json",
+                 "serving": info.manifest["serving"]}
     return PipelineResult(metrics=metrics, artifacts=artifacts)
 
 

@@ -100,6 +100,14 @@ def test_submit_wait_succeeds_then_status_logs_download_and_webhook(server, tiny
     payload = verified(secret, headers, body)
     assert payload["event"] == "job.succeeded" and payload["job"] == {**job, "updated_at": payload["job"]["updated_at"]}
 
+    # `status` lists the delivery once the reaper has recorded the receiver's answer
+    deadline = time.monotonic() + 20
+    while "  webhook job.succeeded: delivered (attempt 1: HTTP 200)" not in (shown := squeeze(server, "status",
+                                                                                            job_id)).stdout:
+        assert time.monotonic() < deadline, shown.stdout + shown.stderr
+        time.sleep(0.2)
+    assert shown.returncode == EXIT_SUCCEEDED and shown.stdout.splitlines()[0] == f"job {job_id}: succeeded"
+
 
 def test_a_failed_job_exits_1_with_its_reason(server, tiny_llama_dir, calibration_txt):
     run = squeeze(server, "submit", str(tiny_llama_dir), "--calibration", str(calibration_txt), "--num-samples", "8",

@@ -19,7 +19,8 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from app.settings import Settings
-from tests.services import api_server, bearer, create_api_key
+from tests.e2e.test_jobs import spec_for
+from tests.services import Receiver, api_server, bearer, create_api_key
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,7 +33,9 @@ def server(tmp_path_factory):
     """(base URL, API key) of `squeeze serve` with its worker, auth on."""
     data_dir = tmp_path_factory.mktemp("dashboard")
     settings = Settings(data_dir=data_dir, auth="on", lease_seconds=20, broker_polling_interval=0.1)
-    with api_server(settings, data_dir / "serve.log") as base:
+    webhooks = {"SQUEEZE_WEBHOOK_ALLOW_PRIVATE": "true", "SQUEEZE_WEBHOOK_INTERVAL_SECONDS": "0.2",
+                "SQUEEZE_WEBHOOK_BACKOFF_SECONDS": "0.2"}  # a loopback receiver, retried at once
+    with api_server(settings, data_dir / "serve.log", env=webhooks) as base:
         yield base, create_api_key(settings, "tenant-ui")
 
 
@@ -265,7 +268,7 @@ def test_target_and_webhook_problems_show_next_to_their_fields(page, server):
     expect(page.locator('[data-problem-for="target.bits_per_weight"]')).to_have_text("")
 
     page.select_option("#f-quantization-bits", "")
-    hook = "http://127.0.0.1/hook"
+    hook = "ftp://127.0.0.1/hook"  # refused whatever the server allows (its fixture admits loopback http)
     page.fill("#f-webhook_url", hook)
     page.click("#submit")
     refused = httpx.post(f"{base}/v1/jobs", headers=bearer(key), json={
@@ -274,6 +277,59 @@ def test_target_and_webhook_problems_show_next_to_their_fields(page, server):
     assert refused.status_code == 422 and refused.json()["fields"] == ["webhook_url"], refused.text
     expect(page.locator('[data-problem-for="webhook_url"]')).to_have_text(refused.json()["detail"])
     assert page.url.endswith("/submit")
+
+
+def test_a_finished_job_shows_its_engines_downloads_its_files_and_lists_its_webhooks(page, server, tiny_llama_dir,
+                                                                                   calibration_txt):
+    base, key = server
+    hook = Receiver([500, 200])  # the first POST is refused: two attempts, two rows
+    try:
+        spec = spec_for(tiny_llama_dir, calibration_txt, compensation={"method": "eora", "rank": 4},
+                        webhook_url=hook.url)
+        created = httpx.post(f"{base}/v1/jobs", json=spec, headers=bearer(key))
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        page.goto(f"/jobs/{job_id}")
+        expect(page.locator("#job-status")).to_have_text("succeeded", timeout=JOB_TIMEOUT_MS)
+
+        # The serving table is squeeze.json's, engine by engine.
+        artifact = f"{base}/v1/jobs/{job_id}/artifacts"
+        serving = httpx.get(f"{artifact}/squeeze.json", headers=bearer(key)).json()["serving"]
+        assert api_job(server, job_id)["artifacts"]["serving"] == serving
+        rows = page.locator("#serving tbody tr")
+        expect(rows).to_have_count(len(serving))
+        assert [rows.nth(i).get_attribute("data-engine") for i in range(len(serving))] == list(serving)
+        assert set(serving) == {"transformers", "vllm", "peft"}
+        vllm = page.locator('#serving tr[data-engine="vllm"] td')
+        expect(vllm.nth(1)).to_have_text("yes" if serving["vllm"]["serves"] else "no")
+        expect(vllm.nth(2)).to_have_text(f"yes (--enable-lora --max-lora-rank {serving['vllm']['lora']['max_lora_rank']})")
+        expect(vllm.nth(3)).to_have_text(f"scheme: {serving['vllm']['scheme']}")
+        peft = page.locator('#serving tr[data-engine="peft"] td')
+        expect(peft.nth(1)).to_have_text("–")
+        expect(peft.nth(2)).to_have_text(f"yes ({serving['peft']['adapter']}/)")
+
+        # A file link downloads the API's bytes (binary, in a subfolder), fetched with the key.
+        page.click("#files summary")
+        with page.expect_download() as downloaded:
+            page.click('#files a[data-path="adapter/adapter_model.safetensors"]')
+        assert downloaded.value.suggested_filename == "adapter_model.safetensors"
+        expected = httpx.get(f"{artifact}/adapter/adapter_model.safetensors", headers=bearer(key)).content
+        assert len(expected) > 1000 and Path(downloaded.value.path()).read_bytes() == expected
+        assert page.url.endswith(f"/jobs/{job_id}")  # the click downloaded; the app did not route to the file's URL
+
+        # Each delivery attempt is a row: the refused one, then the accepted one.
+        hook.wait_for(2)
+        rows = page.locator("#deliveries tbody tr")
+        expect(rows).to_have_count(2, timeout=20_000)
+        expect(rows.nth(1).locator("td").nth(1)).to_have_text("delivered", timeout=20_000)
+        delivery, = httpx.get(f"{base}/v1/jobs/{job_id}/webhooks", headers=bearer(key)).json()["items"]
+        assert [a["status_code"] for a in delivery["attempts"]] == [500, 200]
+        for row, attempt in zip((rows.nth(0), rows.nth(1)), delivery["attempts"], strict=True):
+            expect(row.locator("td")).to_have_text(["job.succeeded", "delivered", str(attempt["attempt"]),
+                                                    f"HTTP {attempt['status_code']}", re.compile(r"\d")])
+        expect(page.locator("#webhooks")).not_to_contain_text("token=abc")  # the URL's query is not shown
+    finally:
+        hook.close()
 
 
 def test_cancel_a_running_job(page, server, slow_llama_dir, calibration_txt):

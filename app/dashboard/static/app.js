@@ -19,10 +19,11 @@ function route() {
   else stopView = listView(view);
 }
 
-// Links inside the app change the view without a reload; each view still has its own URL.
+// Links inside the app change the view without a reload; each view still has its own URL. A link whose
+// own handler took the click (an artifact file's download) is left alone.
 document.addEventListener("click", event => {
   const link = event.target.closest("a[href^='/']");
-  if (!link || event.ctrlKey || event.metaKey || event.shiftKey || link.getAttribute("href").startsWith("/docs")) return;
+  if (!link || event.defaultPrevented || event.ctrlKey || event.metaKey || event.shiftKey || link.getAttribute("href").startsWith("/docs")) return;
   event.preventDefault();
   history.pushState(null, "", link.getAttribute("href"));
   route();

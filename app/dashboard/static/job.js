@@ -1,6 +1,8 @@
-// One job: progress with ETA, the live event log, and once done its metrics, chart, sizes and artifacts.
+// One job: progress with ETA, the live event log, and once done its metrics, chart, sizes, artifact and webhooks.
 import {api, bytes, duration, el, jobDuration, methodSummary, nominalBits, poll, TERMINAL} from "./api.js";
+import {servingSection} from "./artifacts.js";
 import {moduleErrorChart} from "./charts.js";
+import {deliveriesView} from "./deliveries.js";
 
 function eta(job) {
   const p = job.progress.percent;
@@ -134,25 +136,6 @@ function sizeSection(job) {
     el("p", {class: "muted", id: "bits-per-weight"}, total));
 }
 
-function artifactLink(uri) {
-  const hub = uri.match(/^hf:\/\/([^@]+)/);
-  return hub ? el("a", {href: `https://huggingface.co/${hub[1]}`, rel: "noopener noreferrer", target: "_blank"}, uri)
-    : el("code", {}, uri);
-}
-
-function servingSection(job) {
-  const art = job.artifacts || {};
-  return el("section", {id: "artifacts"},
-    el("h2", {}, "Artifact and serving"),
-    el("p", {}, "Published to ", art.uri ? artifactLink(art.uri) : "–",
-      art.adapter ? ` (PEFT adapter in ${art.adapter}/)` : ""),
-    el("p", {class: "muted"}, "Which engines serve it: the notes below (from the export) say where an engine cannot; "
-      + "squeeze.json's “serving” table in the artifact lists transformers, vLLM and PEFT one by one."),
-    el("ul", {class: "notes", id: "notes"}, (art.notes || []).map(n => el("li", {}, n))),
-    el("details", {}, el("summary", {}, `${(art.files || []).length} files`),
-      el("ul", {class: "ids"}, (art.files || []).map(f => el("li", {}, f)))));
-}
-
 function timingSection(m) {
   const t = m.timings || {};
   return el("section", {}, el("h2", {}, "Timings"),
@@ -168,9 +151,10 @@ export function jobView(root, id) {
   const actions = el("div", {class: "actions"});
   const body = el("div", {id: "job-body"});
   const log = el("div", {class: "log", id: "events", "aria-live": "polite"});
-  root.append(title, head, bar, progressText, actions, body, el("h2", {}, "Events"), log);
+  const webhooks = el("div");
+  root.append(title, head, bar, progressText, actions, body, webhooks, el("h2", {}, "Events"), log);
 
-  let lastShown = "", lastState = "", after = 0, finished = false;
+  let lastShown = "", lastState = "", after = 0, finished = false, deliveries = null;
 
   function render(job) {
     const p = job.progress;
@@ -203,6 +187,11 @@ export function jobView(root, id) {
         job.status === "succeeded" && job.metrics ? metricsSection(job) : "");
       lastShown = job.status;
     }
+    if (job.spec.webhook_url && !deliveries) {
+      deliveries = deliveriesView(id, job.spec.webhook_url);
+      webhooks.append(deliveries.node);
+    }
+    if (deliveries && TERMINAL.has(job.status)) deliveries.jobEnded();
   }
 
   async function appendEvents() {
@@ -234,5 +223,5 @@ export function jobView(root, id) {
     lastState = state;
     return changed;
   }, {minMs: 700, maxMs: 8000});
-  return () => poller.stop();
+  return () => { poller.stop(); deliveries?.stop(); };
 }
