@@ -5,6 +5,8 @@ work with the smallest size in the message."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,3 +158,11 @@ def test_per_module_choices_need_a_plan_they_fit():
         CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": -1})
     plan = CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_rank={"m": 0})
     assert (plan.rank_for("m"), plan.rank_for("other")) == (0, 4)
+    with pytest.raises(ValueError, match="per-module adapter precisions need a compensation"):
+        CompressionPlan(quant=quant(method="rtn"), module_adapter_bits={"m": 4})
+    with pytest.raises(ValueError, match="per-module adapter precisions need a compensation and bits in"):
+        CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4), module_adapter_bits={"m": 3})
+    plan = CompressionPlan(quant=quant(method="rtn"), compensation=compensation(rank=4, adapter_bits=8),
+                           module_adapter_bits={"m": None, "n": 4})
+    assert [plan.compensation_for(name).adapter_bits for name in ("m", "n", "other")] == [None, 4, 8]
+    assert plan.compensation_for("m") == replace(plan.compensation, adapter_bits=None)
