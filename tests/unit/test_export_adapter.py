@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.specs import compensation, quant
+from tests.specs import MIXED_ADAPTER_BITS, compensation, quant
 from tests.unit.test_export import ATOL, CPU, RTOL, VERIFY_WINDOWS, cold_load, extra, logits_of
 from worker.compression.adapters import FACTOR_DTYPE, quantize_adapter, stored_adapter
 from worker.export import export_model, reference_logits, verify_export
@@ -78,11 +78,6 @@ def card_recipe(card: str) -> str:
     """The Python block of the model card's "quantized adapter" section, verbatim."""
     section = card.split("## The quantized adapter", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-
-
-# Per module: the compensation's adapter_bits (4) unless named here; None = fp16 factors.
-MIXED_ADAPTER_BITS = {"model.layers.0.mlp.down_proj": 8, "model.layers.0.self_attn.v_proj": None,
-                      "model.layers.1.self_attn.q_proj": None}
 
 
 @pytest.mark.parametrize("module_adapter_bits", [{}, MIXED_ADAPTER_BITS], ids=["4-bit", "fp16/4/8-bit"])
