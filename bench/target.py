@@ -84,7 +84,7 @@ def job_options(target: float, engine: str, compensation: str, protocol: common.
                                 "seed": common.SEED})
     max_rank = Settings.model_fields["max_rank"].default
     plan = compression_plan(spec, max_rank)
-    options = replace(size_target(spec.target, plan.compensates, max_rank), scale_bytes=common.SCALE_BITS // 8)
+    options = replace(size_target(spec.target, plan, max_rank), scale_bytes=common.SCALE_BITS // 8)
     if GGUF_GROUP in options.group_sizes:
         raise ValueError(f"group size {GGUF_GROUP} is offered: SmolLM2's weights sit on that grid (GGUF Q4_1)")
     return plan, options
