@@ -129,15 +129,24 @@ def test_a_vllm_target_keeps_fused_sets_on_one_scheme(tiny_model_dir, calibratio
     assert info.manifest["serving"]["vllm"]["serves"] is True
 
 
-def test_an_impossible_target_fails_before_any_work(tiny_model_dir, calibration_windows, monkeypatch):
+def unmeasured_model(model_dir, monkeypatch):
+    """(the model, its decoder Linears' shapes), with any measurement failing: a refusal comes before any work."""
     def no_work(*args, **kwargs):
         raise AssertionError("measured before refusing")
 
     monkeypatch.setattr(target_module, "output_sensitivity", no_work)
     monkeypatch.setattr(target_module, "measure_options", no_work)
-    model, _ = load_model(tiny_model_dir)
-    shapes = [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
-              if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+    model, _ = load_model(model_dir)
+    return model, decoder_shapes(model)
+
+
+def decoder_shapes(model) -> list[tuple[int, int]]:
+    return [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
+            if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+
+
+def test_an_impossible_target_fails_before_any_work(tiny_model_dir, calibration_windows, monkeypatch):
+    model, shapes = unmeasured_model(tiny_model_dir, monkeypatch)
     # The cheapest option: 2-bit, one asymmetric group per row, no adapter.
     smallest = sum(sum(pack_quantized_bytes(d_out, d_in, 2, -1, False, 4).values()) for d_out, d_in in shapes)
     weights = sum(d_out * d_in for d_out, d_in in shapes)
@@ -151,8 +160,7 @@ def test_scales_are_counted_at_the_width_asked_for(tiny_model_dir, calibration_w
     """The benchmarks compute in fp32 and count fp16 scales: a budget between the two counts of the one
     plan offered (2-bit, per channel) is met only with scale_bytes=2, and then spent as counted so."""
     model, _ = load_model(tiny_model_dir)
-    shapes = [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
-              if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+    shapes = decoder_shapes(model)
     weights = sum(d_out * d_in for d_out, d_in in shapes)
     counted = {width: sum(sum(pack_quantized_bytes(d_out, d_in, 2, -1, False, width).values()) for d_out, d_in in shapes)
                for width in (2, 4)}
@@ -179,14 +187,7 @@ def test_an_adapter_on_every_linear_is_counted_at_its_cheapest_precision(tiny_mo
                                                                          monkeypatch):
     """Without rank 0 every Linear stores an adapter: the smallest plan takes the 4-bit one, and a budget
     between that plan and the same with fp16 adapters fails only with fp16 alone."""
-    def no_work(*args, **kwargs):
-        raise AssertionError("measured before refusing")
-
-    monkeypatch.setattr(target_module, "output_sensitivity", no_work)
-    monkeypatch.setattr(target_module, "measure_options", no_work)
-    model, _ = load_model(tiny_model_dir)
-    shapes = [(linear.out_features, linear.in_features) for name, linear in model.named_modules()
-              if isinstance(linear, torch.nn.Linear) and name.startswith("model.layers.")]
+    model, shapes = unmeasured_model(tiny_model_dir, monkeypatch)
     weights = sum(d_out * d_in for d_out, d_in in shapes)
     smallest = {bits: sum(sum(pack_quantized_bytes(d_out, d_in, 2, -1, False, 4).values())
                           + adapter_size(d_out, d_in, 4, replace(BASE.compensation, adapter_bits=bits))[1]
