@@ -107,7 +107,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     others'; with compensation every Linear's rank is in module_rank, and the adapter precision most
     adapted Linears got is compensation.adapter_bits, module_adapter_bits the others'.
     """
-    if base.quant is None or base.module_quant or base.module_rank:
+    if base.quant is None or base.module_quant or base.module_rank or base.module_adapter_bits:
         raise ValueError("a size target needs a base plan with one quantizer and no per-module choices")
     served = target.engine == "vllm"
     if served and base.compensates and base.compensation.adapter_bits is not None:

@@ -258,3 +258,5 @@ def test_per_module_choices_need_a_plan_they_fit():
                            module_adapter_bits={"m": None, "n": 4})
     assert [plan.compensation_for(name).adapter_bits for name in ("m", "n", "other")] == [None, 4, 8]
     assert plan.compensation_for("m") == replace(plan.compensation, adapter_bits=None)
+    with pytest.raises(ValueError, match="a size target needs a base plan with one quantizer and no per-module"):
+        plan_for_target(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), plan, ANY, CPU)
