@@ -308,6 +308,7 @@ def run_config(
                 "compensate_seconds": m.compensate_seconds,
                 "adapter_params": m.adapter_params,
                 "adapter_bytes": m.adapter_bytes,
+                "adapter_bits": m.adapter_bits,
                 "zero_fraction": m.zero_fraction,
             }
             for n, m in result.modules.items()
@@ -357,8 +358,9 @@ def bits_per_weight(plan: CompressionPlan, shapes: dict[str, tuple[int, int]], r
       NVIDIA's 2-bit index per kept weight costs the same).
     - adapters: the adapter file's bytes (fp16: 2 bytes/param; adapter_bits: packed codes and zero
       points plus an fp16 scale per adapter group; the export checks its file holds exactly these);
-      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored). Per-module ranks count
-      through each module's reported adapter.
+      "adapters_served" is what vLLM holds in memory (fp16 whatever is stored). Per-module ranks and
+      adapter precisions (a size target's module_adapter_bits) count through each module's reported
+      adapter bytes, each at its own stored precision.
     """
     weights = sum(d_out * d_in for d_out, d_in in shapes.values())
     by_cost: dict[tuple[float, float], int] = {}  # summed per cost, so one quantizer gives its bits exactly

@@ -8,10 +8,10 @@ Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>
 (e.g. target_3p6_transformers_eora; resumable, with bench.common's provenance), made by the code a job runs:
 - the job spec {quantization: {method: gptq}, compensation: {method: eora} (or none), target:
   {bits_per_weight, engine}} mapped by the job's own code (worker.job_plan.compression_plan and size_target),
-  so its defaults are the job's: GPTQ asymmetric, act-order on, damp 0.01; EoRA damp 1.0, fp16 adapters
-  (adapter_bits None), no sink tokens; offered bit widths 2/3/4/8 (vLLM: 4/8), group sizes 64, 128 and
-  per channel (where they divide a Linear's width: 576 takes 64 and per channel), adapter ranks 0 and
-  vLLM's set up to the server's max_rank; error curves measured with RTN; scales counted at fp16
+  so its defaults are the job's: GPTQ asymmetric, act-order on, damp 0.01; EoRA damp 1.0, no sink tokens;
+  offered bit widths 2/3/4/8 (vLLM: 4/8), group sizes 64, 128 and per channel (where they divide a
+  Linear's width: 576 takes 64 and per channel), adapter ranks 0 and vLLM's set up to the server's
+  max_rank, adapter precisions fp16, 8 and 4 bits (vLLM: fp16); error curves measured with RTN; scales counted at fp16
   (SizeTarget.scale_bytes 2), as bench.common counts every row's (the model is computed in fp32, and a
   job would store fp32 scales);
 - worker.target.plan_for_target on the protocol's 64 calibration windows with the whole model in memory,
@@ -84,7 +84,7 @@ def job_options(target: float, engine: str, compensation: str, protocol: common.
                                 "seed": common.SEED})
     max_rank = Settings.model_fields["max_rank"].default
     plan = compression_plan(spec, max_rank)
-    options = replace(size_target(spec.target, plan.compensates, max_rank), scale_bytes=common.SCALE_BITS // 8)
+    options = replace(size_target(spec.target, plan, max_rank), scale_bytes=common.SCALE_BITS // 8)
     if GGUF_GROUP in options.group_sizes:
         raise ValueError(f"group size {GGUF_GROUP} is offered: SmolLM2's weights sit on that grid (GGUF Q4_1)")
     return plan, options
@@ -148,19 +148,22 @@ def best_fixed(fixed: list[dict], bits: float, key: str) -> dict | None:
 
 def per_kind(run: dict, target: float) -> dict:
     """Per Linear kind: bits of the whole model's weights it spends on weights and adapters (they sum to
-    the row's total), their share of the target, and how many of its Linears got each bit width, group
-    size and rank."""
+    the row's total), their share of the target, how many of its Linears got each bit width, group size
+    and rank, and how many of its adapters are stored at each precision ("fp16", "8", "4")."""
     kinds = {kind: {**bits, "share_weights": bits["weights"] / target, "share_adapters": bits["adapters"] / target,
-                    "bits": Counter(), "group_size": Counter(), "rank": Counter()}
+                    "bits": Counter(), "group_size": Counter(), "rank": Counter(), "adapter_bits": Counter()}
              for kind, bits in run["bits_by_kind"].items()}
     for name, chosen in run["planning"]["modules"].items():
-        kind = kinds[name.rsplit(".", 1)[1]]
+        kind, fitted = kinds[name.rsplit(".", 1)[1]], run["modules"][name]
         kind["bits"][chosen["bits"]] += 1
         kind["group_size"][chosen["group_size"]] += 1
-        kind["rank"][run["modules"][name]["rank"]] += 1  # the rank the run fitted (the plan's, or capped)
+        kind["rank"][fitted["rank"]] += 1  # the rank the run fitted (the plan's, or capped)
+        if fitted["rank"]:
+            kind["adapter_bits"][fitted.get("adapter_bits") or 16] += 1  # rows before per-module precisions: fp16
     for kind in kinds.values():
         for count in ("bits", "group_size", "rank"):
             kind[count] = {str(k): n for k, n in sorted(kind[count].items())}
+        kind["adapter_bits"] = {"fp16" if k == 16 else str(k): n for k, n in sorted(kind["adapter_bits"].items())}
     return kinds
 
 

@@ -20,7 +20,7 @@ def assert_same_run(model, result, reference_model, reference):
     for name, ref in reference.modules.items():
         got = result.modules[name]
         for field in ("shape", "sparsity", "zero_fraction", "error_before", "error_after", "rank", "adapter_params",
-                      "adapter_bytes"):
+                      "adapter_bytes", "adapter_bits"):
             assert getattr(got, field) == getattr(ref, field), (name, field)
         assert (got.quantized is None) == (ref.quantized is None), name
         if ref.quantized is not None:

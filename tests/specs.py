@@ -51,3 +51,9 @@ def compensation(**fields) -> CompensationSpec:
     if budget:
         fields["rank_budget"] = budget
     return replace(job_plan(quantization={}, compensation=fields).compensation, **extra)
+
+
+# A size target's kind of plan: adapters per module in fp16 (None), 8 or 4 bits; the modules not named take
+# the compensation's adapter_bits. Names of the tiny models' Linears (tests/fixtures_models).
+MIXED_ADAPTER_BITS = {"model.layers.0.mlp.down_proj": 8, "model.layers.0.self_attn.v_proj": None,
+                      "model.layers.1.self_attn.q_proj": None}

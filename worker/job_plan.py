@@ -96,20 +96,31 @@ def check_plan_fits(model, arch, plan) -> None:
 
 # A size target's options. Group sizes: not 32 (fp16 scales cost 0.5 bits per weight there, and SmolLM2, the
 # benchmark model, sits on a 4-bit group-32 grid that would flatter it); RTN measures the error curves (one
-# rounding per option; the job then runs its own quantizer on the chosen one).
+# rounding per option; the job then runs its own quantizer on the chosen one). Adapter precisions (None: fp16
+# factors) where the job compensates and fixes no compensation.adapter_bits; vLLM holds adapters in fp16, so
+# a vLLM target offers fp16 only.
 TARGET_BITS = (2, 3, 4, 8)
 TARGET_GROUP_SIZES = (64, 128, -1)
+TARGET_ADAPTER_BITS = (None, 8, 4)
 
 
-def size_target(target: Target, compensates: bool, max_rank: int):
-    """The job's target as the worker's SizeTarget: what the engine loads, ranks up to the server's max_rank."""
+def size_target(target: Target, plan, max_rank: int):
+    """The job's target as the worker's SizeTarget: what the engine loads, ranks up to the server's max_rank,
+    the adapter precisions the plan (the job's compression_plan) leaves open."""
     from worker.engines import VLLM_LORA_RANKS, VLLM_WNA16_BITS
     from worker.target import SizeTarget
 
+    compensates = plan.compensates
     ranks = (0, *(r for r in VLLM_LORA_RANKS if r <= max_rank)) if compensates else (0,)
+    if not compensates or target.engine == "vllm":
+        adapter_bits: tuple[int | None, ...] = (None,)
+    elif plan.compensation.adapter_bits is not None:
+        adapter_bits = (plan.compensation.adapter_bits,)
+    else:
+        adapter_bits = TARGET_ADAPTER_BITS
     return SizeTarget(bits_per_weight=target.bits_per_weight, engine=target.engine,
                       bits=VLLM_WNA16_BITS if target.engine == "vllm" else TARGET_BITS,
-                      group_sizes=TARGET_GROUP_SIZES, ranks=ranks, measure_with="rtn")
+                      group_sizes=TARGET_GROUP_SIZES, ranks=ranks, adapter_bits=adapter_bits, measure_with="rtn")
 
 
 def plan_for_job_target(model, calibration, plan, spec: JobSpec, settings: Settings, device, reporter,
@@ -118,7 +129,7 @@ def plan_for_job_target(model, calibration, plan, spec: JobSpec, settings: Setti
     placement: where the measuring walk keeps its activations (the job's worker.activations.Placement)."""
     from worker.target import TargetError, plan_for_target
 
-    target = size_target(spec.target, plan.compensates, settings.max_rank)
+    target = size_target(spec.target, plan, settings.max_rank)
     reporter.progress("planning", 6.0, layer=0, layers=n_layers,
                       message=f"measuring every Linear's options for {target.bits_per_weight:g} bits per weight")
     t0 = time.perf_counter()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from worker.compression.quantize import QuantizedWeight
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
+
+ADAPTER_BITS = (1, 2, 4, 8)  # what the adapter file packs densely into bytes (worker.export.adapter.pack_bits)
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,9 @@ class CompressionPlan:
     module_quant: Mapping[str, QuantSpec] = field(default_factory=dict)
     # Per-module adapter ranks (0 = no adapter), in place of compensation.rank for the modules named.
     module_rank: Mapping[str, int] = field(default_factory=dict)
+    # Per-module adapter precision (None = fp16 factors, else the bits of their codes), in place of
+    # compensation.adapter_bits for the modules named (a size target chooses it per Linear).
+    module_adapter_bits: Mapping[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Invariants only; the rules a user sees (and their messages) live in app/jobs/spec.py and, for
@@ -29,6 +34,9 @@ class CompressionPlan:
         if self.module_rank and (spec is None or spec.rank is None
                                  or not all(0 <= r <= spec.max_rank for r in self.module_rank.values())):
             raise ValueError("per-module ranks need a fixed-rank compensation and ranks in 0..max_rank")
+        if self.module_adapter_bits and (not self.compensates or not all(
+                bits is None or bits in ADAPTER_BITS for bits in self.module_adapter_bits.values())):
+            raise ValueError(f"per-module adapter precisions need a compensation and bits in {ADAPTER_BITS} or None")
         if spec is None or spec.method == "none":
             return
         if not self.compresses:
@@ -45,6 +53,12 @@ class CompressionPlan:
     def rank_for(self, name: str) -> int:
         """The adapter rank of the Linear `name` (fixed-rank plans)."""
         return self.module_rank.get(name, self.compensation.rank)
+
+    def compensation_for(self, name: str) -> CompensationSpec:
+        """The compensation of the Linear `name`, with its own adapter precision."""
+        if name not in self.module_adapter_bits:
+            return self.compensation
+        return replace(self.compensation, adapter_bits=self.module_adapter_bits[name])
 
     @property
     def compresses(self) -> bool:
@@ -73,6 +87,7 @@ class ModuleReport:
     compensate_seconds: float = 0.0
     adapter_params: int = 0
     adapter_bytes: int = 0
+    adapter_bits: int | None = None  # the adapter's stored precision, None = fp16 factors (or no adapter)
     refine_errors: list[float] = field(default_factory=list)  # error_after of each joint round (round 0 first)
 
 

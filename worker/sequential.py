@@ -244,7 +244,7 @@ class _Run:
                 if plan.compensates and plan.compensation.refine:  # fixed rank: the job spec's rule
                     rank = min(plan.rank_for(name), rank_cap(*original.shape))
                     compressed, refine_errors = compress_jointly(original, gram, plan.quant_for(name), plan.sparsity,
-                                                                 plan.compensation, rank, name,
+                                                                 plan.compensation_for(name), rank, name,
                                                                  group_grams.compensate, group_grams.space)
                 else:
                     compressed = compress_weight(original, gram, plan.quant_for(name), plan.sparsity, name)
@@ -300,7 +300,7 @@ class _Run:
         return reports
 
     def _compensate(self, layer, relative, report, residual, original, grams: Grams, rank: int) -> None:
-        spec = self.plan.compensation
+        spec = self.plan.compensation_for(report.name)
         if rank > rank_cap(*report.shape):
             rank = self.capped[report.name] = rank_cap(*report.shape)
         report.error_after = report.error_before
@@ -320,6 +320,7 @@ class _Run:
         self.result.statistics_seconds += perf_counter() - start
         report.rank = adapter.rank
         report.adapter_params, report.adapter_bytes = adapter_size(*report.shape, report.rank, spec)
+        report.adapter_bits = spec.adapter_bits
 
     def _allocate_ranks(self) -> dict[str, int]:
         start = perf_counter()

@@ -10,13 +10,14 @@ from typing import Any
 
 def planning_summary(target, chosen) -> dict[str, Any]:
     """What a job (and a benchmark row) shows of a size target's plan: the budget, what the plan stores,
-    whether the allocation is optimal, the sensitivity used, and each Linear's bits, group size and rank."""
+    whether the allocation is optimal, the sensitivity used, and each Linear's bits, group size, rank and
+    adapter precision (adapter_bits, None: fp16 factors or no adapter)."""
     allocation = chosen.allocation
     return {"bits_per_weight": target.bits_per_weight, "engine": target.engine, "budget_bytes": chosen.budget,
             "planned_bytes": allocation.bytes, "planned_bits_per_weight": chosen.bits_per_weight,
             "optimal": allocation.exact, "gap": allocation.gap, "sensitivity": chosen.sensitivity_kind,
-            "modules": {name: {"bits": o.quant.bits, "group_size": o.quant.group_size, "rank": o.rank}
-                        for name, o in chosen.chosen.items()}}
+            "modules": {name: {"bits": o.quant.bits, "group_size": o.quant.group_size, "rank": o.rank,
+                               "adapter_bits": o.adapter_bits} for name, o in chosen.chosen.items()}}
 
 
 def layer_summary(report) -> dict[str, Any]:
@@ -28,11 +29,12 @@ def layer_summary(report) -> dict[str, Any]:
 
 
 def module_summary(m) -> dict[str, Any]:
-    """Relative output errors ||(W - W')X|| / ||WX|| without and with compensation, rank, sparsity."""
+    """Relative output errors ||(W - W')X|| / ||WX|| without and with compensation, rank, the adapter's
+    precision, sparsity."""
     summary = {"bits": m.quantized and m.quantized.bits, "group_size": m.quantized and m.quantized.group_size,
                "error_before": round(m.error_before, 6),
                "error_after": None if m.error_after is None else round(m.error_after, 6),
-               "rank": m.rank, "zero_fraction": round(m.zero_fraction, 4)}
+               "rank": m.rank, "adapter_bits": m.adapter_bits, "zero_fraction": round(m.zero_fraction, 4)}
     if m.refine_errors:  # compensation.refine: error_after of each round, round 0 = compress then compensate
         summary["refine_errors"] = [round(e, 6) for e in m.refine_errors]
     return summary

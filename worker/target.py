@@ -1,10 +1,12 @@
 """A size target: spend a number of stored bits per weight over the decoder Linears where the calibration
-says it matters, and turn the choice into a CompressionPlan with per-module quantizers and ranks.
+says it matters, and turn the choice into a CompressionPlan with per-module quantizers, adapter ranks and
+adapter precisions.
 
 1. Before any work: the budget is floor(bits_per_weight * Linear weights / 8) bytes, counted as the
    export counts them (worker.export.sizes: codes, scales, zero points, weight_shape; adapters as
    stored, or at fp16 for engines that hold them so). The smallest plan the options allow is computed
-   from the byte formulas alone; a budget below it fails with that size.
+   from the byte formulas alone (the smallest adapter at its cheapest offered precision where rank 0 is
+   not offered); a budget below it fails with that size.
 2. Sensitivity (output_sensitivity): the loss increase of an output error dy at Linear m is, to second
    order, 1/2 E[dy^T F_m dy] with F_m = E[g g^T], g = dLoss/dy_m (the Fisher at the module's output; the
    first-order term vanishes in expectation at a trained optimum). Taking F_m isotropic, 1/2 (E||g||^2 /
@@ -15,10 +17,12 @@ says it matters, and turn the choice into a CompressionPlan with per-module quan
    model the weights span three decades). A streamed model has no whole-model backward pass: its Linears
    weigh the same, and the job says so (TargetPlan.sensitivity_kind).
 3. Error curves: one walk over the original model's layers (inputs from the uncompressed layers before:
-   an approximation, the compression run itself is sequential), every option of every Linear measured
-   (worker.candidates.measure_options; with the quantizers' method replaced by `measure_with`).
+   an approximation, the compression run itself is sequential), every option (quantizer, adapter rank,
+   adapter precision) of every Linear measured (worker.candidates.measure_options; with the quantizers'
+   method replaced by `measure_with`; a quantized adapter's error is that of its stored, dequantized form).
 4. Allocation (worker.compression.allocate) over units: a Linear, or for vLLM each set it fuses (q/k/v,
-   gate/up), whose members must share one quantizer and keep their own ranks.
+   gate/up), whose members must share one quantizer and keep their own ranks (and adapter precisions: an
+   engine's adapter is fp16, and vLLM targets offer only that).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class SizeTarget:
     bits: tuple[int, ...]  # bit widths offered
     group_sizes: tuple[int, ...]  # group sizes offered where they divide the Linear's width; -1 = per channel
     ranks: tuple[int, ...]  # adapter ranks offered, 0 = none (only with a compensation method)
+    adapter_bits: tuple[int | None, ...] = (None,)  # adapter precisions offered, None = fp16 factors
     measure_with: Literal["rtn", "gptq"]  # the quantizer the error curves are measured with
     # Bytes a stored scale is counted at; None: the model's dtype, what the export writes (a job). The
     # benchmarks compute in fp32 and count fp16 scales (bench.common.SCALE_BITS), and plan so.
@@ -69,6 +74,10 @@ class SizeTarget:
                 raise TargetError(f"vLLM loads {VLLM_WNA16_BITS} bit weights, not {sorted(self.bits)}")
             if set(self.ranks) - {0, *VLLM_LORA_RANKS}:
                 raise TargetError(f"vLLM takes adapter ranks {VLLM_LORA_RANKS}, not {sorted(self.ranks)}")
+            if self.adapter_bits != (None,):
+                raise TargetError(f"vLLM loads fp16 adapters, not adapter bits {self.adapter_bits}")
+        if not self.adapter_bits:
+            raise ValueError("a size target offers at least one adapter precision")
 
 
 @dataclass(frozen=True)
@@ -92,13 +101,15 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     """The plan meeting `target` with the least predicted loss increase; see the module doc.
 
     base: the job's quantizer (its method, symmetry, damp, order; bits and group size are chosen here),
-    sparsity and compensation (method, damp, adapter bits; its rank is chosen here). model: held whole
-    (in eval mode), or a streamed layer source, whose Linears all weigh the same (no backward pass
-    through the whole model); either is left unchanged. The plan's `quant` is the quantizer most
-    Linears got, module_quant the others'; with compensation every Linear's rank is in module_rank.
+    sparsity and compensation (method, damp, adapter group size; its rank and adapter precision are
+    chosen here, from target.ranks and target.adapter_bits). model: held whole (in eval mode), or a
+    streamed layer source, whose Linears all weigh the same (no backward pass through the whole model);
+    either is left unchanged. The plan's `quant` is the quantizer most Linears got, module_quant the
+    others'; with compensation every Linear's rank is in module_rank, and the adapter precision most
+    adapted Linears got is compensation.adapter_bits, module_adapter_bits the others'.
     placement: where the measuring walk keeps the activations between layers (the job's, worker.activations).
     """
-    if base.quant is None or base.module_quant or base.module_rank:
+    if base.quant is None or base.module_quant or base.module_rank or base.module_adapter_bits:
         raise ValueError("a size target needs a base plan with one quantizer and no per-module choices")
     served = target.engine == "vllm"
     if served and base.compensates and base.compensation.adapter_bits is not None:
@@ -138,9 +149,12 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     plan = replace(base, quant=common, module_quant={name: q for name, q in quants.items() if q != common})
     if base.compensates:
         ranks = {name: option.rank for name, option in chosen.items()}
+        precisions = {name: option.adapter_bits for name, option in chosen.items() if option.rank}
+        bits = Counter(precisions.values()).most_common(1)[0][0] if precisions else base.compensation.adapter_bits
         compensation = replace(base.compensation, rank=max(1, *ranks.values()), budget_params=None,
-                               budget_fraction=None)
-        plan = replace(plan, compensation=compensation, module_rank=ranks)
+                               budget_fraction=None, adapter_bits=bits)
+        plan = replace(plan, compensation=compensation, module_rank=ranks,
+                       module_adapter_bits={name: b for name, b in precisions.items() if b != bits})
     return TargetPlan(plan=plan, budget=budget, weights=weights, allocation=allocation, chosen=chosen,
                       sensitivity=sensitivity, sensitivity_kind=kind)
 
@@ -205,14 +219,16 @@ def _quants(base: QuantSpec, target: SizeTarget, d_in: int) -> list[QuantSpec]:
 
 def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, shape: tuple[int, int],
                  scale_bytes: int, served: bool) -> int:
-    """The fewest bytes a Linear can take with this quantizer (its smallest adapter when 0 is not offered)."""
+    """The fewest bytes a Linear can take with this quantizer (its smallest adapter, at the offered
+    precision that stores it in the fewest bytes, when 0 is not offered)."""
     d_out, d_in = shape
     stored = sum(pack_quantized_bytes(d_out, d_in, quant.bits, quant.group_size, quant.symmetric,
                                       scale_bytes).values())
     if not base.compensates or 0 in target.ranks:
         return stored
-    params, adapter = adapter_size(d_out, d_in, min(target.ranks), base.compensation)
-    return stored + (adapter_served_bytes(params) if served else adapter)
+    sizes = [adapter_size(d_out, d_in, min(target.ranks), replace(base.compensation, adapter_bits=bits))
+             for bits in target.adapter_bits]
+    return stored + min(adapter_served_bytes(params) if served else adapter for params, adapter in sizes)
 
 
 @torch.no_grad()
@@ -239,7 +255,7 @@ def _measure(source: LayerSource, inputs: LayerInputs, base: CompressionPlan, ta
                         ranks = [r for r in target.ranks if r <= rank_cap(*weight.shape)]
                         options[name] = measure_options(
                             weight, acc.gram, _quants(base.quant, target, weight.shape[1]), base.sparsity, spec,
-                            ranks, (None if spec is None else spec.adapter_bits,), name, space, served, compensate,
+                            ranks, target.adapter_bits, name, space, served, compensate,
                             target.scale_bytes)
                 forward_layer(layer, inputs, index, device, keep_outputs=True)
             finally:

@@ -148,8 +148,9 @@ class Target(Strict):
     bits_per_weight: float | None = Field(
         None, gt=0, le=16, description="Stored bits per weight over the decoder Linears (codes, scales, zero "
         "points, adapters as stored; as served, at fp16, for engine 'vllm'), counted from the artifact's files. "
-        "The worker measures each Linear's error for every bit width, group size and adapter rank and chooses "
-        "them per Linear to meet it with the least predicted loss; quantization.bits/group_size and "
+        "The worker measures each Linear's error for every bit width, group size, adapter rank and adapter "
+        "precision (fp16, 8 or 4 bits unless compensation.adapter_bits fixes it; fp16 for engine 'vllm') and "
+        "chooses them per Linear to meet it with the least predicted loss; quantization.bits/group_size and "
         "compensation.rank/rank_budget are then not given.")
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="What must load the artifact: 'vllm' allows only 4/8-bit weights, one scheme "

@@ -120,10 +120,12 @@ def test_plans_with_per_module_choices_are_stored_as_json():
 
     q, down = SHAPES
     plan = CompressionPlan(quant=common.quant("gptq", 4), module_quant={down: common.quant("rtn", 8)},
-                           compensation=common.compensation("eora", rank=16), module_rank={q: 16, down: 0})
+                           compensation=common.compensation("eora", rank=16, adapter_bits=4), module_rank={q: 16, down: 8},
+                           module_adapter_bits={down: None})
     stored = json.loads(json.dumps(common.plan_to_dict(plan)))
     assert stored["module_quant"] == {down: {**stored["quant"], "method": "rtn", "bits": 8}}
-    assert stored["module_rank"] == {q: 16, down: 0}
+    assert stored["module_rank"] == {q: 16, down: 8}
+    assert stored["compensation"]["adapter_bits"] == 4 and stored["module_adapter_bits"] == {down: None}
     assert stored["compensation"]["rank"] == 16 and stored["sparsity"] is None
 
 

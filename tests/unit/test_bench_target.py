@@ -34,7 +34,12 @@ def test_the_smoke_run_meets_its_targets_and_splits_them_by_kind(tmp_path):
         assert run["stages"]["planning"] == row["seconds"]["planning"] > 0 and row["sensitivity"] == "fisher"
         assert target.GGUF_GROUP not in run["planning"]["size_target"]["group_sizes"]
         assert run["planning"]["base_plan"]["quant"]["act_order"] and run["planning"]["base_plan"]["quant"]["damp"] == 0.01
-        assert run["plan"]["compensation"]["damp"] == 1.0 and run["plan"]["compensation"]["adapter_bits"] is None
+        assert run["plan"]["compensation"]["damp"] == 1.0
+        # each adapter at the precision the plan chose for it (run["bits"], within planned_bits above, counts it so)
+        precisions = {n: m["adapter_bits"] for n, m in run["planning"]["modules"].items() if run["modules"][n]["rank"]}
+        assert {n: run["modules"][n]["adapter_bits"] for n in precisions} == precisions
+        assert sum(n for k in kinds for n in k["adapter_bits"].values()) == len(precisions)
+        assert set(run["planning"]["size_target"]["adapter_bits"]) == ({None} if row["engine"] == "vllm" else {None, 8, 4})
         fixed = row["best_fixed"]["evaluation"]
         assert (fixed is None) == (row["target"] < 4.3125)  # the baseline, 4-bit g64, is the only fixed row
         assert (row["checks"]["beats the best fixed row on evaluation"] is None) == (fixed is None)

@@ -1,4 +1,5 @@
-"""The adapter stores what is counted: fp16 PEFT factors, or packed integer codes + fp16 scales.
+"""The adapter stores what is counted: fp16 PEFT factors, or packed integer codes + fp16 scales (with the
+fp16 factors of the modules a plan keeps in fp16, when precisions are mixed).
 
 Sizes are read back from the safetensors files tensor by tensor and compared with squeeze.json and
 the compression report; the quantized form is turned back into a PEFT adapter by the model card's
@@ -17,12 +18,13 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from tests.specs import compensation, quant
+from tests.specs import MIXED_ADAPTER_BITS, compensation, quant
 from tests.unit.test_export import ATOL, CPU, RTOL, VERIFY_WINDOWS, cold_load, extra, logits_of
-from worker.compression.adapters import FACTOR_DTYPE, quantize_adapter
+from worker.compression.adapters import FACTOR_DTYPE, quantize_adapter, stored_adapter
 from worker.export import export_model, reference_logits, verify_export
-from worker.export.adapter import pack_bits
+from worker.export.adapter import DEQUANTIZE_RECIPE, pack_bits, save_adapter
 from worker.linear_compress import unwrap_adapters
 from worker.models import load_model
 from worker.plan import CompressionPlan
@@ -36,9 +38,9 @@ def file_tensors(path):
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
-def export_with_adapters(model_dir, windows, compensation, out_dir):
+def export_with_adapters(model_dir, windows, compensation, out_dir, module_adapter_bits=None):
     """Compress, keep a copy of the in-memory adapters, export; (result, adapters, reference, info)."""
-    plan = CompressionPlan(quant=GPTQ4, compensation=compensation)
+    plan = CompressionPlan(quant=GPTQ4, compensation=compensation, module_adapter_bits=module_adapter_bits or {})
     model, tokenizer = load_model(model_dir)
     result = compress_model(model, windows, plan, CPU)
     reference = reference_logits(model, windows[:VERIFY_WINDOWS])
@@ -78,37 +80,54 @@ def card_recipe(card: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
+@pytest.mark.parametrize("module_adapter_bits", [{}, MIXED_ADAPTER_BITS], ids=["4-bit", "fp16/4/8-bit"])
 def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_factors(
-        tiny_model_dir, calibration_windows, tmp_path):
+        module_adapter_bits, tiny_model_dir, calibration_windows, tmp_path):
     spec = compensation(method="eora", rank=8, adapter_bits=4, adapter_group_size=32)
     result, adapters, reference, info = export_with_adapters(tiny_model_dir, calibration_windows, spec,
-                                                             tmp_path / "out")
+                                                             tmp_path / "out", module_adapter_bits)
     out = info.out_dir
     assert not (out / "adapter" / "adapter_model.safetensors").exists()  # only the counted form is stored
     tensors, metadata = file_tensors(out / "adapter" / "adapter_quantized.safetensors")
     factors = json.loads(metadata["squeeze"])["factors"]
-    assert json.loads(metadata["squeeze"])["bits"] == 4
+    manifest = json.loads((out / "squeeze.json").read_text())
 
     # Tensor by tensor: dtypes and byte counts are the accounting's, per module and in total.
-    for name, (_, _, (quantized_b, quantized_a)) in adapters.items():
+    for name, (lora_b, lora_a, quantized) in adapters.items():
+        bits = module_adapter_bits.get(name, 4)
+        assert result.modules[name].adapter_bits == manifest["modules"][name]["adapter_bits"] == bits, name
+        if bits is None:  # stored as PEFT stores it, in the same file
+            assert quantized is None
+            assert all(f"base_model.model.{name}.lora_{factor}" not in factors for factor in "AB")
+            stored_fp16 = (tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"])
+            assert stored_fp16[0].dtype == stored_fp16[1].dtype == torch.float16
+            assert torch.equal(stored_fp16[0], lora_a) and torch.equal(stored_fp16[1], lora_b), name
+            assert sum(t.nbytes for t in stored_fp16) == result.modules[name].adapter_bytes == \
+                2 * result.modules[name].adapter_params, name
+            continue
         module_bytes = 0
+        quantized_b, quantized_a = quantized
         for factor, q in (("A", quantized_a), ("B", quantized_b)):
             key = f"base_model.model.{name}.lora_{factor}"
             rows, dim = q.codes.shape
             groups = rows * (dim // q.group_size)
-            assert factors[key] == [rows, dim, q.group_size]
-            assert tensors[f"{key}.codes"].dtype == torch.uint8 and tensors[f"{key}.codes"].numel() == rows * dim // 2
-            assert tensors[f"{key}.zeros"].dtype == torch.uint8 and tensors[f"{key}.zeros"].numel() == -(-groups // 2)
+            per_byte = 8 // bits
+            assert q.bits == bits and factors[key] == [rows, dim, q.group_size, bits] and f"{key}.weight" not in tensors
+            assert tensors[f"{key}.codes"].dtype == torch.uint8 and tensors[f"{key}.codes"].numel() == rows * dim // per_byte
+            assert tensors[f"{key}.zeros"].dtype == torch.uint8 and tensors[f"{key}.zeros"].numel() == -(-groups // per_byte)
             assert tensors[f"{key}.scales"].dtype == torch.float16 and tensors[f"{key}.scales"].shape == (rows, groups // rows)
             module_bytes += sum(tensors[f"{key}.{part}"].nbytes for part in ("codes", "zeros", "scales"))
         assert module_bytes == result.modules[name].adapter_bytes, name
     stored = sum(t.nbytes for t in tensors.values())
-    manifest = json.loads((out / "squeeze.json").read_text())["adapter"]
+    assert info.adapter.module_bytes == {name: m.adapter_bytes for name, m in result.modules.items()}
+    manifest = manifest["adapter"]
     assert manifest["stored_bytes"] == stored == result.adapter_bytes
     assert manifest["served_bytes"] == 2 * manifest["params"] == 2 * result.adapter_params
     assert manifest["stored_bits_per_param"] == pytest.approx(8 * stored / manifest["params"])
-    assert 4.0 < manifest["stored_bits_per_param"] < 6.0 and manifest["served_bits_per_param"] == 16.0
-    assert manifest["stored_dtype"] == "int4 codes and zero points, float16 group scales"
+    assert 4.0 < manifest["stored_bits_per_param"] < 8.0 and manifest["served_bits_per_param"] == 16.0
+    assert manifest["stored_dtype"] == ("int4 codes and zero points, float16 group scales" if not module_adapter_bits
+                                        else "int4 and int8 codes and zero points, float16 group scales; "
+                                        "float16 factors for 2 of 14 modules")
     card = (out / "README.md").read_text()
     assert '/adapter")  # on the model loaded above (after the recipe above)' in card
     assert "Run the recipe above first: vLLM loads `adapter/adapter_model.safetensors`." in card
@@ -131,6 +150,25 @@ def test_quantized_adapter_stores_packed_codes_and_the_card_recipe_rebuilds_the_
     verified = verify_export(out, reference, calibration_windows[:VERIFY_WINDOWS])
     assert verified.adapter and verified.max_abs_diff <= ATOL
     assert not (out / "adapter" / "adapter_model.safetensors").exists()  # verification worked on a copy
+
+
+def test_the_recipe_reads_files_written_before_per_module_precisions(tmp_path):
+    """Older files list [rows, dim, group_size] per factor and one "bits" for every factor."""
+    generator = torch.Generator().manual_seed(0)
+    name = "model.layers.0.mlp.up_proj"
+    adapter = stored_adapter(torch.randn(32, 4, generator=generator), torch.randn(4, 64, generator=generator), 4, 16,
+                             name)
+    save_adapter({name: adapter}, tmp_path)
+    folder = tmp_path / "adapter"
+    tensors, metadata = file_tensors(folder / "adapter_quantized.safetensors")
+    factors = json.loads(metadata["squeeze"])["factors"]
+    assert {len(entry) for entry in factors.values()} == {4}
+    old = {"bits": 4, "factors": {key: entry[:3] for key, entry in factors.items()}}
+    save_file(tensors, folder / "adapter_quantized.safetensors", metadata={"squeeze": json.dumps(old)})
+    exec(compile(DEQUANTIZE_RECIPE, "model card recipe", "exec"), {"folder": str(folder)})  # noqa: S102
+    rebuilt, _ = file_tensors(folder / "adapter_model.safetensors")
+    assert torch.equal(rebuilt[f"base_model.model.{name}.lora_A.weight"], adapter.lora_a)
+    assert torch.equal(rebuilt[f"base_model.model.{name}.lora_B.weight"], adapter.lora_b)
 
 
 def test_in_memory_factors_are_the_dequantized_stored_codes(tiny_llama, calibration_windows):

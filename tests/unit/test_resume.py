@@ -13,7 +13,7 @@ import torch
 import worker.resume as resume_module
 from tests.interrupts import Stop, stop_after
 from tests.same_run import assert_same_run
-from tests.specs import compensation, quant, sparsity
+from tests.specs import MIXED_ADAPTER_BITS, compensation, quant, sparsity
 from worker.errors import LostOwnership
 from worker.plan import CompressionPlan
 from worker.resume import STATE_NAME, LayerCheckpoints
@@ -24,6 +24,9 @@ GPTQ3 = quant(method="gptq", bits=3, group_size=32)
 PLANS = {
     "gptq3 + eora r8, 4-bit adapters": CompressionPlan(
         quant=GPTQ3, compensation=compensation(rank=8, adapter_bits=4, adapter_group_size=32)),
+    "gptq3 + eora r8, fp16/4/8-bit adapters per module (a size target's)": CompressionPlan(
+        quant=GPTQ3, compensation=compensation(rank=8, adapter_bits=4, adapter_group_size=32),
+        module_adapter_bits=MIXED_ADAPTER_BITS),
     "2:4 sparsegpt + gptq4": CompressionPlan(quant=quant(method="gptq", bits=4, group_size=32),
                                              sparsity=sparsity(method="sparsegpt", n=2, m=4)),
     "gptq3 + eora budget (two walks)": CompressionPlan(quant=GPTQ3, compensation=compensation(budget_params=5000)),

@@ -14,7 +14,7 @@ import torch
 from tests.fixtures_models import SAMPLE_DOCS, build_tiny_model
 from tests.interrupts import Stop, stop_after
 from tests.same_run import same_files
-from tests.specs import compensation, quant, sparsity
+from tests.specs import MIXED_ADAPTER_BITS, compensation, quant, sparsity
 from worker.evaluate import perplexity
 from worker.export import ExportError, export_model, reference_logits, verify_export, verify_export_streamed
 from worker.export.streamed import layer_logits
@@ -30,6 +30,9 @@ GPTQ3 = quant(method="gptq", bits=3, group_size=32)
 PLANS = {  # as tests/unit/test_resume.py
     "gptq3 + eora r8, 4-bit adapters": CompressionPlan(
         quant=GPTQ3, compensation=compensation(rank=8, adapter_bits=4, adapter_group_size=32)),
+    "gptq3 + eora r8, fp16/4/8-bit adapters per module (a size target's)": CompressionPlan(
+        quant=GPTQ3, compensation=compensation(rank=8, adapter_bits=4, adapter_group_size=32),
+        module_adapter_bits=MIXED_ADAPTER_BITS),
     "2:4 sparsegpt + gptq4": CompressionPlan(quant=quant(method="gptq", bits=4, group_size=32),
                                              sparsity=sparsity(method="sparsegpt", n=2, m=4)),
     "gptq3 + eora budget (two walks)": CompressionPlan(quant=GPTQ3, compensation=compensation(budget_params=5000)),

@@ -46,8 +46,10 @@ def test_a_target_jobs_files_hold_the_planned_bits(streamed, tmp_path, tiny_mode
     assert target["sensitivity"] == ("uniform" if streamed else "fisher")
     linear = file_tensor_bytes(out / "model.safetensors", lambda key: key.rpartition(".")[0] in modules)
     assert linear == sum(sum(parts.values()) for parts in module_bytes(out, modules).values())
-    adapter_file = out / "adapter" / "adapter_model.safetensors"
-    adapter = file_tensor_bytes(adapter_file) if adapter_file.exists() else 0
+    # One adapter file: PEFT's when every adapter is fp16, else the quantized form (a job offers fp16, 8 and 4 bits).
+    adapter_files = sorted((out / "adapter").glob("*.safetensors")) if (out / "adapter").is_dir() else []
+    assert len(adapter_files) <= 1
+    adapter = sum(file_tensor_bytes(path) for path in adapter_files)
     assert linear + adapter == target["planned_bytes"] <= target["budget_bytes"] == math.floor(4.0 * weights / 8)
     assert 8 * (linear + adapter) / weights <= 4.0 and metrics["size"]["bits_per_weight_stored"] <= 4.0
     # The plan per module: on the job, in the manifest, and what was compressed.
@@ -55,6 +57,8 @@ def test_a_target_jobs_files_hold_the_planned_bits(streamed, tmp_path, tiny_mode
     for name, chosen in target["modules"].items():
         width = TINY_DIMS["intermediate_size" if name.endswith("down_proj") else "hidden_size"]
         assert (modules[name]["bits"], modules[name]["rank"]) == (chosen["bits"], chosen["rank"]), name
+        assert modules[name]["adapter_bits"] == manifest["modules"][name]["adapter_bits"] == chosen["adapter_bits"]
+        assert chosen["adapter_bits"] in ((None, 8, 4) if chosen["rank"] else (None,)), name
         assert chosen["group_size"] in (64, 128, -1)  # never 32 (job_plan.TARGET_GROUP_SIZES)
         assert modules[name]["group_size"] == (width if chosen["group_size"] == -1 else chosen["group_size"]), name
         assert (manifest["modules"][name]["bits"], manifest["modules"][name]["rank"]) == (chosen["bits"],

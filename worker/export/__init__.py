@@ -5,9 +5,9 @@ Folder written by export_model:
     model.safetensors (or shards + index)  compressed-tensors pack-quantized, or dense with zeros
     tokenizer.json, tokenizer_config.json, ...
     adapter/adapter_config.json            PEFT LoRA config (only when compensation kept a rank > 0)
-    adapter/adapter_model.safetensors      fp16 factors, or with adapter_bits instead
-    adapter/adapter_quantized.safetensors  packed integer codes + fp16 scales (the card's recipe
-                                           turns them into adapter_model.safetensors)
+    adapter/adapter_model.safetensors      fp16 factors, or when any module's adapter is quantized instead
+    adapter/adapter_quantized.safetensors  packed integer codes + fp16 scales, fp16 factors of the modules
+                                           kept in fp16 (the card's recipe turns it into adapter_model.safetensors)
     README.md                              model card: loading with transformers, PEFT, vLLM
     squeeze.json                           manifest, written last, with every other file's sha256
 
@@ -105,8 +105,11 @@ def _check_adapters(adapters: dict, result: CompressionResult) -> None:
 
 
 def _check_adapter_bytes(adapter: AdapterInfo | None, result: CompressionResult) -> None:
-    """The size the run accounted (rank budgets spend it, benchmarks report it) is what the file holds."""
-    stored = 0 if adapter is None else adapter.stored_bytes
-    if stored != result.adapter_bytes:
-        raise ExportError(f"the adapter file holds {stored:,} bytes of tensors, the compression report counted "
-                          f"{result.adapter_bytes:,}")
+    """The size the run accounted (rank budgets and size targets spend it, benchmarks report it) is what the
+    file holds, module by module (each at its own precision)."""
+    stored = {} if adapter is None else adapter.module_bytes
+    counted = {name: m.adapter_bytes for name, m in result.modules.items() if m.adapter_bytes}
+    if stored != counted:
+        differ = sorted(set(stored.items()) ^ set(counted.items()))
+        raise ExportError(f"the adapter file holds {sum(stored.values()):,} bytes of tensors, the compression report "
+                          f"counted {result.adapter_bytes:,} (first difference, module and bytes: {differ[0]})")

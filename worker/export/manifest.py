@@ -150,7 +150,8 @@ def build_manifest(result: CompressionResult, plan: CompressionPlan, checkpoint:
         "adapter": None if adapter is None else {"path": adapter.path, "r": adapter.r, "max_rank": adapter.max_rank,
                                                  **adapter.sizes()},
         "modules": {
-            name: {"rank": m.rank, "error_before": m.error_before, "error_after": m.error_after,
+            name: {"rank": m.rank, "adapter_bits": m.adapter_bits, "error_before": m.error_before,
+                   "error_after": m.error_after,
                    "sparsity": m.sparsity, "zero_fraction": m.zero_fraction,
                    "bits": m.quantized and m.quantized.bits, "group_size": m.quantized and m.quantized.group_size}
             for name, m in result.modules.items()

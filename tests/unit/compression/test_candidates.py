@@ -12,6 +12,7 @@ import torch
 from tests.specs import compensation
 from tests.unit.compression.quant_spec import spec_of
 from worker.candidates import measure_options
+from worker.compression.allocate import Candidate, allocate
 from worker.compression.quantize import quantize_rtn
 from worker.compression.ranks import rank_cap
 from worker.export.sizes import pack_quantized_bytes
@@ -83,3 +84,23 @@ def test_adapters_are_fitted_on_the_compensation_gram_and_judged_on_every_token(
         assert option.error == pytest.approx(slow_error(residual - adapter.delta(), inputs), rel=1e-5)
         fitted_on_all = compensation_factors(residual, gram, EXACT_EORA, 8, "m")
         assert option.error > slow_error(residual - fitted_on_all.delta(), inputs)  # EoRA on all tokens is optimal there
+
+
+def test_the_allocator_takes_4_bit_adapters_where_they_hold_more_for_the_bytes(weight, gram):
+    """One Linear's measured options with fp16 and 4-bit adapters: within the bytes of the fp16 rank-4 option
+    the allocation takes a 4-bit adapter of a higher rank, with less error than any fp16 choice that fits."""
+    options = measure_options(weight, gram, QUANTS[:1], None, EXACT_EORA, (0, 4, 8, 16), (None, 4), "m")
+    budget = next(o for o in options if o.rank == 4 and o.adapter_bits is None).bytes
+    allocation = allocate({"m": [Candidate(o.bytes, o.error) for o in options]}, {"m": 1.0}, budget)
+    picked = options[allocation.choice["m"]]
+    assert picked.adapter_bits == 4 and picked.rank > 4 and allocation.exact
+    assert picked.error < min(o.error for o in options if o.adapter_bits is None and o.bytes <= budget)
+
+
+def test_at_equal_error_the_allocator_takes_the_cheaper_adapter():
+    """Synthetic: per module an fp16 and a 4-bit adapter of the same error (and no adapter); with room for
+    every fp16 one, the plan still stores the 4-bit ones."""
+    candidates = {f"m{i}": [Candidate(bytes=100, error=9.0), Candidate(bytes=100 + 2 * 96 * 8, error=1.0 + i),
+                            Candidate(bytes=100 + 544, error=1.0 + i)] for i in range(3)}
+    allocation = allocate(candidates, dict.fromkeys(candidates, 1.0), budget=3 * (100 + 2 * 96 * 8))
+    assert allocation.choice == dict.fromkeys(candidates, 2) and allocation.bytes == 3 * (100 + 544)
