@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -370,11 +371,15 @@ def test_list_filters_searches_and_survives_a_long_model_id_and_a_failure(page, 
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
 
 
-def test_compare_two_finished_jobs(page, server, tiny_llama_dir, calibration_txt):
+def test_compare_two_finished_jobs(page, server, tiny_llama_dir, calibration_txt, tmp_path):
     base, key = server
+    # A model id of its own: the compare view shows every finished job of a model, and the other tests'
+    # jobs on the tiny model (a size target among them) would decide the Pareto front otherwise.
+    model_dir = tmp_path / "compare-tiny-llama"
+    shutil.copytree(tiny_llama_dir, model_dir)
     ids = []
     for bits in (4, 8):
-        spec = {"model": {"id": str(tiny_llama_dir)}, "quantization": {"method": "rtn", "bits": bits, "group_size": 32},
+        spec = {"model": {"id": str(model_dir)}, "quantization": {"method": "rtn", "bits": bits, "group_size": 32},
                 "calibration": {"dataset": str(calibration_txt), "num_samples": 8, "seq_len": 32},
                 "evaluation": {"num_windows": 4}}
         ids.append(httpx.post(f"{base}/v1/jobs", json=spec, headers=bearer(key)).json()["id"])
@@ -385,7 +390,7 @@ def test_compare_two_finished_jobs(page, server, tiny_llama_dir, calibration_txt
     assert all(j["status"] == "succeeded" for j in jobs), jobs
     ppl = {j["id"]: j["metrics"]["perplexity_after"] for j in jobs}
 
-    page.goto(f"/compare?model={tiny_llama_dir}")
+    page.goto(f"/compare?model={model_dir}")
     table = page.locator("#compare-table")
     for job_id in ids:
         expect(table.locator(f'tr[data-job="{job_id}"]')).to_have_count(1)
