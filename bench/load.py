@@ -146,9 +146,7 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
                "error": "CUDA out of memory at layer 7 (model.layers.7.mlp.down_proj)" if status == JobStatus.failed
                else None,
                "metrics": metrics, "listed_metrics": listed_metrics(metrics),
-               "artifacts": {"uri": f"s3://models/{model.lower()}/", "files": {"model.safetensors": 123456789},
-                             "notes": [], "adapter": "adapter", "manifest": "squeeze.json"}
-               if status == JobStatus.succeeded else None,
+               "artifacts": job_artifacts(model, spec) if status == JobStatus.succeeded else None,
                "lease_owner": "gpu-worker-1" if status == JobStatus.running else None,
                "lease_expires_at": now + timedelta(hours=1) if status == JobStatus.running else None,
                "dispatched_at": created, "created_at": created, "updated_at": finished or started or created,
@@ -159,6 +157,25 @@ def job_rows(rng: random.Random, count: int, now: datetime, per_module_errors: b
         if n % (count // LOGGED_JOBS) == 0 and started:
             events.extend(job_log(rng, row, started, done))
     return jobs, events
+
+
+def job_artifacts(model: str, spec: dict) -> dict:
+    """What a finished job's artifacts column holds: the published files, the export's notes, and squeeze.json's
+    serving table (copied into the job since the dashboard shows it), shaped as worker.pipeline writes them."""
+    rank = (spec["compensation"] or {}).get("rank")
+    files = ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "squeeze.json"]
+    if rank:
+        files += ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    bits = spec["quantization"]["bits"]
+    serving = {"transformers": {"loads": True, "quantization_config": "CompressedTensorsConfig(dequantize=True)"},
+               "vllm": {"serves": bits in (4, 8), "scheme": f"W{bits}A16 (compressed-tensors pack-quantized)",
+                        "lora": {"enable_lora": True, "max_lora_rank": rank} if rank else None},
+               "peft": {"loads": True, "adapter": "adapter"} if rank else None}
+    notes = ["asymmetric weights: load with quantization_config=CompressedTensorsConfig(dequantize=True) as the model "
+             "card shows; a plain AutoModelForCausalLM.from_pretrained(path) fails on the weight_zero_point shapes"]
+    return {"uri": f"s3://models/{model.lower()}/", "files": sorted(files), "notes": notes,
+            "adapter": "adapter" if rank else None, "manifest": "squeeze.json", "serving": serving}
 
 
 def job_log(rng: random.Random, job: dict, started: datetime, done: int) -> list[dict]:
