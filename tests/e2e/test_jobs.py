@@ -214,8 +214,14 @@ def test_job_from_a_one_line_calibration_file_succeeds(service, tiny_llama_dir, 
     assert job["progress"] == {"stage": "done", "layer": 2, "layers": 2, "percent": 100.0}
     data = job["metrics"]["data"]
     assert "tokens of the calibration dataset (1 document: too few" in data["evaluation_source"]
-    windows = data["evaluation_windows"][0]
-    assert 1 <= windows < 64 and data["evaluation_windows"][1] == 32
+    from transformers import AutoTokenizer
+
+    from worker.data import token_stream
+    from worker.job_data import HELD_OUT_FRACTION
+
+    tokens = len(token_stream(AutoTokenizer.from_pretrained(tiny_llama_dir), [one_line.read_text()]))
+    windows = int(tokens * HELD_OUT_FRACTION) // 32  # the held-back tenth's whole windows of 32 tokens
+    assert 1 <= windows < 64 and data["evaluation_windows"] == [windows, 32]
     events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
     warned = [e for e in events if e["level"] == "warning" and e["stage"] == "calibration"]
     assert [e["message"].split(",")[0] for e in warned] == [f"evaluation runs on {windows} windows of 32 tokens"]
