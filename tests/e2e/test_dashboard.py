@@ -218,6 +218,14 @@ def test_a_size_target_job_through_the_form_and_again_with_changes(page, server,
     per_channel = {name for name, m in target["modules"].items() if m["group_size"] == -1}
     expect(rows.locator("td:nth-child(8)")).to_have_text(
         [f"{m['group_size']}{' (per channel)' if name in per_channel else ''}" for name, m in per_module.items()])
+    # Each adapter's stored precision, chosen per Linear by the target: fp16 factors or group-wise codes.
+    expect(rows.locator("td:nth-child(9)")).to_have_text(
+        ["–" if not m["rank"] else "fp16" if m["adapter_bits"] is None else f"{m['adapter_bits']}-bit"
+         for m in per_module.values()])
+    adapted = [m["adapter_bits"] for m in per_module.values() if m["rank"]]
+    assert adapted, "the 4-bit target gave no module an adapter: the adapter column went unchecked"
+    expect(page.locator("#adapter-summary")).to_have_text(
+        module_counts(adapted, lambda bits: "fp16 adapter" if bits is None else f"{bits}-bit adapter"))
     expect(page.locator("#target-summary")).to_contain_text(
         f"Size target: 4 bits per weight (engine transformers). The plan stores {target['planned_bits_per_weight']:.3f} "
         f"({target['planned_bytes']:,} of {target['budget_bytes']:,} bytes")

@@ -35,6 +35,13 @@ function countSummary(values, label) {
 const rankLabel = rank => `rank ${rank}`;
 const bitsLabel = bits => `${bits}-bit`;
 const groupLabel = size => (size === -1 ? "per output channel" : `groups of ${size}`);
+const adapterLabel = bits => (bits == null ? "fp16 adapter" : `${bits}-bit adapter`);
+
+// A module's adapter as stored: none (rank 0), fp16 factors, or group-wise integer codes of adapter_bits.
+function adapterCell(module) {
+  if (!module.rank || !("adapter_bits" in module)) return "–";  // older jobs did not record it per module
+  return module.adapter_bits == null ? "fp16" : `${module.adapter_bits}-bit`;
+}
 
 function sizedTarget(job) {
   return job.spec.target && job.spec.target.bits_per_weight != null ? job.spec.target : null;
@@ -77,18 +84,21 @@ function metricsSection(job) {
       el("h2", {}, sizedTarget(job) ? "Bits and ranks (chosen per module by the size target)" : "Ranks"),
       sizedTarget(job) ? el("p", {id: "bits-summary"}, countSummary(modules.map(x => x.bits), bitsLabel)) : "",
       el("p", {id: "rank-summary"}, countSummary(modules.map(x => x.rank), rankLabel)),
-      el("details", {}, el("summary", {}, `Per module: errors, bits, group size, rank and zeros (${modules.length} modules)`),
+      sizedTarget(job) && modules.some(x => x.rank) ? el("p", {id: "adapter-summary"},
+        countSummary(modules.filter(x => x.rank).map(x => x.adapter_bits), adapterLabel)) : "",
+      el("details", {}, el("summary", {}, `Per module: errors, bits, group size, rank, adapter and zeros (${modules.length} modules)`),
         el("div", {class: "scroll"}, el("table", {id: "modules"},
         el("thead", {}, el("tr", {}, el("th", {}, "module"), el("th", {class: "num"}, "error before"),
           el("th", {class: "num"}, "error after"), el("th", {class: "num"}, "reduction"), el("th", {class: "num"}, "rank"),
-          el("th", {class: "num"}, "zeros"), el("th", {class: "num"}, "bits"), el("th", {class: "num"}, "group size"))),
+          el("th", {class: "num"}, "zeros"), el("th", {class: "num"}, "bits"), el("th", {class: "num"}, "group size"),
+          el("th", {class: "num"}, "adapter"))),
         el("tbody", {}, modules.map(x => el("tr", {},
           el("td", {class: "ids"}, x.name), el("td", {class: "num"}, fmt(x.error_before, 3)),
           el("td", {class: "num"}, fmt(x.error_after, 3)),
           el("td", {class: "num"}, x.error_after === null ? "–" : `${(100 * (1 - x.error_after / x.error_before)).toFixed(1)}%`),
           el("td", {class: "num"}, x.rank), el("td", {class: "num"}, `${(100 * x.zero_fraction).toFixed(1)}%`),
           el("td", {class: "num"}, x.bits ?? "–"),
-          el("td", {class: "num"}, groupCell(x, job)))))))));
+          el("td", {class: "num"}, groupCell(x, job)), el("td", {class: "num"}, adapterCell(x)))))))));
   }
   section.append(sizeSection(job), servingSection(job), timingSection(m));
   return section;
