@@ -239,7 +239,7 @@ def target_table(summary: dict) -> list[str]:
         lines.append(f"| {name}{'' if row['fixed_code'] else f' {PRE_FIX}'} | {row['bits']:.3f} | {row['ppl']:.2f} | "
                      f"{row['val_ppl']:.2f} | {fixed(row['best_fixed']['evaluation'], 'ppl')} | "
                      f"{fixed(row['best_fixed']['validation'], 'val_ppl')} | {ratio} | "
-                     f"{row['seconds']['job'] / row['seconds']['compression']:.2f} |")
+                     f"{row['cost_ratio_own_compression']:.2f} |")
     lines += [f"| {name} | cannot be met: {reason} | | | | | | |" for name, reason in summary["infeasible"].items()]
     return lines
 
