@@ -284,3 +284,26 @@ def test_the_measuring_walk_keeps_its_activations_where_the_job_does_and_frees_t
     on_host = plan_for_target(model, calibration_windows, BASE, ANY, CPU)
     assert made[1].where == "host" and len(made[1]) == 0
     assert on_disk.chosen == on_host.chosen
+
+
+def test_the_sensitivity_reads_the_first_windows_and_the_curves_all(tiny_model_dir, monkeypatch):
+    """The backward pass sees the first SENSITIVITY_WINDOWS windows; the error curves' Grams every window."""
+    model, _ = load_model(tiny_model_dir)
+    windows = torch.randint(0, model.config.vocab_size, (target_module.SENSITIVITY_WINDOWS + 4, 8),
+                            generator=torch.Generator().manual_seed(0))
+    seen: dict[str, torch.Tensor] = {}
+    real_sensitivity, real_capture = target_module.output_sensitivity, target_module.capture_inputs
+
+    def sensitivity(m, arch, read, batch_size):
+        seen["sensitivity"] = read
+        return real_sensitivity(m, arch, read, batch_size)
+
+    def capture(source, read, *args):
+        seen["curves"] = read
+        return real_capture(source, read, *args)
+
+    monkeypatch.setattr(target_module, "output_sensitivity", sensitivity)
+    monkeypatch.setattr(target_module, "capture_inputs", capture)
+    plan_for_target(model, windows, BASE, ANY, CPU)
+    assert torch.equal(seen["sensitivity"], windows[: target_module.SENSITIVITY_WINDOWS])
+    assert torch.equal(seen["curves"], windows)

@@ -60,10 +60,22 @@ def stored_adapter(lora_b: Tensor, lora_a: Tensor, bits: int | None, group_size:
     else:
         qb, qa = quantize_adapter(lora_b, bits, group_size), quantize_adapter(lora_a, bits, group_size)
         adapter = LowRankAdapter(qb.dequantize(), qa.dequantize(), (qb, qa))
-    if not (torch.isfinite(adapter.lora_b).all() and torch.isfinite(adapter.lora_a).all()):
+    _check_finite(name, adapter.lora_b, adapter.lora_a)
+    return adapter
+
+
+def stored_factor(factor: Tensor, bits: int | None, group_size: int, name: str) -> Tensor:
+    """The values stored_adapter stores for one non-empty factor (rows, dim), without its codes: rows are
+    stored independently (groups run along dim), so A's first r rows are stored as A cut at rank r."""
+    values = factor.to(FACTOR_DTYPE) if bits is None else quantize_adapter(factor, bits, group_size).dequantize()
+    _check_finite(name, values)
+    return values
+
+
+def _check_finite(name: str, *factors: Tensor) -> None:
+    if not all(bool(torch.isfinite(f).all()) for f in factors):
         raise FloatingPointError(f"{name}: compensation factors are not finite in {FACTOR_DTYPE} "
                                  "(values beyond its range; a larger damp keeps them bounded)")
-    return adapter
 
 
 def adapter_group_size(dim: int, group_size: int) -> int:

@@ -66,7 +66,19 @@ def _real_directions(u: Tensor, s: Tensor, vh: Tensor, back: Tensor | None, d_in
         rtol = max(max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps, torch.finfo(given).eps)
         real = int((s > s[0] * rtol).sum())
         u, s, vh = u[:, :real], s[:real], vh[:real]
-    return LowRankFactors(u, s, vh, back, d_in)
+    signs = canonical_signs(u)
+    return LowRankFactors(u * signs, s, vh * signs.unsqueeze(1), back, d_in)
+
+
+def canonical_signs(u: Tensor) -> Tensor:
+    """(p,) +-1 that make each column of u (d_out, p) positive at its largest-magnitude entry. A singular
+    pair's sign is the solver's choice (LAPACK and cuSOLVER differ); quantized adapter factors are not
+    symmetric under it, so the directions are stored in this one orientation on every device and by
+    every route that finds them (worker.candidates)."""
+    if u.shape[1] == 0:
+        return u.new_ones(0)
+    picked = u.gather(0, u.abs().argmax(dim=0, keepdim=True)).squeeze(0)  # (p,)
+    return torch.where(picked < 0, -1.0, 1.0).to(u.dtype)
 
 
 def _check(dw: Tensor, gram: Tensor | None, name: str) -> None:

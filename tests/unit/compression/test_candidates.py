@@ -11,12 +11,12 @@ import torch
 
 from tests.specs import compensation
 from tests.unit.compression.quant_spec import spec_of
-from worker.candidates import measure_options
+from worker.candidates import leading_factors, measure_options
 from worker.compression.allocate import Candidate, allocate
 from worker.compression.quantize import quantize_rtn
 from worker.compression.ranks import rank_cap
 from worker.export.sizes import pack_quantized_bytes
-from worker.linear_compress import adapter_size, compensation_factors
+from worker.linear_compress import adapter_size, compensation_decomposition, compensation_factors
 
 QUANTS = [spec_of(method="rtn", bits=bits, group_size=group) for bits in (2, 3, 4, 8) for group in (16, 64, -1)]
 EXACT_EORA = compensation(method="eora", rank=8, damp=0.0, adapter_group_size=16)
@@ -104,3 +104,35 @@ def test_at_equal_error_the_allocator_takes_the_cheaper_adapter():
                             Candidate(bytes=100 + 544, error=1.0 + i)] for i in range(3)}
     allocation = allocate(candidates, dict.fromkeys(candidates, 1.0), budget=3 * (100 + 2 * 96 * 8))
     assert allocation.choice == dict.fromkeys(candidates, 2) and allocation.bytes == 3 * (100 + 544)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32)])  # P P^T and P^T P: both sides of the route
+@pytest.mark.parametrize("spec", [EXACT_EORA, replace(EXACT_EORA, damp=0.1), compensation(method="svd", rank=8)],
+                         ids=["eora", "eora-damped", "svd"])
+def test_leading_factors_are_the_runs_decomposition_cut_at_each_rank(shape, spec, make_inputs):
+    """The curves' factors (from the smaller Gram of the projected error) are the run's (its SVD), in the
+    same orientation, to rounding: a quantized adapter of either is then the same codes."""
+    d_out, d_in = shape
+    inputs = make_inputs(512, d_in, seed=3)
+    gram = (inputs.T @ inputs / inputs.shape[0]).float()
+    weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4))
+    residual = weight - quantize_rtn(weight, QUANTS[3]).weight
+    b, a = leading_factors(residual, gram, spec, 16, "m")
+    run = compensation_decomposition(residual, gram, spec, "m")
+    for r in (1, 4, 16):
+        rb, ra = run.lowrank(r)
+        assert torch.allclose(b[:, :r], rb, rtol=1e-4, atol=1e-6) and torch.allclose(a[:r], ra, rtol=1e-4, atol=1e-6)
+        assert (rb.gather(0, rb.abs().argmax(dim=0, keepdim=True)) > 0).all()  # canonical: each B column's largest entry > 0
+
+
+def test_leading_factors_stop_at_the_residuals_real_directions(make_inputs):
+    """A rank-3 residual gives three directions whatever rank is asked for, as the run's decomposition does."""
+    inputs = make_inputs(512, 64, seed=5)
+    gram = (inputs.T @ inputs / inputs.shape[0]).float()
+    gen = torch.Generator().manual_seed(6)
+    residual = torch.randn(32, 3, generator=gen) @ torch.randn(3, 64, generator=gen)
+    for spec in (EXACT_EORA, replace(EXACT_EORA, damp=0.1)):
+        b, a = leading_factors(residual, gram, spec, 16, "m")
+        assert b.shape == (32, 3) and a.shape == (3, 64)
+        assert compensation_decomposition(residual, gram, spec, "m").s.shape[0] == 3
+        assert torch.allclose(b @ a, residual, atol=1e-4)
