@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -96,6 +97,7 @@ class TargetPlan:
     chosen: dict[str, Option]
     sensitivity: dict[str, float]
     sensitivity_kind: Literal["fisher", "uniform"]  # uniform: a streamed model (no whole-model backward pass)
+    seconds: dict[str, float]  # wall time of each part: sensitivity, forward (the walk), measurement, allocation
 
     @property
     def bits_per_weight(self) -> float:
@@ -135,20 +137,25 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
                           f"stores {8 * smallest / weights:.4f} bits per weight ({smallest:,} bytes over {weights:,} "
                           "Linear weights)")
 
+    seconds = dict.fromkeys(("sensitivity", "forward", "measurement", "allocation"), 0.0)
+    start = time.perf_counter()
     if source.streamed:
         kind, sensitivity = "uniform", dict.fromkeys(linears, 1.0)
     else:
         kind, sensitivity = "fisher", output_sensitivity(source.model, source.arch, windows[:SENSITIVITY_WINDOWS],
                                                            batch_size)
+    seconds["sensitivity"] = time.perf_counter() - start
     with torch.no_grad():
         inputs = capture_inputs(source, windows, batch_size, placement, device)
     with inputs.hidden:
-        options = _measure(source, inputs, base, target, device, served)
+        options = _measure(source, inputs, base, target, device, served, seconds)
+    start = time.perf_counter()
     candidates, members = {}, {}
     for unit in units:
         key = unit[0]
         members[key], candidates[key] = _unit_options(unit, options, sensitivity)
     allocation = allocate(candidates, dict.fromkeys(candidates, 1.0), budget)
+    seconds["allocation"] = time.perf_counter() - start
     chosen = {}
     for key, index in allocation.choice.items():
         chosen.update(members[key][index])
@@ -164,7 +171,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
         plan = replace(plan, compensation=compensation, module_rank=ranks,
                        module_adapter_bits={name: b for name, b in precisions.items() if b != bits})
     return TargetPlan(plan=plan, budget=budget, weights=weights, allocation=allocation, chosen=chosen,
-                      sensitivity=sensitivity, sensitivity_kind=kind)
+                      sensitivity=sensitivity, sensitivity_kind=kind, seconds=seconds)
 
 
 def output_sensitivity(model: nn.Module, arch, windows: Tensor, batch_size: int) -> dict[str, float]:
@@ -241,9 +248,10 @@ def _least_bytes(base: CompressionPlan, target: SizeTarget, quant: QuantSpec, sh
 
 @torch.no_grad()
 def _measure(source: LayerSource, inputs: LayerInputs, base: CompressionPlan, target: SizeTarget, device: torch.device,
-             served: bool) -> dict[str, list[Option]]:
+             served: bool, seconds: dict[str, float]) -> dict[str, list[Option]]:
     """Every option of every decoder Linear, one layer on the device at a time (original weights); adapters
-    fitted, as the run fits them, on the Gram without the compensation's sink tokens."""
+    fitted, as the run fits them, on the Gram without the compensation's sink tokens. Adds the walk's
+    time to seconds["forward"] and the options' to seconds["measurement"]."""
     arch, spec = source.arch, base.compensation if base.compensates else None
     options: dict[str, list[Option]] = {}
     for index in range(len(source)):
@@ -251,8 +259,11 @@ def _measure(source: LayerSource, inputs: LayerInputs, base: CompressionPlan, ta
             layer.to(device)
             try:
                 skip = 0 if spec is None else spec.sink_tokens
+                start = time.perf_counter()
                 with gram_hooks(layer, arch, skip) as accumulators:  # one forward: Grams and the next inputs
                     forward_layer(layer, inputs, index, device, keep_outputs=True)
+                seconds["forward"] += time.perf_counter() - start
+                start = time.perf_counter()
                 for group, acc in accumulators.items():
                     first = f"{arch.layers}.{index}.{group[0]}"
                     compensate = acc.body if skip else acc.gram
@@ -265,6 +276,7 @@ def _measure(source: LayerSource, inputs: LayerInputs, base: CompressionPlan, ta
                             weight, acc.gram, _quants(base.quant, target, weight.shape[1]), base.sparsity, spec,
                             ranks, target.adapter_bits, name, space, served, compensate,
                             target.scale_bytes)
+                seconds["measurement"] += time.perf_counter() - start
             finally:
                 layer.to("cpu")
     return options

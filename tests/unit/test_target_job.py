@@ -44,6 +44,10 @@ def test_a_target_jobs_files_hold_the_planned_bits(streamed, tmp_path, tiny_mode
     modules = metrics["compression"]["per_module"]
     weights = metrics["size"]["linear_weights"]
     assert target["sensitivity"] == ("uniform" if streamed else "fisher")
+    parts = target["part_seconds"]  # the planning's parts, timed: no backward pass for a streamed model
+    assert set(parts) == {"sensitivity", "forward", "measurement", "allocation"}
+    assert parts["forward"] > 0 and parts["measurement"] > 0 and (parts["sensitivity"] > 0) is not streamed
+    assert sum(parts.values()) <= target["seconds"]
     linear = file_tensor_bytes(out / "model.safetensors", lambda key: key.rpartition(".")[0] in modules)
     assert linear == sum(sum(parts.values()) for parts in module_bytes(out, modules).values())
     # One adapter file: PEFT's when every adapter is fp16, else the quantized form (a job offers fp16, 8 and 4 bits).
