@@ -10,8 +10,8 @@ from typing import Any
 
 def planning_summary(target, chosen) -> dict[str, Any]:
     """What a job (and a benchmark row) shows of a size target's plan: the budget, what the plan stores,
-    whether the allocation is optimal, the sensitivity used, the time of each planning part, and each Linear's bits, group size, rank and
-    adapter precision (adapter_bits, None: fp16 factors or no adapter)."""
+    whether the allocation is optimal, the sensitivity used, the time of each planning part, and each
+    Linear's bits, group size, rank and adapter precision (adapter_bits, None: fp16 factors or no adapter)."""
     allocation = chosen.allocation
     return {"bits_per_weight": target.bits_per_weight, "engine": target.engine, "budget_bytes": chosen.budget,
             "planned_bytes": allocation.bytes, "planned_bits_per_weight": chosen.bits_per_weight,
