@@ -74,7 +74,7 @@ def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], s
         fitted_on = gram if compensate_gram is None else compensate_gram
         lora_b, lora_a = leading_factors(residual, fitted_on, compensation, max(useful), name, space)
         ranks_made = sorted({min(r, lora_a.shape[0]) for r in useful} - {0})  # beyond the real directions: once
-        for bits in adapter_bits:
+        for bits in adapter_bits if ranks_made else ():  # none: the compression left no error to compensate
             spec = replace(compensation, adapter_bits=bits)
             prefix = curve.prefix(stored_factor(lora_a, bits, spec.adapter_group_size, name))
             for r in ranks_made:  # B's groups run along r: stored per rank

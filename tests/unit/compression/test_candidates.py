@@ -136,3 +136,14 @@ def test_leading_factors_stop_at_the_residuals_real_directions(make_inputs):
         assert b.shape == (32, 3) and a.shape == (3, 64)
         assert compensation_decomposition(residual, gram, spec, "m").s.shape[0] == 3
         assert torch.allclose(b @ a, residual, atol=1e-4)
+
+
+def test_a_weight_its_quantizer_stores_exactly_has_no_adapter_options(gram):
+    """Every entry on the 4-bit grid of one group per row: no error, so nothing for an adapter to fit."""
+    gen = torch.Generator().manual_seed(7)
+    codes = torch.randint(0, 16, (32, 64), generator=gen).float()
+    codes[:, 0], codes[:, 1] = 0.0, 15.0  # each row spans the grid: its scale and zero point are exact
+    weight = (codes - 8.0) * 0.25  # (32, 64)
+    quant = spec_of(method="rtn", bits=4, group_size=-1)
+    options = measure_options(weight, gram, [quant], None, EXACT_EORA, (0, 4, 8), (None, 4), "m")
+    assert [(o.rank, o.error) for o in options] == [(0, 0.0)]
