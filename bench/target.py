@@ -183,6 +183,7 @@ def summarize(protocol: common.Protocol, infeasible: dict[str, str]) -> dict:
         target, engine = run["planning"]["bits_per_weight"], run["planning"]["engine"]
         seconds = {"planning": run["stages"]["planning"], "compression": run["compress_wall_seconds"]}
         seconds["job"] = seconds["planning"] + seconds["compression"]
+        seconds["planning_parts"] = run["planning"].get("part_seconds")  # rows before 93f85ff: None
         best = {"evaluation": best_fixed(fixed, target, "ppl"), "validation": best_fixed(fixed, target, "val_ppl")}
         row = {"target": target, "engine": engine, "ppl": run["ppl"], "val_ppl": run["val_ppl"],
                "bits": run["bits"]["total"], "bits_served": run["bits"]["total_served_adapter"],

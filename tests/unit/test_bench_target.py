@@ -33,6 +33,9 @@ def test_the_smoke_run_meets_its_targets_and_splits_them_by_kind(tmp_path):
         assert all(sum(k[count].values()) == 2 for k in kinds for count in ("bits", "group_size", "rank"))  # 2 layers
         assert run["stages"]["planning"] == row["seconds"]["planning"] > 0 and row["sensitivity"] == "fisher"
         assert row["seconds"]["compression"] == run["compress_wall_seconds"]
+        parts = row["seconds"]["planning_parts"]
+        assert parts == run["planning"]["part_seconds"] and sum(parts.values()) <= row["seconds"]["planning"]
+        assert set(parts) == {"sensitivity", "forward", "measurement", "allocation"}
         assert row["cost_ratio_own_compression"] == pytest.approx(1 + row["seconds"]["planning"] / run["compress_wall_seconds"])
         assert row["checks"]["job time at most 1.5x its own compression's"] == (row["cost_ratio_own_compression"] <= 1.5)
         assert target.GGUF_GROUP not in run["planning"]["size_target"]["group_sizes"]
