@@ -92,10 +92,11 @@ def leading_factors(residual: Tensor, gram: Tensor, spec: CompensationSpec, rank
     SVD), r = min(rank, its real directions); a rank-r' adapter is B[:, :r'] A[:r'].
 
     From the eigendecomposition of the smaller Gram of P (P P^T or P^T P, fp64) instead of P's SVD: the
-    same factors to rounding at a fraction of the time for the many decompositions the curves take (up
-    to 5x at 576 x 1536). Squaring P leaves its singular values resolved only above sqrt(m eps) of the
-    largest (m: the Gram's size), so directions below that are taken as absent, besides those
-    _real_directions drops; what they remove from the error is below m eps of it.
+    same factors to rounding, for the many decompositions the curves take, in a fraction of the time (at
+    one thread, 576 x 1536: 61 ms for the Gram and its eigh against 223 ms for the SVD). Squaring P
+    resolves its singular values only above sqrt(m eps) sigma_1 (m: the Gram's size), so directions below
+    that are taken as absent, besides those _real_directions drops; each would remove less than
+    m eps sigma_1^2 from the objective.
     """
     check_finite(residual, "weight error", name)
     if spec.method == "eora":
