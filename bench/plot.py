@@ -228,19 +228,26 @@ def target_table(summary: dict) -> list[str]:
     """bench.target's summary: each row against the best fixed row at <= its target, and its cost."""
     lines = ["### Size target (issue 16)", "",
              "| row | stored bits | perplexity | validation ppl | best fixed at <= target (evaluation) | "
-             "best fixed at <= target (validation) | job time / gptq4_g64_actorder's | job time / its own compression |",
-             "|---|---:|---:|---:|---|---|---:|---:|"]
+             "best fixed at <= target (validation) | planning s (sensitivity / forward / measurement) | compression s | "
+             "job time / gptq4_g64_actorder's | job time / its own compression |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
 
     def fixed(best: dict | None, key: str) -> str:
         return "-" if best is None else f"{best['name']} {best[key]:.2f} ({best['bits']:.3f} bits)"
+
+    def planning(seconds: dict) -> str:
+        parts = seconds.get("planning_parts")  # rows before the parts were timed: the total only
+        split = "" if not parts else \
+            f" ({parts['sensitivity']:.0f} / {parts['forward']:.0f} / {parts['measurement']:.0f})"
+        return f"{seconds['planning']:.0f}{split}"
 
     for name, row in summary["rows"].items():
         ratio = "-" if row["cost_ratio"] is None else f"{row['cost_ratio']:.2f}"
         lines.append(f"| {name}{'' if row['fixed_code'] else f' {PRE_FIX}'} | {row['bits']:.3f} | {row['ppl']:.2f} | "
                      f"{row['val_ppl']:.2f} | {fixed(row['best_fixed']['evaluation'], 'ppl')} | "
-                     f"{fixed(row['best_fixed']['validation'], 'val_ppl')} | {ratio} | "
-                     f"{row['cost_ratio_own_compression']:.2f} |")
-    lines += [f"| {name} | cannot be met: {reason} | | | | | | |" for name, reason in summary["infeasible"].items()]
+                     f"{fixed(row['best_fixed']['validation'], 'val_ppl')} | {planning(row['seconds'])} | "
+                     f"{row['seconds']['compression']:.0f} | {ratio} | {row['cost_ratio_own_compression']:.2f} |")
+    lines += [f"| {name} | cannot be met: {reason} | | | | | | | | |" for name, reason in summary["infeasible"].items()]
     return lines
 
 

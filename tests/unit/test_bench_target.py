@@ -79,3 +79,8 @@ def test_target_rows_are_drawn_unjoined_and_tabled(tmp_path, monkeypatch):
         "| target_4p0_transformers_none", "| target_6p0_transformers_none", "| target_6p0_vllm_none",
         "| target_4p0_vllm_none"]
     assert "cannot be met" in table[-1]
+    # planning: total (sensitivity / forward / measurement)
+    for line, row in zip(table[4:7], summary["rows"].values(), strict=True):
+        parts = row["seconds"]["planning_parts"]
+        assert f"| {row['seconds']['planning']:.0f} ({parts['sensitivity']:.0f} / {parts['forward']:.0f} / " \
+               f"{parts['measurement']:.0f}) | {row['seconds']['compression']:.0f} |" in line
