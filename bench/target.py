@@ -15,7 +15,8 @@ Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>
   (SizeTarget.scale_bytes 2), as bench.common counts every row's (the model is computed in fp32, and a
   job would store fp32 scales);
 - worker.target.plan_for_target on the protocol's 64 calibration windows with the whole model in memory,
-  so every Linear is weighed by its Fisher sensitivity (one backward pass; a streamed model would weigh
+  so every Linear is weighed by its Fisher sensitivity (one backward pass of the first
+  worker.target.SENSITIVITY_WINDOWS windows; a streamed model would weigh
   them equally);
 - bench.common.run_config with the chosen plan: the compression, the evaluation and validation
   perplexity, the stored bits as every row counts them (bench.common.bits_per_weight, per module), the
