@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from worker.compression.adapters import stored_factor
-from worker.compression.eora import Eigenspace, canonical_signs, gram_eigenspace
+from worker.compression.eora import Eigenspace, canonical_signs, gram_eigenspace, project, real_rtol
 from worker.compression.gptq import check_finite
 from worker.compression.ranks import rank_cap
 from worker.compression.specs import CompensationSpec, QuantSpec, SparsitySpec
@@ -99,18 +99,16 @@ def leading_factors(residual: Tensor, gram: Tensor, spec: CompensationSpec, rank
     m eps sigma_1^2 from the objective.
     """
     check_finite(residual, "weight error", name)
+    back: Tensor | None
     if spec.method == "eora":
-        space = space or gram_eigenspace(gram, name, spec.damp)
-        projected = (residual.double() @ space.q) * space.root  # (d_out, k)
-        back: Tensor | None = (space.q / space.root).T  # (k, d_in) = diag(1/sqrt l) Q^T
+        projected, back = project(residual, space or gram_eigenspace(gram, name, spec.damp))  # (d_out, k), (k, d_in)
     else:
         projected, back = residual.double(), None
     wide = projected.shape[0] <= projected.shape[1]
     small = projected @ projected.T if wide else projected.T @ projected  # (m, m)
     values, vectors = torch.linalg.eigh(small)  # ascending
     sigma = values.flip(0).clamp(min=0.0).sqrt()  # (m,) descending
-    eps = torch.finfo(torch.float64).eps
-    rtol = max(max(projected.shape) * eps, torch.finfo(residual.dtype).eps, (small.shape[0] * eps) ** 0.5)
+    rtol = max(real_rtol(projected.shape, residual.dtype), (small.shape[0] * torch.finfo(torch.float64).eps) ** 0.5)
     r = min(rank, int((sigma > sigma[0] * rtol).sum())) if sigma.numel() and sigma[0] > 0 else 0
     vectors, root = vectors.flip(1)[:, :r], sigma[:r].sqrt()  # P = U diag(sigma) V^T: U or V, sqrt(sigma)
     if wide:  # vectors = U: B = U sqrt(sigma), A = sqrt(sigma) V^T = U^T P / sqrt(sigma)

@@ -63,11 +63,16 @@ def _real_directions(u: Tensor, s: Tensor, vh: Tensor, back: Tensor | None, d_in
     the fp64 SVD's own error (as torch.linalg.matrix_rank) or that of dW as given (fp32: a rank-4
     error stored in fp32 has further singular values ~2e-8 s_max). The rest are not directions."""
     if s.numel():
-        rtol = max(max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float64).eps, torch.finfo(given).eps)
-        real = int((s > s[0] * rtol).sum())
+        real = int((s > s[0] * real_rtol((u.shape[0], vh.shape[1]), given)).sum())
         u, s, vh = u[:, :real], s[:real], vh[:real]
     signs = canonical_signs(u)
     return LowRankFactors(u * signs, s, vh * signs.unsqueeze(1), back, d_in)
+
+
+def real_rtol(shape: tuple[int, ...], given: torch.dtype) -> float:
+    """The relative cut below which a singular value of a (m, n) matrix stored in `given` is rounding, not a
+    direction (see _real_directions)."""
+    return max(max(shape) * torch.finfo(torch.float64).eps, torch.finfo(given).eps)
 
 
 def canonical_signs(u: Tensor) -> Tensor:
@@ -155,12 +160,18 @@ def eora_decompose(dw: Tensor, gram: Tensor, name: str = "", damp: float = 0.0,
     elif space.damp != damp or space.q.shape[0] != dw.shape[1]:
         raise ValueError(f"{name}: the eigenspace given is of another Gram (damp {space.damp}, "
                          f"d_in {space.q.shape[0]}) than this call's (damp {damp}, d_in {dw.shape[1]})")
-    q, root = space.q, space.root  # (d_in, k), (k,)
-    projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k) = dW Q diag(sqrt l)
+    projected, back = project(dw, space)
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)  # (d_out, p), (p,), (p, k)
     check_finite(s, "projected singular values", name)
-    back = (q / root.unsqueeze(0)).T  # (k, d_in) = diag(1/sqrt l) Q^T
-    return _real_directions(u, s, vh, back.contiguous(), dw.shape[1], dw.dtype)
+    return _real_directions(u, s, vh, back, dw.shape[1], dw.dtype)
+
+
+def project(dw: Tensor, space: Eigenspace) -> tuple[Tensor, Tensor]:
+    """(dW Q diag(sqrt l) (d_out, k), diag(1/sqrt l) Q^T (k, d_in)), fp64: the error EoRA decomposes and the
+    map from its right factor back to the input space."""
+    q, root = space.q, space.root  # (d_in, k), (k,)
+    projected = (dw.to(torch.float64) @ q) * root.unsqueeze(0)  # (d_out, k)
+    return projected, (q / root.unsqueeze(0)).T.contiguous()
 
 
 def svd_decompose(dw: Tensor, name: str = "") -> LowRankFactors:
