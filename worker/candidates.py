@@ -61,11 +61,12 @@ def measure_options(weight: Tensor, gram: Tensor, quants: Sequence[QuantSpec], s
     d_out, d_in = weight.shape
     scale_bytes = scale_bytes or weight.element_size()
     options = []
+    products = gram.float()  # what the error curves multiply by (_ErrorCurve)
     for quant in quants:
         residual = weight.float() - compress_weight(weight, gram, quant, sparsity, name).weight.float()  # (d_out, d_in)
         base = sum(pack_quantized_bytes(d_out, d_in, quant.bits, quant.group_size, quant.symmetric,
                                         scale_bytes).values())
-        curve = _ErrorCurve(residual, gram)
+        curve = _ErrorCurve(residual, products)
         if 0 in ranks or compensation is None:
             options.append(Option(quant, 0, None, base, curve.alone))
         useful = sorted({r for r in ranks if 0 < r <= rank_cap(d_out, d_in)})
@@ -123,17 +124,23 @@ def leading_factors(residual: Tensor, gram: Tensor, spec: CompensationSpec, rank
 
 
 class _ErrorCurve:
-    """tr((dW - B A) S (dW - B A)^T) = tr(dW S dW^T) - 2 tr(B A S dW^T) + tr(B A S A^T B^T) in fp64, for
-    every adapter cut from one A (R, d_in): its rank-r adapter uses A's first r rows."""
+    """tr((dW - B A) S (dW - B A)^T) = tr(dW S dW^T) - 2 tr(B A S dW^T) + tr(B A S A^T B^T), for every adapter
+    cut from one A (R, d_in): its rank-r adapter uses A's first r rows.
+
+    The products (the O(d_in^2) work) run in fp32 and are summed in fp64: each term is then good to about
+    1e-6 of tr(dW S dW^T). On SmolLM2's first four layers every option's error is within 2.5e-4 of the fp64
+    products' (the worst: an adapter leaving 0.26 % of its quantizer's error) and 1.2e-6 of that error
+    alone, far below the steps between neighbouring options. The fp64 products
+    took a quarter of the measurement's time (52.0 vs 39.6 s there, one thread)."""
 
     def __init__(self, residual: Tensor, gram: Tensor):
-        self.residual = residual.double()  # (d_out, d_in)
-        self.gram = gram.double()  # (d_in, d_in)
-        self.alone = float((self.residual @ self.gram * self.residual).sum())  # tr(dW S dW^T)
+        self.residual = residual.float()  # (d_out, d_in)
+        self.gram = gram.float()  # (d_in, d_in); a no-op for the fp32 copy measure_options passes
+        self.alone = float((self.residual @ self.gram * self.residual).sum(dtype=torch.float64))  # tr(dW S dW^T)
 
     def prefix(self, lora_a: Tensor) -> _Prefix:
         """The products of A (R, d_in) that every rank's error reads: O(R d_in (d_in + d_out)), once."""
-        a = lora_a.double()
+        a = lora_a.float()
         a_gram = a @ self.gram  # (R, d_in)
         return _Prefix(self.alone, a_gram @ self.residual.T, a_gram @ a.T)  # (R, d_out), (R, R)
 
@@ -141,13 +148,13 @@ class _ErrorCurve:
 @dataclass(frozen=True)
 class _Prefix:
     alone: float
-    cross: Tensor  # (R, d_out): A S dW^T
-    quadratic: Tensor  # (R, R): A S A^T
+    cross: Tensor  # (R, d_out) fp32: A S dW^T
+    quadratic: Tensor  # (R, R) fp32: A S A^T
 
     def error(self, lora_b: Tensor) -> float:
-        """The error with B (d_out, r) and A's first r rows, at O(d_out r^2)."""
-        b = lora_b.double()
+        """The error with B (d_out, r) and A's first r rows, at O(d_out r^2) (fp32 products, fp64 sums)."""
+        b = lora_b.float()
         r = b.shape[1]
-        cross = float((self.cross[:r] * b.T).sum())  # tr(B A S dW^T)
-        quadratic = float(((b.T @ b) * self.quadratic[:r, :r]).sum())  # tr(B (A S A^T) B^T)
+        cross = float((self.cross[:r] * b.T).sum(dtype=torch.float64))  # tr(B A S dW^T)
+        quadratic = float(((b.T @ b) * self.quadratic[:r, :r]).sum(dtype=torch.float64))  # tr(B (A S A^T) B^T)
         return max(self.alone - 2.0 * cross + quadratic, 0.0)

@@ -286,11 +286,12 @@ def test_the_measuring_walk_keeps_its_activations_where_the_job_does_and_frees_t
     assert on_disk.chosen == on_host.chosen
 
 
-def test_the_sensitivity_reads_the_first_windows_and_the_curves_all(tiny_model_dir, monkeypatch):
-    """The backward pass sees the first SENSITIVITY_WINDOWS windows; the error curves' Grams every window."""
+def test_the_sensitivity_and_the_curves_read_the_first_windows(tiny_model_dir, monkeypatch):
+    """The backward pass sees the first SENSITIVITY_WINDOWS windows, the error curves' Grams the first
+    CURVE_WINDOWS."""
     model, _ = load_model(tiny_model_dir)
-    windows = torch.randint(0, model.config.vocab_size, (target_module.SENSITIVITY_WINDOWS + 4, 8),
-                            generator=torch.Generator().manual_seed(0))
+    count = max(target_module.SENSITIVITY_WINDOWS, target_module.CURVE_WINDOWS) + 4
+    windows = torch.randint(0, model.config.vocab_size, (count, 8), generator=torch.Generator().manual_seed(0))
     seen: dict[str, torch.Tensor] = {}
     real_sensitivity, real_capture = target_module.output_sensitivity, target_module.capture_inputs
 
@@ -306,4 +307,4 @@ def test_the_sensitivity_reads_the_first_windows_and_the_curves_all(tiny_model_d
     monkeypatch.setattr(target_module, "capture_inputs", capture)
     plan_for_target(model, windows, BASE, ANY, CPU)
     assert torch.equal(seen["sensitivity"], windows[: target_module.SENSITIVITY_WINDOWS])
-    assert torch.equal(seen["curves"], windows)
+    assert torch.equal(seen["curves"], windows[: target_module.CURVE_WINDOWS])
