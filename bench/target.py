@@ -16,8 +16,8 @@ Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>
   job would store fp32 scales);
 - worker.target.plan_for_target on the protocol's 64 calibration windows with the whole model in memory,
   so every Linear is weighed by its Fisher sensitivity (one backward pass of the first
-  worker.target.SENSITIVITY_WINDOWS windows; a streamed model would weigh
-  them equally);
+  worker.target.SENSITIVITY_WINDOWS windows; a streamed model would weigh them equally) and its error
+  curves read the Grams of the first worker.target.CURVE_WINDOWS;
 - bench.common.run_config with the chosen plan: the compression, the evaluation and validation
   perplexity, the stored bits as every row counts them (bench.common.bits_per_weight, per module), the
   stage times with the planning (the candidate measurements and the backward pass) as stages.planning.
