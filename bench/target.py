@@ -2,7 +2,7 @@
 job's own planner, against the best fixed configuration at equal or fewer stored bits.
 
     .venv/bin/python -m bench.target [--threads 2] [--targets 3.3 3.6 4.0 4.31] [--engine transformers vllm]
-                                     [--compensation eora|none] [--fresh] [--smoke]
+                                     [--compensation eora|none] [--fresh] [--smoke] [--curve-windows N]
 
 Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>_<compensation>.json
 (e.g. target_3p6_transformers_eora; resumable, with bench.common's provenance), made by the code a job runs:
@@ -34,6 +34,10 @@ at 4.31: gptq3_g64, rtn3_g64, sparsegpt_2of4_gptq4_g64, gptq3_g64_actorder), whi
 otherwise leaves out (not on fixed code) or compares on evaluation only (no validation perplexity).
 Summary: docs/bench/target.json (see summarize).
 
+--curve-windows N: instead, only diagnostic rows, diag_<row>_curves<N> (e.g.
+diag_target_3p3_transformers_eora_curves64): the same job with the error curves' Grams from the first N
+calibration windows (a job reads worker.target.CURVE_WINDOWS); no baseline, left out of the summary.
+
 --smoke: the same path on a tiny random LLaMA (tied embeddings, as tests/fixtures_models builds it) with
 8 calibration and 4 + 4 evaluation/validation windows of 32 tokens, in a temp folder; nothing is written
 under docs/. Its summary is printed.
@@ -58,7 +62,7 @@ from worker.data import make_windows, token_stream, windows_hash
 from worker.job_plan import compression_plan, size_target
 from worker.plan import CompressionPlan
 from worker.summaries import planning_summary
-from worker.target import SizeTarget, TargetError, plan_for_target
+from worker.target import CURVE_WINDOWS, SizeTarget, TargetError, plan_for_target
 
 TARGETS = (3.3, 3.6, 4.0, 4.31)  # issue 16's stored bits per weight
 ENGINES = ("transformers", "vllm")
@@ -91,11 +95,12 @@ def job_options(target: float, engine: str, compensation: str, protocol: common.
     return plan, options
 
 
-def planner(options: SizeTarget, windows: Tensor):
+def planner(options: SizeTarget, windows: Tensor, curve_windows: int = CURVE_WINDOWS):
     """run_config's planner: the job's plan_for_target on the whole model (Fisher sensitivity)."""
 
     def plan(model, base: CompressionPlan) -> tuple[CompressionPlan, dict]:
-        chosen = plan_for_target(model, windows, base, options, common.DEVICE, common.BATCH_SIZE)
+        chosen = plan_for_target(model, windows, base, options, common.DEVICE, common.BATCH_SIZE,
+                                 curve_windows=curve_windows)
         return chosen.plan, {"base_plan": common.plan_to_dict(base), "size_target": asdict(options),
                              **planning_summary(options, chosen)}
 
@@ -107,6 +112,16 @@ def run_target(protocol: common.Protocol, target: float, engine: str, compensati
     return common.run_config(row_name(target, engine, compensation), base, protocol, validate=True,
                              note=f"size target {target:g} bits/weight, engine {engine}; Fisher sensitivity",
                              planner=planner(options, protocol.calibration))
+
+
+def run_curve_windows(protocol: common.Protocol, target: float, engine: str, compensation: str, windows: int) -> dict:
+    """--curve-windows: the row with the error curves' Grams from the first `windows` calibration windows
+    instead of the job's CURVE_WINDOWS, as a diagnostic row (diag_<row>_curves<windows>; not in the summary)."""
+    base, options = job_options(target, engine, compensation, protocol)
+    return common.run_config(f"diag_{row_name(target, engine, compensation)}_curves{windows}", base, protocol,
+                             validate=True, note=f"size target {target:g} bits/weight, engine {engine}; the error "
+                             f"curves' Grams from the first {windows} calibration windows (a job: {CURVE_WINDOWS})",
+                             planner=planner(options, protocol.calibration, windows))
 
 
 def current_row(name: str, plan: CompressionPlan, protocol: common.Protocol) -> dict:
@@ -263,9 +278,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="first rerun, with validation, bench.quality's rows at or under the largest target that "
                              "are not on fixed code or have no validation perplexity")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model in a temp folder; nothing in docs/")
+    parser.add_argument("--curve-windows", type=int, default=None,
+                        help="only diagnostic rows, diag_<row>_curves<N>: the error curves' Grams from the first N "
+                             f"calibration windows (a job reads {CURVE_WINDOWS}); no baseline, no summary")
     args = parser.parse_args(argv)
     common.set_fresh(args.fresh)
     common.setup(args.threads)
+    if args.curve_windows is not None:
+        if args.smoke:
+            parser.error("--curve-windows writes diagnostic rows under docs/: not with --smoke")
+        for target in args.targets:
+            for engine in args.engine:
+                run_curve_windows(common.Protocol(), target, engine, args.compensation, args.curve_windows)
+        return 0
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
             summary = run(smoke_protocol(Path(tmp)), args.targets, args.engine, args.compensation,

@@ -112,7 +112,8 @@ class TargetPlan:
 
 
 def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: CompressionPlan, target: SizeTarget,
-                    device: torch.device, batch_size: int = 8, placement: Placement = HOST) -> TargetPlan:
+                    device: torch.device, batch_size: int = 8, placement: Placement = HOST,
+                    curve_windows: int = CURVE_WINDOWS) -> TargetPlan:
     """The plan meeting `target` with the least predicted loss increase; see the module doc.
 
     base: the job's quantizer (its method, symmetry, damp, order; bits and group size are chosen here),
@@ -123,6 +124,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
     others'; with compensation every Linear's rank is in module_rank, and the adapter precision most
     adapted Linears got is compensation.adapter_bits, module_adapter_bits the others'.
     placement: where the measuring walk keeps the activations between layers (the job's, worker.activations).
+    curve_windows: how many of the first windows the error curves' Grams read (a job: CURVE_WINDOWS).
     """
     if base.quant is None or base.module_quant or base.module_rank or base.module_adapter_bits:
         raise ValueError("a size target needs a base plan with one quantizer and no per-module choices")
@@ -152,7 +154,7 @@ def plan_for_target(model: nn.Module | LayerSource, windows: Tensor, base: Compr
                                                            batch_size)
     seconds["sensitivity"] = time.perf_counter() - start
     with torch.no_grad():
-        inputs = capture_inputs(source, windows[:CURVE_WINDOWS], batch_size, placement, device)
+        inputs = capture_inputs(source, windows[:curve_windows], batch_size, placement, device)
     with inputs.hidden:
         options = _measure(source, inputs, base, target, device, served, seconds)
     start = time.perf_counter()

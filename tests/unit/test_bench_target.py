@@ -84,3 +84,22 @@ def test_target_rows_are_drawn_unjoined_and_tabled(tmp_path, monkeypatch):
         parts = row["seconds"]["planning_parts"]
         assert f"| {row['seconds']['planning']:.0f} ({parts['sensitivity']:.0f} / {parts['forward']:.0f} / " \
                f"{parts['measurement']:.0f}) | {row['seconds']['compression']:.0f} |" in line
+
+
+def test_a_curve_windows_row_is_a_diagnostic_planned_on_that_many_windows(tmp_path, monkeypatch):
+    from worker import target as planning
+
+    read: list[int] = []
+    real = planning.capture_inputs
+
+    def capture(source, windows, *args):
+        read.append(windows.shape[0])
+        return real(source, windows, *args)
+
+    monkeypatch.setattr(planning, "capture_inputs", capture)
+    protocol = target.smoke_protocol(tmp_path)
+    row = target.run_curve_windows(protocol, 5.5, "transformers", "eora", 3)
+    assert read == [3] and protocol.calibration.shape[0] > 3
+    assert row["name"] == "diag_target_5p5_transformers_eora_curves3"
+    assert (tmp_path / "runs" / "diag_target_5p5_transformers_eora_curves3.json").exists()
+    assert target.summarize(protocol, {})["rows"] == {}  # diagnostics stay out of the summary
