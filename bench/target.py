@@ -107,21 +107,20 @@ def planner(options: SizeTarget, windows: Tensor, curve_windows: int = CURVE_WIN
     return plan
 
 
-def run_target(protocol: common.Protocol, target: float, engine: str, compensation: str) -> dict:
+def run_target(protocol: common.Protocol, target: float, engine: str, compensation: str,
+               curve_windows: int | None = None) -> dict:
+    """The (target, engine) row; with curve_windows (--curve-windows) instead a diagnostic row,
+    diag_<row>_curves<N>, whose error curves read the Grams of the first N calibration windows instead of
+    the job's CURVE_WINDOWS (left out of the summary)."""
     base, options = job_options(target, engine, compensation, protocol)
-    return common.run_config(row_name(target, engine, compensation), base, protocol, validate=True,
-                             note=f"size target {target:g} bits/weight, engine {engine}; Fisher sensitivity",
-                             planner=planner(options, protocol.calibration))
-
-
-def run_curve_windows(protocol: common.Protocol, target: float, engine: str, compensation: str, windows: int) -> dict:
-    """--curve-windows: the row with the error curves' Grams from the first `windows` calibration windows
-    instead of the job's CURVE_WINDOWS, as a diagnostic row (diag_<row>_curves<windows>; not in the summary)."""
-    base, options = job_options(target, engine, compensation, protocol)
-    return common.run_config(f"diag_{row_name(target, engine, compensation)}_curves{windows}", base, protocol,
-                             validate=True, note=f"size target {target:g} bits/weight, engine {engine}; the error "
-                             f"curves' Grams from the first {windows} calibration windows (a job: {CURVE_WINDOWS})",
-                             planner=planner(options, protocol.calibration, windows))
+    name, note = row_name(target, engine, compensation), f"size target {target:g} bits/weight, engine {engine}"
+    if curve_windows is None:
+        note, curve_windows = f"{note}; Fisher sensitivity", CURVE_WINDOWS
+    else:
+        name = f"diag_{name}_curves{curve_windows}"
+        note = f"{note}; the error curves' Grams from the first {curve_windows} calibration windows (a job: {CURVE_WINDOWS})"
+    return common.run_config(name, base, protocol, validate=True, note=note,
+                             planner=planner(options, protocol.calibration, curve_windows))
 
 
 def current_row(name: str, plan: CompressionPlan, protocol: common.Protocol) -> dict:
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--curve-windows writes diagnostic rows under docs/: not with --smoke")
         for target in args.targets:
             for engine in args.engine:
-                run_curve_windows(common.Protocol(), target, engine, args.compensation, args.curve_windows)
+                run_target(common.Protocol(), target, engine, args.compensation, args.curve_windows)
         return 0
     if args.smoke:
         with tempfile.TemporaryDirectory() as tmp:

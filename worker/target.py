@@ -15,8 +15,8 @@ adapter precisions.
    original model, and E||dy||^2 is what worker.candidates measures, tr(dW S dW^T) (over the first
    CURVE_WINDOWS windows). Unlike equal weights, this counts that an error in an early layer's down_proj
    moves the loss more than the same error in a late q_proj (on the tiny test model the weights span three
-   decades). A streamed model has no whole-model backward pass: its Linears
-   weigh the same, and the job says so (TargetPlan.sensitivity_kind).
+   decades). A streamed model has no whole-model backward pass: its Linears weigh the same, and the job
+   says so (TargetPlan.sensitivity_kind).
 3. Error curves: one walk of the first CURVE_WINDOWS calibration windows over the original model's layers,
    one forward per layer for the Grams and the next layer's inputs (inputs from the uncompressed layers
    before: an approximation, the compression run itself is sequential), every option (quantizer, adapter

@@ -202,11 +202,18 @@ def test_refined_job_exports_what_it_measured(service, tiny_llama_dir, calibrati
 def test_job_from_a_one_line_calibration_file_succeeds(service, tiny_llama_dir, tmp_path):
     """No blank lines, no newline: one document. The last tenth of its tokens is held back for evaluation,
     the job says how many windows that gave, and the finished job's progress reads done, 2 of 2 layers."""
+    from transformers import AutoTokenizer
+
     from tests.fixtures_models import SAMPLE_DOCS
+    from worker.data import token_stream
+    from worker.job_data import HELD_OUT_FRACTION
 
     client, _ = service
     one_line = tmp_path / "one_line.txt"
     one_line.write_text(" ".join(doc.strip() for doc in SAMPLE_DOCS * 3))
+    tokens = len(token_stream(AutoTokenizer.from_pretrained(tiny_llama_dir), [one_line.read_text()]))
+    windows = int(tokens * HELD_OUT_FRACTION) // 32  # the held-back tenth's whole windows of 32 tokens
+    assert 1 <= windows < 64  # the case under test: fewer whole windows held back than the 64 asked for
     spec = spec_for(tiny_llama_dir, one_line)
     spec["evaluation"]["num_windows"] = 64
     job = wait_for(client, client.post("/v1/jobs", json=spec).json()["id"], lambda j: j["status"] in TERMINAL)
@@ -214,14 +221,6 @@ def test_job_from_a_one_line_calibration_file_succeeds(service, tiny_llama_dir, 
     assert job["progress"] == {"stage": "done", "layer": 2, "layers": 2, "percent": 100.0}
     data = job["metrics"]["data"]
     assert "tokens of the calibration dataset (1 document: too few" in data["evaluation_source"]
-    from transformers import AutoTokenizer
-
-    from worker.data import token_stream
-    from worker.job_data import HELD_OUT_FRACTION
-
-    tokens = len(token_stream(AutoTokenizer.from_pretrained(tiny_llama_dir), [one_line.read_text()]))
-    windows = int(tokens * HELD_OUT_FRACTION) // 32  # the held-back tenth's whole windows of 32 tokens
-    assert 1 <= windows < 64  # the case under test: fewer whole windows held back than the 64 asked for
     assert data["evaluation_windows"] == [windows, 32]
     events = client.get(f"/v1/jobs/{job['id']}/events").json()["items"]
     warned = [e for e in events if e["level"] == "warning" and e["stage"] == "calibration"]

@@ -98,7 +98,7 @@ def test_a_curve_windows_row_is_a_diagnostic_planned_on_that_many_windows(tmp_pa
 
     monkeypatch.setattr(planning, "capture_inputs", capture)
     protocol = target.smoke_protocol(tmp_path)
-    row = target.run_curve_windows(protocol, 5.5, "transformers", "eora", 3)
+    row = target.run_target(protocol, 5.5, "transformers", "eora", curve_windows=3)
     assert read == [3] and protocol.calibration.shape[0] > 3
     assert row["name"] == "diag_target_5p5_transformers_eora_curves3"
     assert (tmp_path / "runs" / "diag_target_5p5_transformers_eora_curves3.json").exists()
