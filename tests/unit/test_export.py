@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.outputs import logits as logits_of
 from tests.specs import compensation, job_plan, quant, sparsity
 from worker.data import windows_hash
 from worker.export import ExportError, export_model, reference_logits, verify_export
@@ -76,11 +77,6 @@ def cold_load(out_dir, adapter=True):
     if adapter and (out_dir / "adapter").is_dir():
         model = PeftModel.from_pretrained(model, out_dir / "adapter")
     return model.eval()
-
-
-def logits_of(model, windows):
-    with torch.no_grad():
-        return model(input_ids=windows).logits
 
 
 def tensors(path):
