@@ -12,14 +12,14 @@ Per (target, engine) one row, docs/bench/runs/target_<bits, "." as "p">_<engine>
   offered bit widths 2/3/4/8 (vLLM: 4/8), group sizes 64, 128 and per channel (where they divide a
   Linear's width: 576 takes 64 and per channel), adapter ranks 0 and vLLM's set up to the server's
   max_rank, adapter precisions fp16, 8 and 4 bits (vLLM: fp16); error curves measured with RTN; scales counted at fp16
-  (SizeTarget.scale_bytes 2), as bench.common counts every row's (the model is computed in fp32, and a
+  (SizeTarget.scale_bytes 2), as bench.sizes counts every row's (the model is computed in fp32, and a
   job would store fp32 scales);
 - worker.target.plan_for_target on the protocol's 64 calibration windows with the whole model in memory,
   so every Linear is weighed by its Fisher sensitivity (one backward pass of the first
   worker.target.SENSITIVITY_WINDOWS windows; a streamed model would weigh them equally) and its error
   curves read the Grams of the first worker.target.CURVE_WINDOWS;
 - bench.common.run_config with the chosen plan: the compression, the evaluation and validation
-  perplexity, the stored bits as every row counts them (bench.common.bits_per_weight, per module), the
+  perplexity, the stored bits as every row counts them (bench.sizes.bits_per_weight, per module), the
   stage times with the planning (the candidate measurements and the backward pass) as stages.planning.
 
 Group size 32 is never offered: SmolLM2's weights sit on the GGUF Q4_1 grid (4-bit groups of 32), where
@@ -56,7 +56,7 @@ from torch import Tensor
 
 from app.jobs.spec import JobSpec
 from app.settings import Settings
-from bench import common
+from bench import common, sizes
 from bench.quality import CONFIGS
 from worker.data import make_windows, token_stream, windows_hash
 from worker.job_plan import compression_plan, size_target
@@ -89,7 +89,7 @@ def job_options(target: float, engine: str, compensation: str, protocol: common.
                                 "seed": common.SEED})
     max_rank = Settings.model_fields["max_rank"].default
     plan = compression_plan(spec, max_rank)
-    options = replace(size_target(spec.target, plan, max_rank), scale_bytes=common.SCALE_BITS // 8)
+    options = replace(size_target(spec.target, plan, max_rank), scale_bytes=sizes.SCALE_BITS // 8)
     if GGUF_GROUP in options.group_sizes:
         raise ValueError(f"group size {GGUF_GROUP} is offered: SmolLM2's weights sit on that grid (GGUF Q4_1)")
     return plan, options
@@ -136,7 +136,7 @@ def refresh_fixed(protocol: common.Protocol, bits: float) -> None:
     made current as the baseline is, so that the comparison has them on fixed code and on validation."""
     shapes = common.linear_shapes(common.fresh_model(protocol.model_dir))
     for name, plan in CONFIGS.items():
-        if common.bits_per_weight(plan, shapes, None)["total"] <= bits:
+        if sizes.bits_per_weight(plan, shapes, None)["total"] <= bits:
             current_row(name, plan, protocol)
 
 

@@ -79,7 +79,7 @@ class SizeTarget:
     adapter_bits: tuple[int | None, ...] = (None,)  # adapter precisions offered, None = fp16 factors
     measure_with: Literal["rtn", "gptq"]  # the quantizer the error curves are measured with
     # Bytes a stored scale is counted at; None: the model's dtype, what the export writes (a job). The
-    # benchmarks compute in fp32 and count fp16 scales (bench.common.SCALE_BITS), and plan so.
+    # benchmarks compute in fp32 and count fp16 scales (bench.sizes.SCALE_BITS), and plan so.
     scale_bytes: int | None = None
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from bench import common
+from bench import common, sizes
 
 
 @pytest.fixture
@@ -95,24 +95,24 @@ def test_bits_count_each_modules_own_quantizer_and_adapter():
 
     q, down = SHAPES
     g64 = common.quant("gptq", 4)
-    uniform = common.bits_per_weight(CompressionPlan(quant=g64), SHAPES, None)
+    uniform = sizes.bits_per_weight(CompressionPlan(quant=g64), SHAPES, None)
     assert uniform["total"] == 4 + (16 + 4) / 64  # one quantizer: its bits exactly (4.3125)
     per_channel8 = replace(g64, bits=8, group_size=-1)
     mixed = CompressionPlan(quant=g64, module_quant={down: per_channel8}, compensation=common.compensation(
         "eora", rank=8), module_rank={q: 8, down: 0})
     result = _result({q: 2 * 8 * (64 + 128), down: 0})
-    bits = common.bits_per_weight(mixed, SHAPES, result)
+    bits = sizes.bits_per_weight(mixed, SHAPES, result)
     weights = 64 * 128 + 64 * 64
     assert bits["codes"] == pytest.approx((64 * 128 * 4 + 64 * 64 * 8) / weights, rel=1e-12)
     # per channel: one fp16 scale and an 8-bit zero point per row of 64 weights
     assert bits["scales_zeros"] == pytest.approx((64 * 128 * 20 / 64 + 64 * 64 * 24 / 64) / weights, rel=1e-12)
     assert bits["adapters"] == pytest.approx(8 * 2 * 8 * (64 + 128) / weights, rel=1e-12)
-    kinds = common.bits_by_kind(mixed, SHAPES, result)
+    kinds = sizes.bits_by_kind(mixed, SHAPES, result)
     assert kinds["down_proj"] == pytest.approx({"linear_weights": 64 * 64, "adapters": 0.0,
                                                 "weights": 64 * 64 * (8 + 24 / 64) / weights})
     assert sum(k["weights"] + k["adapters"] for k in kinds.values()) == pytest.approx(bits["total"], rel=1e-12)
     symmetric = CompressionPlan(quant=replace(g64, symmetric=True))
-    assert common.bits_per_weight(symmetric, SHAPES, None)["scales_zeros"] == 16 / 64  # no zero points
+    assert sizes.bits_per_weight(symmetric, SHAPES, None)["scales_zeros"] == 16 / 64  # no zero points
 
 
 def test_plans_with_per_module_choices_are_stored_as_json():
